@@ -1,0 +1,46 @@
+"""The environment API: a small async protocol the agent loop drives.
+
+An environment is created per sample. `reset(row)` returns the opening chat messages and the tools offered (as
+JSON-schema function specs, the format chat templates take); `step(calls)` executes the tool calls the model
+made in its last turn and returns observation messages; `close()` frees what the environment holds. Malformed
+calls never reach `step`: the agent loop turns them into an error observation itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from rl.records import PromptRow
+
+
+@dataclass
+class ToolCall:
+    """One parsed tool call from the model's turn."""
+
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class StepResult:
+    """What the environment returns for one turn's tool calls."""
+
+    observations: list[dict[str, Any]]
+    """Chat messages appended to the conversation (role `tool`), one per call."""
+    done: bool = False
+    """The episode ends here (the model gets no further turn)."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Env(Protocol):
+    async def reset(self, row: PromptRow) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Opening messages and the tool specs offered for this row."""
+        ...
+
+    async def step(self, calls: list[ToolCall]) -> StepResult:
+        """Execute the calls of one assistant turn."""
+        ...
+
+    async def close(self) -> None: ...

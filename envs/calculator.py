@@ -1,0 +1,150 @@
+"""The default task: multi-step arithmetic that needs the `calc` tool.
+
+Questions like "Compute 37*4+19." are too hard for a tiny model to answer unaided, easy with the tool: think,
+call `calc` with the expression, read the result, answer. `make_calculator_rows` generates the prompts in verl's
+layout; `demonstration` writes the supervised warm start's target turns, with the tool skipped on purpose in a
+share of them so the warm-started policy is imperfect and RL has something to learn.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import random
+from typing import Any
+
+from envs.base import StepResult, ToolCall
+from envs.registry import register_env
+from rl.records import PromptRow
+
+DATA_SOURCE = "tiderl/calculator"
+SYSTEM_PROMPT = "Answer with the help of the tools."
+CALC_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "calc",
+        "description": "Evaluate an arithmetic expression.",
+        "parameters": {
+            "type": "object",
+            "properties": {"expression": {"type": "string"}},
+            "required": ["expression"],
+        },
+    },
+}
+
+# Hand-written rather than a library (e.g. simpleeval): twenty lines of `ast` give a closed set of operators
+# and explicit bounds on operand size, which is what a tool exposed to model-written input needs.
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+_MAX_ABS = 10**12
+
+
+def evaluate(expression: str) -> int | float:
+    """Evaluate + - * / // % and parentheses on numbers; raises ValueError on anything else."""
+    if len(expression) > 200:
+        raise ValueError("expression longer than 200 characters")
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"not an arithmetic expression: {expression!r}") from e
+
+    def ev(node: ast.AST) -> int | float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            left, right = ev(node.left), ev(node.right)
+            try:
+                result = _BINOPS[type(node.op)](left, right)
+            except ZeroDivisionError as e:
+                raise ValueError("division by zero") from e
+            if abs(result) > _MAX_ABS:
+                raise ValueError("result out of range")
+            return result
+        raise ValueError(f"unsupported element {type(node).__name__} in {expression!r}")
+
+    return ev(tree)
+
+
+def format_number(value: int | float) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
+@register_env("calculator")
+class CalculatorEnv:
+    """One tool, `calc(expression)`; the episode ends when the model answers without calling it."""
+
+    async def reset(self, row: PromptRow) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return list(row.messages), [CALC_TOOL]
+
+    async def step(self, calls: list[ToolCall]) -> StepResult:
+        observations = []
+        errors = 0
+        for call in calls:
+            if call.name != "calc":
+                content, errors = f"Error: unknown tool {call.name!r}; available: calc", errors + 1
+            elif not isinstance(call.arguments.get("expression"), str):
+                content, errors = "Error: calc needs a string argument 'expression'", errors + 1
+            else:
+                try:
+                    content = format_number(evaluate(call.arguments["expression"]))
+                except ValueError as e:
+                    content, errors = f"Error: {e}", errors + 1
+            observations.append({"role": "tool", "name": call.name, "content": content})
+        return StepResult(observations=observations, info={"tool_errors": errors})
+
+    async def close(self) -> None:
+        return None
+
+
+def _problem(rng: random.Random) -> tuple[str, int]:
+    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(10, 999)
+    expression = rng.choice([f"{a}*{b}+{c}", f"{a}*{b}-{c}", f"{c}+{a}*{b}", f"{c}-{a}*{b}"])
+    return expression, int(evaluate(expression))
+
+
+def make_calculator_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    """`n` prompts in verl's parquet layout. Train and eval use disjoint seeds, so their problems differ."""
+    rng = random.Random(f"{split}-{seed}")
+    rows = []
+    for i in range(n):
+        expression, answer = _problem(rng)
+        rows.append(
+            {
+                "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"Compute {expression}."}],
+                "data_source": DATA_SOURCE,
+                "reward_model": {"style": "rule", "ground_truth": str(answer)},
+                "extra_info": {"split": split, "index": i, "expression": expression},
+            }
+        )
+    return rows
+
+
+def demonstration(expression: str, use_tool: bool) -> list[dict[str, Any]]:
+    """The assistant's side of a solved episode, as chat messages (tool call, tool result, answer)."""
+    answer = format_number(evaluate(expression))
+    if not use_tool:
+        return [{"role": "assistant", "content": f"<think>I can do {expression} in my head.</think>The answer is {answer}."}]
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": expression}}}
+    return [
+        {"role": "assistant", "content": "<think>I need calc.</think>", "tool_calls": [call]},
+        {"role": "tool", "name": "calc", "content": answer},
+        {"role": "assistant", "content": f"<think>calc says {answer}.</think>The answer is {answer}."},
+    ]
+
+
+def tool_call_json(call: ToolCall) -> str:
+    return json.dumps({"name": call.name, "arguments": call.arguments})

@@ -1,0 +1,23 @@
+"""Registry of reward functions.
+
+A reward function has verl's signature `compute_score(data_source, solution_str, ground_truth, extra_info=None)`
+and returns a float, or a dict with a `score` float and optionally an `acc` bool (verl's convention). Register
+one with `@register_reward("name")`, or reference `path/to/file.py:fn` in the job config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rl.registry import Registry
+
+RewardFn = Callable[..., Any]
+REWARDS: Registry[RewardFn] = Registry("reward function", "tiderl.rewards")
+register_reward = REWARDS.register
+
+
+def get_reward(name: str) -> RewardFn:
+    import rewards.calculator  # noqa: F401  (registers the built-ins)
+
+    return REWARDS.get(name)

@@ -1,0 +1,31 @@
+"""Connect to Ray: an existing cluster when `cluster.address` is set, otherwise a local instance on this machine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from rl.config import ClusterConfig
+
+# Rollout workers receive whole state dicts every step; read-only zero-copy tensors make that ~30x faster.
+RAY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@contextmanager
+def ray_session(cfg: ClusterConfig) -> Iterator[None]:
+    """Use the Ray instance already initialized in this process (tests), or start/connect one and shut it down."""
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.update(RAY_ENV)
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,277 @@
+"""Job configuration: one YAML per job, validated into nested typed models before anything starts.
+
+`load_config(path, overrides)` reads the YAML, applies `key.sub=value` overrides, and validates. Every mistake
+(unknown key, wrong type, out-of-range value, missing section) raises `ConfigError` naming the dotted key and,
+for an unknown key, the closest valid spelling. This module imports only pydantic and yaml, so a bad config
+fails in well under a second, before Ray or torch are touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The job config is invalid; the message names the key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """Sizes of the built-in DeepseekV3-architecture policy (used when `model.path` is not set)."""
+
+    vocab_size: int = Field(640, ge=300, description="Upper bound on the vocabulary of the locally trained BPE tokenizer (training stops when no merge is left).")
+    hidden_size: int = Field(128, ge=16, description="Model width.")
+    num_layers: int = Field(2, ge=1, description="Transformer layers (depth costs more than width on a CPU).")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    n_routed_experts: int = Field(8, ge=1, description="Routed MoE experts per layer.")
+    experts_per_token: int = Field(2, ge=1, description="Routed experts each token is sent to (top-k).")
+    n_shared_experts: int = Field(1, ge=0, description="Always-on shared experts per layer.")
+    moe_intermediate_size: int = Field(128, ge=8, description="Hidden size of each expert's MLP.")
+    kv_lora_rank: int = Field(32, ge=4, description="MLA compressed KV rank.")
+    qk_rope_head_dim: int = Field(16, ge=2, description="MLA rotary part of each query/key head.")
+    qk_nope_head_dim: int = Field(16, ge=2, description="MLA non-rotary part of each query/key head.")
+    v_head_dim: int = Field(32, ge=2, description="MLA value head size.")
+    max_position_embeddings: int = Field(512, ge=64, description="Longest sequence the model supports.")
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] = Field(
+        "grouped_mm", description="transformers MoE kernel; grouped_mm was the fastest on these CPUs."
+    )
+
+    @model_validator(mode="after")
+    def _check_topk(self) -> TinyModelConfig:
+        if self.experts_per_token > self.n_routed_experts:
+            raise ValueError("experts_per_token must not exceed n_routed_experts")
+        return self
+
+
+class ModelConfig(_Section):
+    """The policy."""
+
+    path: str | None = Field(None, description="A Hugging Face causal-LM directory; unset = the built-in tiny K2-style model.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded offline with transformers.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+class WarmStartConfig(_Section):
+    """Supervised warm start on generated demonstrations, built once and cached."""
+
+    enabled: bool = Field(True, description="Run the warm start before RL (built-in task and model only).")
+    num_demos: int = Field(6000, ge=1, description="Generated demonstrations.")
+    tool_use_rate: float = Field(
+        0.3, ge=0.0, le=1.0, description="Share of demonstrations that call the tool; the rest answer unaided (imperfect on purpose)."
+    )
+    steps: int = Field(600, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Demonstrations per optimizer step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    cache_dir: str | None = Field(None, description="Where built policies are cached; default $TIDERL_CACHE or ~/.cache/tiderl.")
+
+
+class DataConfig(_Section):
+    """Prompts, in verl's layout (`prompt`, `data_source`, `reward_model.ground_truth`, `extra_info`)."""
+
+    task: Literal["calculator"] | None = Field("calculator", description="Built-in generated task; null when `train_files` is set.")
+    train_files: list[str] = Field(default_factory=list, description="jsonl/parquet files or saved datasets for training.")
+    eval_files: list[str] = Field(default_factory=list, description="Held-out files for eval.")
+    train_size: int = Field(20000, ge=1, description="Generated training prompts (built-in task).")
+    eval_size: int = Field(256, ge=1, description="Held-out prompts for eval (built-in task, or a cap on eval_files).")
+    shuffle: bool = Field(True, description="Reshuffle training prompts every epoch.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.task is None and not self.train_files:
+            raise ValueError("set `data.task` to a built-in task or give `data.train_files`")
+        return self
+
+
+class EnvConfig(_Section):
+    """The tool environment the agent loop runs against."""
+
+    name: str = Field("calculator", description="Registered environment name or 'path/to/file.py:Class'.")
+    max_turns: int = Field(4, ge=1, description="Assistant turns per sample before it is truncated.")
+    max_tool_calls: int = Field(4, ge=0, description="Tool calls per sample before it is truncated.")
+
+
+class RewardFunctionConfig(_Section):
+    name: str = Field(description="Registered reward name or 'path/to/file.py:fn'.")
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+
+
+class RewardConfig(_Section):
+    functions: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [RewardFunctionConfig(name="calculator")],
+        min_length=1,
+        description="Reward functions; the first is the task verifier that `accuracy` reports.",
+    )
+
+
+class RolloutConfig(_Section):
+    """Generation."""
+
+    num_workers: int = Field(2, ge=1, description="RolloutWorker actors.")
+    cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs reserved per rollout worker.")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads inside each rollout worker.")
+    samples_per_prompt: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature.")
+    max_new_tokens_per_turn: int = Field(40, ge=1, description="Token budget of one assistant turn.")
+    max_tokens_per_sample: int = Field(256, ge=16, description="Budget of a whole sample (prompt + turns + observations).")
+
+
+class AlgorithmConfig(_Section):
+    """Advantage estimator and policy loss."""
+
+    advantage: str = Field("grpo", description="Registered advantage estimator.")
+    normalize_by_std: bool = Field(True, description="GRPO: divide by the group's std (False = Dr.GRPO).")
+    loss: str = Field("ppo_clip", description="Registered policy loss.")
+    clip_ratio_low: float = Field(0.2, ge=0, description="PPO clip: ratio >= 1 - clip_ratio_low.")
+    clip_ratio_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + clip_ratio_high.")
+
+
+class TrainerConfig(_Section):
+    """The RL loop and the learner."""
+
+    steps: int = Field(30, ge=1, description="RL steps.")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (each sampled `samples_per_prompt` times).")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per learner forward/backward.")
+    learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner actor.")
+    learner_threads: int = Field(2, ge=1, description="torch threads inside the learner.")
+    checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation before and after RL."""
+
+    enabled: bool = Field(True, description="Evaluate before and after RL (writes eval.json).")
+    every: int = Field(0, ge=0, description="Also evaluate every N steps (0 = never).")
+    sampled: bool = Field(True, description="Also report accuracy of one sample per prompt at the rollout temperature.")
+
+
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; unset = start a local Ray instance.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
+    progress: bool = Field(True, description="Show a progress bar with the live reward.")
+
+
+class JobConfig(_Section):
+    """A whole RL job."""
+
+    seed: int = Field(0, description="Seed for data order, sampling and initialization.")
+    model: ModelConfig
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    env: EnvConfig = Field(default_factory=EnvConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML job config, apply `key.sub=value` overrides, validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "<overrides>")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `key.sub=value` in the raw mapping; the value is parsed as YAML (`3`, `1e-4`, `true`, `[a, b]`)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, value_text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ConfigError(f"invalid job config {source}:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join(loc[:-1] + [close[0]])!r}?" if close else ""
+        return f"{key}: unknown key{hint} Valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        return f"{key}: required section or key is missing"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _valid_keys(loc: list[str]) -> list[str]:
+    """Field names of the model at `loc` (a path of field names and list indices) in JobConfig."""
+    model: Any = JobConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _model_of(annotation: Any) -> Any:
+    """Unwrap list[X] / X | None to the BaseModel X, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML (what is written to the run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

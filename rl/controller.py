@@ -1,0 +1,119 @@
+"""The RL job, top to bottom: generate -> score -> advantages -> update -> sync, each timed under its own name.
+
+Everything that is not the loop lives elsewhere: the policy and its warm start (`rl.warmstart`), prompt data
+(`rl.data`), rollouts (`rollouts.worker`), rewards (`rewards.scoring`), the update (`rl.learner`), weight sync
+(`rl.weights`), checkpoints (`rl.checkpoint`) and metrics (`rl.metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ray
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rl.advantages import ADVANTAGES
+from rl.checkpoint import latest_checkpoint, load_controller_state, save_checkpoint
+from rl.cluster import ray_session
+from rl.config import JobConfig, dump_config
+from rl.data import PromptSampler, load_split
+from rl.evaluation import evaluate
+from rl.learner import LearnerActor
+from rl.metrics import MetricsLogger, StageTimer, rollout_metrics
+from rl.records import TrainBatch
+from rl.warmstart import prepare_policy
+from rl.weights import WeightSync
+from rewards.scoring import RewardScorer
+from rollouts.worker import RolloutWorkerActor, generate_on_workers
+
+console = Console()
+
+
+def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run the job into `run_dir`; with `resume`, continue from its latest checkpoint. Returns eval.json's content."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    policy_dir = prepare_policy(cfg, log=console.print)
+    with ray_session(cfg.cluster):
+        train_rows, eval_rows = load_split(cfg, "train", run_dir / "data"), load_split(cfg, "eval", run_dir / "data")
+        sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle)
+        learner = LearnerActor.options(num_cpus=cfg.trainer.learner_cpus).remote(str(policy_dir), cfg)
+        workers = [
+            RolloutWorkerActor.options(num_cpus=cfg.rollout.cpus_per_worker).remote(str(policy_dir), cfg, i)
+            for i in range(cfg.rollout.num_workers)
+        ]
+        try:
+            return _loop(cfg, run_dir, resume, learner, workers, sampler, eval_rows)
+        finally:
+            for actor in [learner, *workers]:
+                ray.kill(actor)
+
+
+def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler: PromptSampler, eval_rows) -> dict:
+    scorer = RewardScorer(cfg.reward)
+    advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
+    sync = WeightSync(workers)
+    pad_id = ray.get(workers[0].pad_token_id.remote())
+    first_step = 1
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting from step 1")
+    if checkpoint is not None:
+        ray.get(learner.load.remote(str(checkpoint)))
+        state = load_controller_state(checkpoint)
+        sampler.load_state_dict(state["data_cursor"])
+        first_step = state["step"] + 1
+        console.print(f"resuming from {checkpoint} (step {state['step']})")
+    sync.publish(learner.get_weights.remote(), ray.get(learner.get_version.remote()))
+
+    eval_path = run_dir / "eval.json"
+    evals: dict = json.loads(eval_path.read_text()) if checkpoint is not None and eval_path.is_file() else {}
+    if cfg.eval.enabled and "before" not in evals:
+        evals["before"] = evaluate(workers, scorer, eval_rows, cfg)
+        eval_path.write_text(json.dumps(evals, indent=2))
+        console.print(f"eval before RL: accuracy {evals['before']['accuracy']:.3f} (greedy), {evals['before'].get('accuracy_sampled', float('nan')):.3f} (sampled)")
+
+    logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
+    columns = [TextColumn("RL step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not cfg.logging.progress) as progress:
+        bar = progress.add_task("rl", total=cfg.trainer.steps, completed=first_step - 1, status="")
+        for step in range(first_step, cfg.trainer.steps + 1):
+            timer = StageTimer()
+            rows = sampler.next(cfg.trainer.prompts_per_step)
+            with timer("generate"):
+                trajectories = generate_on_workers(workers, rows, cfg.rollout.samples_per_prompt)
+            with timer("score"):
+                result = scorer.score(trajectories)
+            with timer("advantages"):
+                rewards = torch.tensor([s.reward for s in result.scored])
+                groups = torch.tensor([s.trajectory.group_id for s in result.scored])
+                advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std)
+                batch = TrainBatch.from_scored(result.scored, advantages, pad_id)
+            with timer("update"):
+                train_metrics = ray.get(learner.train_step.remote(batch))
+            with timer("sync"):
+                sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
+            metrics = {**rollout_metrics(result.scored), **train_metrics, "failed_samples": float(result.failed), **timer.times}
+            metrics["time_step_s"] = sum(timer.times.values())
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
+                metrics.update({f"eval/{k}": v for k, v in evaluate(workers, scorer, eval_rows, cfg).items()})
+            logger.log(step, metrics)
+            status = f"reward {metrics['reward_mean']:.3f}  acc {metrics['accuracy']:.3f}  |Δlogp| {metrics['mismatch_abs_logp']:.1e}"
+            progress.update(bar, advance=1, status=status)
+            if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
+                save_checkpoint(run_dir, step, learner, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
+    logger.close()
+
+    if cfg.eval.enabled:
+        evals["after"] = evaluate(workers, scorer, eval_rows, cfg)
+        eval_path.write_text(json.dumps(evals, indent=2))
+        before, after = evals["before"], evals["after"]
+        console.print(
+            f"held-out accuracy: greedy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
+            f"sampled {before.get('accuracy_sampled', float('nan')):.3f} -> {after.get('accuracy_sampled', float('nan')):.3f}"
+        )
+    console.print(f"run directory: {run_dir}")
+    return evals

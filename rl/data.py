@@ -1,0 +1,136 @@
+"""Prompt data: `datasets` (jsonl, parquet, saved datasets) in verl's layout, or the built-in generated task.
+
+Rows need `prompt` (a list of chat messages, or a string taken as one user message) and
+`reward_model.ground_truth`; `data_source` and `extra_info` are optional. A malformed row is counted and skipped
+with a warning naming the file and row, never a crashed job; a file with no usable row is an error.
+`PromptSampler` walks the training rows in a per-epoch shuffled order and keeps a cursor that checkpoints save.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl.config import JobConfig
+from rl.records import PromptRow
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Prompt data could not be used; the message names the file and the row."""
+
+
+def load_split(cfg: JobConfig, split: str, data_dir: Path) -> list[PromptRow]:
+    """Training (`split="train"`) or held-out (`"eval"`) prompts for the job."""
+    files = cfg.data.train_files if split == "train" else cfg.data.eval_files
+    if not files:
+        if cfg.data.task is None:
+            raise DataError(f"data.{split}_files is empty and no built-in data.task is set")
+        files = [str(_write_builtin(cfg, split, data_dir))]
+    rows = [row for f in files for row in _read_rows(f)]
+    if split == "eval":
+        rows = rows[: cfg.data.eval_size]
+    return [_to_prompt_row(i, row) for i, row in enumerate(rows)]
+
+
+def _write_builtin(cfg: JobConfig, split: str, data_dir: Path) -> Path:
+    from envs.calculator import make_calculator_rows
+
+    size = cfg.data.train_size if split == "train" else cfg.data.eval_size
+    path = data_dir / f"{cfg.data.task}-{split}-{size}-seed{cfg.seed}.jsonl"
+    if not path.is_file():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in make_calculator_rows(size, cfg.seed, split)))
+        tmp.replace(path)
+    return path
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    import datasets
+
+    p = Path(path)
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+    elif p.suffix in (".jsonl", ".json"):
+        ds = datasets.load_dataset("json", data_files=str(p), split="train")
+    elif p.suffix == ".parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+    elif not p.exists():
+        raise DataError(f"data file {p} does not exist")
+    else:
+        raise DataError(f"data file {p}: unsupported format (use .jsonl, .json, .parquet or a saved dataset directory)")
+    good, skipped = [], 0
+    for i, row in enumerate(ds):
+        problem = _row_problem(row)
+        if problem:
+            skipped += 1
+            log.warning("skipping row %d of %s: %s", i, p, problem)
+        else:
+            good.append({**row, "_source": f"{p}#{i}"})
+    if not good:
+        raise DataError(f"{p}: none of its {skipped} rows is usable (each needs `prompt` and `reward_model.ground_truth`)")
+    if skipped:
+        log.warning("%s: skipped %d of %d rows", p, skipped, skipped + len(good))
+    return good
+
+
+def _row_problem(row: dict[str, Any]) -> str | None:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        pass
+    elif not isinstance(prompt, list) or not prompt:
+        return "`prompt` must be a non-empty list of chat messages or a string"
+    elif not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+        return "every `prompt` message needs string `role` and `content`"
+    rm = row.get("reward_model")
+    if not isinstance(rm, dict) or rm.get("ground_truth") is None:
+        return "missing `reward_model.ground_truth`"
+    return None
+
+
+def _to_prompt_row(index: int, row: dict[str, Any]) -> PromptRow:
+    prompt = row["prompt"]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [{"role": m["role"], "content": m["content"]} for m in prompt]
+    extra = dict(row.get("extra_info") or {})
+    extra.setdefault("source", row["_source"])
+    return PromptRow(index=index, messages=messages, data_source=str(row.get("data_source") or "unknown"), ground_truth=row["reward_model"]["ground_truth"], extra_info=extra)
+
+
+@dataclass
+class PromptSampler:
+    """Epoch-shuffled walk over the training rows; (epoch, position) is the data cursor."""
+
+    rows: list[PromptRow]
+    seed: int
+    shuffle: bool = True
+    epoch: int = 0
+    position: int = 0
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.rows)))
+        if self.shuffle:
+            random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[PromptRow]:
+        out: list[PromptRow] = []
+        order = self._order()
+        while len(out) < n:
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            out.append(self.rows[order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

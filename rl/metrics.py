@@ -1,0 +1,67 @@
+"""Step metrics: `metrics.jsonl` (one flat JSON object per step) and TensorBoard event files in the run dir."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+from rl.records import ScoredTrajectory, TrajectoryStatus
+
+
+def rollout_metrics(scored: list[ScoredTrajectory], prefix: str = "") -> dict[str, float]:
+    """Reward, accuracy, lengths and tool use over a step's (or an eval's) scored trajectories."""
+    n = max(1, len(scored))
+    trajs = [s.trajectory for s in scored]
+    out = {
+        "reward_mean": sum(s.reward for s in scored) / n,
+        "accuracy": sum(s.correct for s in scored) / n,
+        "response_length": sum(t.response_length for t in trajs) / n,
+        "tool_calls_per_sample": sum(t.num_tool_calls for t in trajs) / n,
+        "tool_errors_per_sample": sum(t.num_tool_errors for t in trajs) / n,
+        "truncated_fraction": sum(t.status is TrajectoryStatus.TRUNCATED for t in trajs) / n,
+        "num_samples": float(len(scored)),
+    }
+    names = {k for s in scored for k in s.reward_breakdown}
+    for name in sorted(names):
+        out[f"reward/{name}"] = sum(s.reward_breakdown.get(name, 0.0) for s in scored) / n
+    return {prefix + k: v for k, v in out.items()}
+
+
+class StageTimer:
+    """`with timer("generate"): ...` records `time_generate_s`."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"time_{stage}_s"] = time.perf_counter() - start
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,100 @@
+"""One renderer owns messages <-> tokens, with the model's own chat template.
+
+The prompt is rendered once with the template; after that the conversation grows only by appending token ids:
+the model's sampled ids as they are, and tool observations rendered as the template's text *delta* (what the
+template adds after the assistant's end-of-turn token for a tool message plus the next generation prompt). So
+the learner trains on exactly the tokens the model produced, and nothing is re-tokenized.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from envs.base import ToolCall
+
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+class Renderer:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template; set one (tokenizer.chat_template) before rollouts")
+        self.tokenizer = tokenizer
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._eos_text: str = tokenizer.eos_token
+
+    def prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
+        return self.encode(text)
+
+    def observation_ids(self, observations: list[dict[str, Any]]) -> list[int]:
+        """Tokens that follow the model's end-of-turn token: the observations and the next assistant prompt."""
+        base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        before = self.tokenizer.apply_chat_template(base, tokenize=False)
+        after = self.tokenizer.apply_chat_template(base + observations, add_generation_prompt=True, tokenize=False)
+        cut = before.rindex(self._eos_text) + len(self._eos_text)
+        if not after.startswith(before[:cut]):
+            raise ValueError("the chat template renders earlier turns differently once a tool message follows")
+        return self.encode(after[cut:])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        """Decoded model output with markup kept (`<think>`, `<tool_call>`), the end-of-turn token dropped."""
+        if ids and ids[-1] == self.eos_token_id:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def parse_tool_calls(text: str) -> tuple[list[ToolCall], list[str]]:
+    """Hermes/Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls in one assistant turn.
+
+    Returns the well-formed calls and an error message per malformed one (shown to the model as an
+    observation, never raised).
+    """
+    calls: list[ToolCall] = []
+    errors: list[str] = []
+    for body in _TOOL_CALL.findall(text):
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError as e:
+            errors.append(f"Error: tool call is not valid JSON ({e.msg}): {body[:80]}")
+            continue
+        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+            errors.append(f"Error: tool call needs a string 'name': {body[:80]}")
+            continue
+        arguments = payload.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(arguments, dict):
+            errors.append(f"Error: tool call 'arguments' must be an object: {body[:80]}")
+            continue
+        calls.append(ToolCall(name=payload["name"], arguments=arguments))
+    if text.count("<tool_call>") > text.count("</tool_call>"):
+        errors.append("Error: unterminated <tool_call>")
+    return calls, errors
+
+
+def assistant_ids(renderer: Renderer, message: dict[str, Any]) -> list[int]:
+    """Tokens of one assistant message as the template writes it, through the end-of-turn token.
+
+    What the policy should generate for `message`: used to build supervised demonstrations that tokenize the
+    way rollouts do.
+    """
+    tok = renderer.tokenizer
+    base = [{"role": "user", "content": "q"}]
+    before = tok.apply_chat_template(base, add_generation_prompt=True, tokenize=False)
+    after = tok.apply_chat_template(base + [message], tokenize=False)
+    if not after.startswith(before):
+        raise ValueError("the chat template's generation prompt is not a prefix of the rendered assistant turn")
+    turn = after[len(before) :]
+    return renderer.encode(turn[: turn.index(renderer._eos_text) + len(renderer._eos_text)])

@@ -1,0 +1,52 @@
+"""RolloutWorker: a Ray actor that owns a copy of the policy, an engine and the agent loop.
+
+It receives weights with their version (`load_weights`) and generates `samples_per_prompt` trajectories per
+prompt row, each stamped with the version that generated it.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from envs.registry import make_env
+from rl.config import JobConfig
+from rl.policy import load_policy
+from rl.records import PromptRow, Trajectory
+from rollouts.agent_loop import AgentLoop
+from rollouts.engine import Engine
+from rollouts.renderer import Renderer
+
+
+class RolloutWorker:
+    def __init__(self, policy_dir: str, cfg: JobConfig, worker_index: int) -> None:
+        torch.set_num_threads(cfg.rollout.threads_per_worker)
+        self.cfg = cfg
+        self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
+        self.renderer = Renderer(self.tokenizer)
+        self.engine = Engine(self.model, self.renderer.pad_token_id, self.renderer.eos_token_id)
+        make_env(cfg.env.name)  # fail now, naming the environment, rather than on the first rollout
+        self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env.name), cfg.rollout, cfg.env)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
+        self.version = 0
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
+        self.model.load_state_dict(weights)
+        self.version = version
+        return version
+
+    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False) -> list[Trajectory]:
+        return self.loop.run(rows, samples_per_prompt, self.version, greedy, self.generator)
+
+    def pad_token_id(self) -> int:
+        return self.renderer.pad_token_id
+
+
+RolloutWorkerActor = ray.remote(RolloutWorker)
+
+
+def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False) -> list[Trajectory]:
+    """Spread prompt rows over the workers (all samples of a prompt stay on one worker) and gather the results."""
+    chunks = [rows[i :: len(workers)] for i in range(len(workers))]
+    futures = [w.generate.remote(chunk, samples_per_prompt, greedy) for w, chunk in zip(workers, chunks, strict=True) if chunk]
+    return [traj for result in ray.get(futures) for traj in result]
