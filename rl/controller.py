@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rl.advantages import ADVANTAGES
-from rl.checkpoint import latest_checkpoint, load_controller_state, save_checkpoint
+from rl.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rl.cluster import ray_session
 from rl.config import JobConfig, dump_config
 from rl.data import PromptSampler, load_split
@@ -62,8 +62,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
     if resume and checkpoint is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting from step 1")
     if checkpoint is not None:
-        ray.get(learner.load.remote(str(checkpoint)))
-        state = load_controller_state(checkpoint)
+        state = restore_checkpoint(checkpoint, learner, workers)
         sampler.load_state_dict(state["data_cursor"])
         first_step = state["step"] + 1
         console.print(f"resuming from {checkpoint} (step {state['step']})")
@@ -104,7 +103,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
             status = f"reward {metrics['reward_mean']:.3f}  acc {metrics['accuracy']:.3f}  |Δlogp| {metrics['mismatch_abs_logp']:.1e}"
             progress.update(bar, advance=1, status=status)
             if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                save_checkpoint(run_dir, step, learner, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
+                save_checkpoint(run_dir, step, learner, workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
     logger.close()
 
     if cfg.eval.enabled:

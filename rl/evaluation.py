@@ -11,10 +11,10 @@ from rollouts.worker import generate_on_workers
 
 def evaluate(workers: list, scorer: RewardScorer, rows: list[PromptRow], cfg: JobConfig) -> dict[str, float]:
     """One greedy sample per prompt (`accuracy`, ...) and, if enabled, one sampled one (`accuracy_sampled`, ...)."""
-    greedy = scorer.score(generate_on_workers(workers, rows, 1, greedy=True))
+    greedy = scorer.score(generate_on_workers(workers, rows, 1, greedy=True, seed=cfg.seed))
     out = {**rollout_metrics(greedy.scored), "failed_samples": float(greedy.failed), "num_prompts": float(len(rows))}
     if cfg.eval.sampled:
-        sampled = scorer.score(generate_on_workers(workers, rows, 1, greedy=False))
+        sampled = scorer.score(generate_on_workers(workers, rows, 1, greedy=False, seed=cfg.seed))
         out.update(rollout_metrics(sampled.scored, prefix="sampled_"))
         out["accuracy_sampled"] = out.pop("sampled_accuracy")
     return out

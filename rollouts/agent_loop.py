@@ -108,8 +108,8 @@ class AgentLoop:
                 ep.status = TrajectoryStatus.TRUNCATED
             elif not calls and not errors:
                 ep.status = TrajectoryStatus.FINISHED
-            elif ep.tool_calls + len(calls) + len(errors) > self.env_cfg.max_tool_calls:
-                ep.status = TrajectoryStatus.TRUNCATED
+            elif ep.turns >= self.env_cfg.max_turns or ep.tool_calls + len(calls) + len(errors) > self.env_cfg.max_tool_calls:
+                ep.status = TrajectoryStatus.TRUNCATED  # no turn left to read the result, or over the call budget
             else:
                 ep.pending_calls, ep.pending_errors = calls, errors
 

@@ -35,8 +35,16 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False) -> list[Trajectory]:
-        return self.loop.run(rows, samples_per_prompt, self.version, greedy, self.generator)
+    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
+        """With `seed`, sample from a fresh generator (evals: repeatable, and the training stream is untouched)."""
+        generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
+        return self.loop.run(rows, samples_per_prompt, self.version, greedy, generator)
+
+    def get_rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
 
     def pad_token_id(self) -> int:
         return self.renderer.pad_token_id
@@ -45,8 +53,12 @@ class RolloutWorker:
 RolloutWorkerActor = ray.remote(RolloutWorker)
 
 
-def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False) -> list[Trajectory]:
+def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
     """Spread prompt rows over the workers (all samples of a prompt stay on one worker) and gather the results."""
     chunks = [rows[i :: len(workers)] for i in range(len(workers))]
-    futures = [w.generate.remote(chunk, samples_per_prompt, greedy) for w, chunk in zip(workers, chunks, strict=True) if chunk]
+    futures = [
+        w.generate.remote(chunk, samples_per_prompt, greedy, None if seed is None else seed + i)
+        for i, (w, chunk) in enumerate(zip(workers, chunks, strict=True))
+        if chunk
+    ]
     return [traj for result in ray.get(futures) for traj in result]

@@ -1,0 +1,92 @@
+"""Config validation: every mistake names its key; the CLI fails fast and starts nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rl.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _error(tmp_path: Path, text: str, *overrides: str) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+def test_default_config_is_valid() -> None:
+    cfg = load_config(ROOT / "configs" / "calculator.yaml")
+    assert cfg.model.path is None and cfg.rollout.samples_per_prompt == 8 and cfg.algorithm.advantage == "grpo"
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path: Path) -> None:
+    msg = _error(tmp_path, "model: {}\nrollout:\n  samples_per_promt: 4\n")
+    assert "rollout.samples_per_promt: unknown key" in msg
+    assert "did you mean 'rollout.samples_per_prompt'" in msg
+
+
+def test_unknown_section_and_nested_list_keys(tmp_path: Path) -> None:
+    msg = _error(tmp_path, "model: {}\ntrainr: {}\nreward:\n  functions:\n    - {name: calculator, wieght: 2}\n")
+    assert "trainr: unknown key; did you mean 'trainer'?" in msg
+    assert "reward.functions.0.wieght: unknown key; did you mean 'reward.functions.0.weight'?" in msg
+
+
+def test_out_of_range_and_wrong_type(tmp_path: Path) -> None:
+    msg = _error(tmp_path, "model: {}\ntrainer:\n  prompts_per_step: -4\n  lr: fast\n")
+    assert "trainer.prompts_per_step: Input should be greater than or equal to 1 (got -4)" in msg
+    assert "trainer.lr:" in msg and "'fast'" in msg
+
+
+def test_missing_model_section(tmp_path: Path) -> None:
+    assert "model: required section or key is missing" in _error(tmp_path, "trainer:\n  steps: 3\n")
+
+
+def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {}\n")
+    cfg = load_config(path, ["trainer.steps=40", "trainer.lr=1e-4", "eval.sampled=false", "data.train_files=[a.jsonl, b.jsonl]"])
+    assert (cfg.trainer.steps, cfg.trainer.lr, cfg.eval.sampled, cfg.data.train_files) == (40, 1e-4, False, ["a.jsonl", "b.jsonl"])
+    assert "trainer.stepz: unknown key; did you mean 'trainer.steps'?" in _error(tmp_path, "model: {}\n", "trainer.stepz=3")
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        load_config(path, ["trainer.steps"])
+
+
+def test_cross_field_checks(tmp_path: Path) -> None:
+    msg = _error(tmp_path, "model:\n  tiny: {n_routed_experts: 2, experts_per_token: 4}\n")
+    assert "model.tiny" in msg and "experts_per_token must not exceed n_routed_experts" in msg
+    assert "data" in _error(tmp_path, "model: {}\ndata: {task: null}\n")
+
+
+def _ray_processes() -> int:
+    out = subprocess.run(["pgrep", "-c", "-f", "raylet|gcs_server"], capture_output=True, text=True)
+    return int(out.stdout.strip() or 0)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("model: {}\ntrainer:\n  stepz: 3\n", "trainer.stepz: unknown key; did you mean 'trainer.steps'?"),
+        ("model: {}\ntrainer:\n  prompts_per_step: -1\n", "trainer.prompts_per_step"),
+        ("trainer:\n  steps: 3\n", "model: required section or key is missing"),
+    ],
+)
+def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    before = _ray_processes()
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "rl.cli", "train", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert expected in proc.stderr
+    assert elapsed < 5.0
+    assert _ray_processes() == before
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,120 @@
+"""Renderer, tool-call parsing, the KV-cached engine and the tool loop's loss mask, on the tiny built-in policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from envs.calculator import CALC_TOOL, CalculatorEnv, evaluate, make_calculator_rows
+from envs.base import ToolCall
+from rl.config import RolloutConfig, EnvConfig
+from rl.policy import load_policy
+from rl.records import PromptRow, TrajectoryStatus
+from rollouts.agent_loop import AgentLoop
+from rollouts.engine import Engine, Generation
+from rollouts.renderer import Renderer, assistant_ids, parse_tool_calls
+from rewards.calculator import compute_score
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy_dir, make_cfg):
+    return load_policy(tiny_policy_dir, make_cfg().model)
+
+
+def _rows(n: int) -> list[PromptRow]:
+    rows = make_calculator_rows(n, seed=0, split="eval")
+    return [PromptRow(i, r["prompt"], r["data_source"], r["reward_model"]["ground_truth"], r["extra_info"]) for i, r in enumerate(rows)]
+
+
+def test_calculator_tool_and_verifier() -> None:
+    assert evaluate("37*4+19") == 167 and evaluate("(2+3)*-4") == -20 and evaluate("7/2") == 3.5
+    for bad in ["__import__('os')", "2**2", "1/0", "x+1"]:
+        with pytest.raises(ValueError):
+            evaluate(bad)
+    assert compute_score("tiderl/calculator", "<think>calc says 167.</think>The answer is 167.", "167") == {"score": 1.0, "acc": True}
+    # numbers inside the thinking do not count, only the visible answer
+    assert compute_score("tiderl/calculator", "<think>167</think>The answer is 166.", "167")["acc"] is False
+    assert compute_score("tiderl/calculator", "no number", "167")["score"] == 0.0
+    result = asyncio.run(CalculatorEnv().step([ToolCall("calc", {"expression": "6*7"}), ToolCall("calc", {"expr": "1"}), ToolCall("sh", {})]))
+    assert [o["content"] for o in result.observations][0] == "42"
+    assert result.info["tool_errors"] == 2 and result.observations[2]["content"].startswith("Error: unknown tool 'sh'")
+
+
+def test_parse_tool_calls_wellformed_and_malformed() -> None:
+    text = '<think>x</think><tool_call>{"name": "calc", "arguments": {"expression": "1+2"}}</tool_call><tool_call>{"name": "calc", "arguments": "{\\"expression\\": \\"3\\"}"}</tool_call>'
+    calls, errors = parse_tool_calls(text)
+    assert calls == [ToolCall("calc", {"expression": "1+2"}), ToolCall("calc", {"expression": "3"})] and errors == []
+    calls, errors = parse_tool_calls('<tool_call>{"name": calc}</tool_call><tool_call>[1]</tool_call><tool_call>{"name": "a"')
+    assert calls == [] and len(errors) == 3
+    assert "not valid JSON" in errors[0] and "needs a string 'name'" in errors[1] and "unterminated" in errors[2]
+
+
+def test_piecewise_tokens_decode_to_the_chat_template_rendering(policy) -> None:
+    _, tokenizer = policy
+    renderer = Renderer(tokenizer)
+    prompt = [{"role": "user", "content": "Compute 2*3+4."}]
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": "2*3+4"}}}
+    turns = [{"role": "assistant", "content": "<think>I need calc.</think>", "tool_calls": [call]}, {"role": "tool", "content": "10"}, {"role": "assistant", "content": "The answer is 10."}]
+    ids = renderer.prompt_ids(prompt, [CALC_TOOL]) + assistant_ids(renderer, turns[0]) + renderer.observation_ids([turns[1]]) + assistant_ids(renderer, turns[2])
+    full = tokenizer.apply_chat_template(prompt + turns, tools=[CALC_TOOL], tokenize=False)
+    assert tokenizer.decode(ids) + "\n" == full
+
+
+def test_engine_greedy_matches_hf_generate_and_logprobs_match_a_full_forward(policy) -> None:
+    model, tokenizer = policy
+    renderer = Renderer(tokenizer)
+    prompts = [renderer.prompt_ids(r.messages, [CALC_TOOL]) for r in _rows(6)]
+    prompts[1] = prompts[1][3:]  # uneven lengths exercise left padding
+    engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id)
+    outs = engine.generate(prompts, [10] * len(prompts), temperature=1.0, greedy=True)
+    for prompt, out in zip(prompts, outs):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=renderer.eos_token_id, pad_token_id=renderer.pad_token_id)
+        assert out.token_ids == ref[0, len(prompt) :].tolist()[: len(out.token_ids)]
+        full = torch.tensor([prompt + out.token_ids])
+        logp = torch.log_softmax(model(input_ids=full).logits[0, :-1].float(), -1).gather(-1, full[0, 1:, None])[:, 0]
+        assert torch.allclose(logp[len(prompt) - 1 :], torch.tensor(out.logprobs), atol=1e-4)
+
+
+class ScriptedEngine:
+    """Plays fixed turns: a tool call, then an answer (a scripted policy for the loop's bookkeeping)."""
+
+    def __init__(self, renderer: Renderer, turns: list[str]) -> None:
+        self.turn_ids = [renderer.encode(t) + [renderer.eos_token_id] for t in turns]
+        self.calls = 0
+
+    def generate(self, prompts, max_new_tokens, temperature, greedy, generator=None):
+        ids = self.turn_ids[self.calls]
+        self.calls += 1
+        return [Generation(ids, [-0.5] * len(ids), finished=True) for _ in prompts]
+
+
+def test_tool_loop_loss_mask_covers_exactly_the_policy_tokens(policy) -> None:
+    _, tokenizer = policy
+    renderer = Renderer(tokenizer)
+    turns = ['<think>I need calc.</think><tool_call>{"name": "calc", "arguments": {"expression": "6*7+1"}}</tool_call>', "<think>calc says 43.</think>The answer is 43."]
+    engine = ScriptedEngine(renderer, turns)
+    loop = AgentLoop(engine, renderer, CalculatorEnv, RolloutConfig(), EnvConfig())
+    row = PromptRow(0, [{"role": "user", "content": "Compute 6*7+1."}], "tiderl/calculator", "43")
+    (traj,) = loop.run([row], 1, policy_version=5, greedy=True, generator=torch.Generator())
+    prompt = renderer.prompt_ids(row.messages, [CALC_TOOL])
+    turn1, turn2 = engine.turn_ids
+    obs = renderer.observation_ids([{"role": "tool", "name": "calc", "content": "43"}])
+    assert traj.token_ids.tolist() == prompt + turn1 + obs + turn2
+    assert traj.loss_mask.tolist() == [0.0] * len(prompt) + [1.0] * len(turn1) + [0.0] * len(obs) + [1.0] * len(turn2)
+    assert torch.equal(traj.logprobs != 0, traj.loss_mask.bool())
+    assert (traj.status, traj.num_tool_calls, traj.num_turns, traj.policy_version) == (TrajectoryStatus.FINISHED, 1, 2, 5)
+    assert traj.response_text == turns[1] and traj.prompt_length == len(prompt)
+    assert traj.messages[-2] == {"role": "tool", "name": "calc", "content": "43"}
+
+
+def test_malformed_call_becomes_an_error_observation_and_budgets_truncate(policy) -> None:
+    _, tokenizer = policy
+    renderer = Renderer(tokenizer)
+    engine = ScriptedEngine(renderer, ["<tool_call>{oops}</tool_call>"] * 4)
+    loop = AgentLoop(engine, renderer, CalculatorEnv, RolloutConfig(), EnvConfig(max_turns=3))
+    row = PromptRow(0, [{"role": "user", "content": "Compute 1+1."}], "tiderl/calculator", "2")
+    (traj,) = loop.run([row], 1, 0, True, torch.Generator())
+    assert traj.status is TrajectoryStatus.TRUNCATED and traj.num_turns == 3
+    assert traj.num_tool_errors == 2 and "not valid JSON" in traj.messages[2]["content"] and traj.messages[2]["role"] == "tool"
