@@ -36,7 +36,7 @@ class TinyModelConfig(_Section):
     experts_per_token: int = Field(2, ge=1, description="Routed experts each token is sent to (top-k).")
     n_shared_experts: int = Field(1, ge=0, description="Always-on shared experts per layer.")
     moe_intermediate_size: int = Field(128, ge=8, description="Hidden size of each expert's MLP.")
-    kv_lora_rank: int = Field(32, ge=4, description="MLA compressed KV rank.")
+    kv_lora_rank: int = Field(64, ge=4, description="MLA compressed KV rank.")
     qk_rope_head_dim: int = Field(16, ge=2, description="MLA rotary part of each query/key head.")
     qk_nope_head_dim: int = Field(16, ge=2, description="MLA non-rotary part of each query/key head.")
     v_head_dim: int = Field(32, ge=2, description="MLA value head size.")
@@ -80,9 +80,9 @@ class WarmStartConfig(_Section):
     tool_use_rate: float = Field(
         0.3, ge=0.0, le=1.0, description="Share of demonstrations that call the tool; the rest answer unaided (imperfect on purpose)."
     )
-    steps: int = Field(600, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(64, ge=1, description="Demonstrations per optimizer step.")
-    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine decay).")
+    steps: int = Field(400, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer step.")
+    lr: float = Field(4e-3, gt=0, description="Peak AdamW learning rate (warmup, then cosine decay to 0: the decay is when copying sets in).")
     cache_dir: str | None = Field(None, description="Where built policies are cached; default $TIDERL_CACHE or ~/.cache/tiderl.")
 
 

@@ -55,14 +55,14 @@ def _read_rows(path: str) -> list[dict[str, Any]]:
     import datasets
 
     p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file {p} does not exist")
     if p.is_dir():
         ds = datasets.load_from_disk(str(p))
     elif p.suffix in (".jsonl", ".json"):
         ds = datasets.load_dataset("json", data_files=str(p), split="train")
     elif p.suffix == ".parquet":
         ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-    elif not p.exists():
-        raise DataError(f"data file {p} does not exist")
     else:
         raise DataError(f"data file {p}: unsupported format (use .jsonl, .json, .parquet or a saved dataset directory)")
     good, skipped = [], 0

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import transformers
 
 from rl.config import JobConfig
 from rl.losses import LOSSES, token_mean
@@ -26,6 +27,7 @@ from rl.records import TrainBatch
 class Learner:
     def __init__(self, policy_dir: str, cfg: JobConfig) -> None:
         torch.set_num_threads(cfg.trainer.learner_threads)
+        transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(policy_dir, cfg.model)

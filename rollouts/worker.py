@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ray
 import torch
+import transformers
 
 from envs.registry import make_env
 from rl.config import JobConfig
@@ -21,6 +22,7 @@ from rollouts.renderer import Renderer
 class RolloutWorker:
     def __init__(self, policy_dir: str, cfg: JobConfig, worker_index: int) -> None:
         torch.set_num_threads(cfg.rollout.threads_per_worker)
+        transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
         self.renderer = Renderer(self.tokenizer)
