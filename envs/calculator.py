@@ -12,7 +12,6 @@ import ast
 import json
 import operator
 import random
-import re
 from typing import Any
 
 from envs.base import StepResult, ToolCall
@@ -139,14 +138,13 @@ def make_calculator_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
 def demonstration(expression: str, use_tool: bool) -> list[dict[str, Any]]:
     """The assistant's side of an episode, as chat messages.
 
-    With the tool: call `calc`, read the result, answer. Without it the demonstration *guesses* the expression's
-    last operand, a wrong answer the model can still learn to produce: a policy that skips the tool fails for
-    a clear reason, and the warm start's gradient carries no unlearnable noise.
+    With the tool: call `calc`, read the result, answer. Without it the demonstration restates the expression
+    and answers unaided, which a tiny model cannot learn to do; restating still trains the copying that tool
+    calls need.
     """
     answer = format_number(evaluate(expression))
     if not use_tool:
-        guess = re.split(r"[-+*/]", expression)[-1]
-        return [{"role": "assistant", "content": f"<think>I will guess.</think>The answer is {guess}."}]
+        return [{"role": "assistant", "content": f"<think>I can do {expression} in my head.</think>The answer is {answer}."}]
     call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": expression}}}
     return [
         {"role": "assistant", "content": "<think>I need calc.</think>", "tool_calls": [call]},
