@@ -12,6 +12,7 @@ import ast
 import json
 import operator
 import random
+import re
 from typing import Any
 
 from envs.base import StepResult, ToolCall
@@ -139,12 +140,14 @@ def demonstration(expression: str, use_tool: bool) -> list[dict[str, Any]]:
     """The assistant's side of an episode, as chat messages.
 
     With the tool: call `calc`, read the result, answer. Without it the demonstration restates the expression
-    and answers unaided, which a tiny model cannot learn to do; restating still trains the copying that tool
-    calls need.
+    (practice for the copying that tool calls need) and *guesses* its last operand: a wrong answer, on purpose.
+    Demonstrating the true answer unaided instead would teach a tiny model rough mental arithmetic, which then
+    competes with reading the tool's result.
     """
     answer = format_number(evaluate(expression))
     if not use_tool:
-        return [{"role": "assistant", "content": f"<think>I can do {expression} in my head.</think>The answer is {answer}."}]
+        guess = re.split(r"[-+*/]", expression)[-1]
+        return [{"role": "assistant", "content": f"<think>{expression} is hard; I will guess.</think>The answer is {guess}."}]
     call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": expression}}}
     return [
         {"role": "assistant", "content": "<think>I need calc.</think>", "tool_calls": [call]},

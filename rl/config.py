@@ -31,7 +31,7 @@ class TinyModelConfig(_Section):
     vocab_size: int = Field(640, ge=300, description="Upper bound on the vocabulary of the locally trained BPE tokenizer (training stops when no merge is left).")
     hidden_size: int = Field(128, ge=16, description="Model width.")
     num_layers: int = Field(2, ge=1, description="Transformer layers (depth costs more than width on a CPU).")
-    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_heads: int = Field(8, ge=1, description="Attention heads (more heads: copying is learned sooner and more reliably).")
     n_routed_experts: int = Field(8, ge=1, description="Routed MoE experts per layer.")
     experts_per_token: int = Field(2, ge=1, description="Routed experts each token is sent to (top-k).")
     n_shared_experts: int = Field(1, ge=0, description="Always-on shared experts per layer.")
@@ -39,7 +39,7 @@ class TinyModelConfig(_Section):
     kv_lora_rank: int = Field(64, ge=4, description="MLA compressed KV rank.")
     qk_rope_head_dim: int = Field(16, ge=2, description="MLA rotary part of each query/key head.")
     qk_nope_head_dim: int = Field(16, ge=2, description="MLA non-rotary part of each query/key head.")
-    v_head_dim: int = Field(32, ge=2, description="MLA value head size.")
+    v_head_dim: int = Field(16, ge=2, description="MLA value head size.")
     max_position_embeddings: int = Field(512, ge=64, description="Longest sequence the model supports.")
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] = Field(
         "grouped_mm", description="transformers MoE kernel; grouped_mm was the fastest on these CPUs."
@@ -80,9 +80,14 @@ class WarmStartConfig(_Section):
     tool_use_rate: float = Field(
         0.3, ge=0.0, le=1.0, description="Share of demonstrations that call the tool; the rest answer unaided (imperfect on purpose)."
     )
-    steps: int = Field(400, ge=1, description="Optimizer steps.")
+    steps: int = Field(1200, ge=1, description="Most optimizer steps (the warm start stops earlier once the policy copies numbers).")
+    target_copy_accuracy: float = Field(
+        0.9, gt=0, le=1.0, description="Held-out teacher-forced accuracy on the digits the policy writes that ends the constant-LR phase."
+    )
+    check_every: int = Field(50, ge=1, description="Steps between copy-accuracy checks.")
+    anneal_steps: int = Field(150, ge=1, description="Linear learning-rate decay to zero once the target is reached.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer step.")
-    lr: float = Field(4e-3, gt=0, description="Peak AdamW learning rate (warmup, then cosine decay to 0: the decay is when copying sets in).")
+    lr: float = Field(4e-3, gt=0, description="AdamW learning rate (20 warmup steps, constant, then the anneal).")
     cache_dir: str | None = Field(None, description="Where built policies are cached; default $TIDERL_CACHE or ~/.cache/tiderl.")
 
 

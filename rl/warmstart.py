@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -22,7 +21,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from envs.calculator import CALC_TOOL, demonstration, make_calculator_rows
-from rl.config import JobConfig
+from rl.config import JobConfig, WarmStartConfig
 from rl.policy import CHAT_TEMPLATE, build_tiny_policy, save_policy
 from transformers.utils.chat_template_utils import render_jinja_template
 from rollouts.renderer import Renderer, assistant_ids
@@ -63,9 +62,9 @@ def prepare_policy(cfg: JobConfig, log=print) -> Path:
     return target
 
 
-def _demonstrations(cfg: JobConfig, n: int, rng: random.Random) -> list[tuple[list[dict], list[dict]]]:
+def _demonstrations(cfg: JobConfig, n: int, rng: random.Random, split: str = "warmstart") -> list[tuple[list[dict], list[dict]]]:
     """(prompt messages, assistant-side messages) pairs; the eval split's problems are never used."""
-    rows = make_calculator_rows(n, seed=cfg.seed, split="warmstart")
+    rows = make_calculator_rows(n, seed=cfg.seed, split=split)
     return [(row["prompt"], demonstration(row["extra_info"]["expression"], rng.random() < cfg.warm_start.tool_use_rate)) for row in rows]
 
 
@@ -76,9 +75,13 @@ def build_default_policy(cfg: JobConfig, out: Path) -> None:
     model, tokenizer = build_tiny_policy(cfg.model.tiny, _template_texts(demos[:2000]), cfg.seed)
     renderer = Renderer(tokenizer)
     sequences = [_demo_tokens(renderer, prompt, turns) for prompt, turns in demos]
+    tool_demos = [_demo_tokens(renderer, p, t) for p, t in _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check") if len(t) > 1]
+    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
     if ws.enabled:
-        supervised_warm_start(model, sequences, ws.steps, ws.batch_size, ws.lr, tokenizer.pad_token_id, cfg.seed)
+        report = supervised_warm_start(model, sequences, tool_demos[:64], digit_ids, ws, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress)
     save_policy(model, tokenizer, out)
+    if ws.enabled:
+        (out / "warm_start.json").write_text(json.dumps(report, indent=2))
 
 
 def _template_texts(demos: list[tuple[list[dict], list[dict]]]) -> list[str]:
@@ -99,43 +102,85 @@ def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict]) -> t
     return ids, mask
 
 
-def supervised_warm_start(
-    model: torch.nn.Module, sequences: list[tuple[list[int], list[float]]], steps: int, batch_size: int, lr: float, pad_id: int, seed: int
-) -> list[float]:
-    """Masked next-token cross-entropy on the assistant tokens, AdamW with warmup + cosine decay. Returns losses."""
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
+def _batch(sequences: list[tuple[list[int], list[float]]], pick: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and loss mask ([b, t] each)."""
+    width = max(len(sequences[i][0]) for i in pick)
+    ids = torch.full((len(pick), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pick), width))
+    attn = torch.zeros((len(pick), width), dtype=torch.long)
+    for row, i in enumerate(pick):
+        seq, m = sequences[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = torch.tensor(m)
+        attn[row, : len(seq)] = 1
+    return ids, attn, mask
+
+
+@torch.no_grad()
+def copy_accuracy(model: torch.nn.Module, sequences: list[tuple[list[int], list[float]]], digit_ids: torch.Tensor, pad_id: int) -> float:
+    """Teacher-forced accuracy on the digits the policy must write: the skill the warm start is for."""
+    model.eval()
+    ids, attn, mask = _batch(sequences, list(range(len(sequences))), pad_id)
+    pred = model(input_ids=ids, attention_mask=attn).logits[:, :-1].argmax(-1)  # [b, t-1]
+    target = ids[:, 1:]
+    scored = (mask[:, 1:] > 0) & torch.isin(target, digit_ids)
     model.train()
-    losses: list[float] = []
+    return float((pred == target)[scored].float().mean())
+
+
+def supervised_warm_start(
+    model: torch.nn.Module,
+    sequences: list[tuple[list[int], list[float]]],
+    held_out: list[tuple[list[int], list[float]]],
+    digit_ids: torch.Tensor,
+    ws: WarmStartConfig,
+    pad_id: int,
+    seed: int,
+    progress_bar: bool = True,
+) -> dict[str, float]:
+    """Masked next-token cross-entropy on the assistant tokens until the policy copies numbers, then anneal.
+
+    The learning rate warms up and stays at its peak until teacher-forced digit accuracy on held-out
+    demonstrations reaches `ws.target_copy_accuracy` (checked every `ws.check_every` steps), then decays
+    linearly to zero over `ws.anneal_steps`. Copying is a skill a small transformer acquires suddenly and at a
+    step that varies with the seed and the machine, so a fixed schedule either wastes time or stops short;
+    `ws.steps` caps the whole run.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = 20
+    anneal_from: int | None = None
+    accuracy = 0.0
+    model.train()
     start = time.time()
-    columns = [TextColumn("warm start"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"), TimeElapsedColumn()]
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("warm start", total=steps, loss=float("nan"))
-        for _ in range(steps):
-            pick = torch.randint(len(sequences), (batch_size,), generator=gen).tolist()
-            width = max(len(sequences[i][0]) for i in pick)
-            ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
-            mask = torch.zeros((batch_size, width))
-            attn = torch.zeros((batch_size, width), dtype=torch.long)
-            for row, i in enumerate(pick):
-                seq, m = sequences[i]
-                ids[row, : len(seq)] = torch.tensor(seq)
-                mask[row, : len(seq)] = torch.tensor(m)
-                attn[row, : len(seq)] = 1
+    loss_value = float("nan")
+    columns = [TextColumn("warm start"), BarColumn(), TextColumn("{task.completed}/{task.total}  loss {task.fields[loss]:.3f}  copy acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
+    with Progress(*columns, transient=False, disable=not progress_bar) as progress:
+        task = progress.add_task("warm start", total=ws.steps, loss=float("nan"), acc=0.0)
+        step = 0
+        for step in range(1, ws.steps + 1):
+            if anneal_from is None and step > ws.steps - ws.anneal_steps:
+                anneal_from = step - 1  # the cap is near: anneal anyway
+            scale = min(1.0, step / warmup) if anneal_from is None else max(0.0, 1 - (step - anneal_from) / ws.anneal_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = ws.lr * scale
+            ids, attn, mask = _batch(sequences, torch.randint(len(sequences), (ws.batch_size,), generator=gen).tolist(), pad_id)
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [b, t-1, vocab]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, t-1]
             loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            progress.update(task, advance=1, loss=loss.item())
+            loss_value = loss.item()
+            if anneal_from is None and step % ws.check_every == 0:
+                accuracy = copy_accuracy(model, held_out, digit_ids, pad_id)
+                if accuracy >= ws.target_copy_accuracy:
+                    anneal_from = step
+            if anneal_from is not None and step - anneal_from >= ws.anneal_steps:
+                break
+            progress.update(task, completed=step, loss=loss_value, acc=accuracy)
+    accuracy = copy_accuracy(model, held_out, digit_ids, pad_id)
     model.eval()
-    print(f"warm start: {steps} steps in {time.time() - start:.0f}s, final loss {sum(losses[-20:]) / min(20, len(losses)):.3f}")
-    return losses
+    print(f"warm start: {step} steps in {time.time() - start:.0f}s, loss {loss_value:.3f}, held-out copy accuracy {accuracy:.3f}")
+    return {"steps": float(step), "loss": loss_value, "copy_accuracy": accuracy, "seconds": time.time() - start}
