@@ -75,12 +75,14 @@ def build_default_policy(cfg: JobConfig, out: Path) -> None:
     model, tokenizer = build_tiny_policy(cfg.model.tiny, _template_texts(demos[:2000]), cfg.seed)
     renderer = Renderer(tokenizer)
     sequences = [_demo_tokens(renderer, prompt, turns) for prompt, turns in demos]
-    tool_demos = [_demo_tokens(renderer, p, t) for p, t in _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check") if len(t) > 1]
-    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
+    report = None
     if ws.enabled:
-        report = supervised_warm_start(model, sequences, tool_demos[:64], digit_ids, ws, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress)
+        checks = _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check")
+        held_out = [_demo_tokens(renderer, p, t) for p, t in checks if len(t) > 1][:64]  # tool-using ones
+        digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
+        report = supervised_warm_start(model, sequences, held_out, digit_ids, ws, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress)
     save_policy(model, tokenizer, out)
-    if ws.enabled:
+    if report is not None:
         (out / "warm_start.json").write_text(json.dumps(report, indent=2))
 
 
