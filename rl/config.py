@@ -66,8 +66,8 @@ class ModelConfig(_Section):
     def _expand_path(self) -> ModelConfig:
         if self.path:
             expanded = os.path.expanduser(os.path.expandvars(self.path))
-            if "$" in expanded:
-                raise ValueError(f"path {self.path!r} names an environment variable that is not set")
+            if "$" in expanded or not expanded.strip():
+                raise ValueError(f"path {self.path!r} names an environment variable that is not set or is empty")
             self.__dict__["path"] = expanded
         return self
 

@@ -35,7 +35,7 @@ def load_split(cfg: JobConfig, split: str, data_dir: Path) -> list[PromptRow]:
     rows = [row for f in files for row in _read_rows(f)]
     if split == "eval":
         rows = rows[: cfg.data.eval_size]
-    return [_to_prompt_row(i, row) for i, row in enumerate(rows)]
+    return [to_prompt_row(i, row) for i, row in enumerate(rows)]
 
 
 def _write_builtin(cfg: JobConfig, split: str, data_dir: Path) -> Path:
@@ -94,11 +94,13 @@ def _row_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _to_prompt_row(index: int, row: dict[str, Any]) -> PromptRow:
+def to_prompt_row(index: int, row: dict[str, Any]) -> PromptRow:
+    """A validated verl-layout row (see `_row_problem`) as the typed record rollouts and rewards take."""
     prompt = row["prompt"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [{"role": m["role"], "content": m["content"]} for m in prompt]
     extra = dict(row.get("extra_info") or {})
-    extra.setdefault("source", row["_source"])
+    if "_source" in row:
+        extra.setdefault("source", row["_source"])
     return PromptRow(index=index, messages=messages, data_source=str(row.get("data_source") or "unknown"), ground_truth=row["reward_model"]["ground_truth"], extra_info=extra)
 
 

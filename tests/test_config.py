@@ -59,6 +59,15 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
         load_config(path, ["trainer.steps"])
 
 
+def test_model_path_expands_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIDERL_TEST_MODEL", "/models/smol")
+    assert load_config(None, ["model.path=${TIDERL_TEST_MODEL}/v1"]).model.path == "/models/smol/v1"
+    monkeypatch.setenv("TIDERL_TEST_MODEL", "")
+    for unset in ["${TIDERL_TEST_MODEL}", "${TIDERL_TEST_UNSET_VARIABLE}"]:
+        with pytest.raises(ConfigError, match="model: .*environment variable that is not set or is empty"):
+            load_config(None, [f"model.path={unset}"])
+
+
 def test_cross_field_checks(tmp_path: Path) -> None:
     msg = _error(tmp_path, "model:\n  tiny: {n_routed_experts: 2, experts_per_token: 4}\n")
     assert "model.tiny" in msg and "experts_per_token must not exceed n_routed_experts" in msg

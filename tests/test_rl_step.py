@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from rl.advantages import grpo
 from rl.controller import train
 from rl.learner import Learner
+from rl.data import to_prompt_row
 from rl.records import PromptRow, TrainBatch
 from rewards.scoring import RewardScorer
 from rollouts.worker import RolloutWorker
@@ -20,14 +21,15 @@ from envs.calculator import make_calculator_rows
 LENGTH_REWARD = str(Path(__file__).parent / "data" / "length_reward.py") + ":compute_score"
 
 
-def _rows(n: int) -> list[PromptRow]:
-    return [PromptRow(i, r["prompt"], r["data_source"], r["reward_model"]["ground_truth"], r["extra_info"]) for i, r in enumerate(make_calculator_rows(n, 1, "train"))]
+
+def calculator_rows(n: int) -> list[PromptRow]:
+    return [to_prompt_row(i, row) for i, row in enumerate(make_calculator_rows(n, seed=1, split="train"))]
 
 
 def test_learner_step_changes_every_parameter_that_got_a_gradient(tiny_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4")
     worker, learner = RolloutWorker(str(tiny_policy_dir), cfg, 0), Learner(str(tiny_policy_dir), cfg)
-    trajectories = worker.generate(_rows(4), cfg.rollout.samples_per_prompt)
+    trajectories = worker.generate(calculator_rows(4), cfg.rollout.samples_per_prompt)
     scored = RewardScorer(cfg.reward).score(trajectories).scored
     rewards = torch.tensor([s.reward for s in scored])
     assert rewards.std() > 0, "the test needs a learning signal"

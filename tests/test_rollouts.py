@@ -11,6 +11,7 @@ from envs.calculator import CALC_TOOL, CalculatorEnv, evaluate, make_calculator_
 from envs.base import ToolCall
 from rl.config import RolloutConfig, EnvConfig
 from rl.policy import load_policy
+from rl.data import to_prompt_row
 from rl.records import PromptRow, TrajectoryStatus
 from rollouts.agent_loop import AgentLoop
 from rollouts.engine import Engine, Generation
@@ -18,14 +19,14 @@ from rollouts.renderer import Renderer, assistant_ids, parse_tool_calls
 from rewards.calculator import compute_score
 
 
+def calculator_rows(n: int) -> list[PromptRow]:
+    return [to_prompt_row(i, row) for i, row in enumerate(make_calculator_rows(n, seed=0, split="eval"))]
+
+
 @pytest.fixture(scope="module")
 def policy(tiny_policy_dir, make_cfg):
     return load_policy(tiny_policy_dir, make_cfg().model)
 
-
-def _rows(n: int) -> list[PromptRow]:
-    rows = make_calculator_rows(n, seed=0, split="eval")
-    return [PromptRow(i, r["prompt"], r["data_source"], r["reward_model"]["ground_truth"], r["extra_info"]) for i, r in enumerate(rows)]
 
 
 def test_calculator_tool_and_verifier() -> None:
@@ -65,7 +66,7 @@ def test_piecewise_tokens_decode_to_the_chat_template_rendering(policy) -> None:
 def test_engine_greedy_matches_hf_generate_and_logprobs_match_a_full_forward(policy) -> None:
     model, tokenizer = policy
     renderer = Renderer(tokenizer)
-    prompts = [renderer.prompt_ids(r.messages, [CALC_TOOL]) for r in _rows(6)]
+    prompts = [renderer.prompt_ids(r.messages, [CALC_TOOL]) for r in calculator_rows(6)]
     prompts[1] = prompts[1][3:]  # uneven lengths exercise left padding
     engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id)
     outs = engine.generate(prompts, [10] * len(prompts), temperature=1.0, greedy=True)
