@@ -73,7 +73,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
     if cfg.eval.enabled and "before" not in evals:
         evals["before"] = evaluate(workers, scorer, eval_rows, cfg)
         eval_path.write_text(json.dumps(evals, indent=2))
-        console.print(f"eval before RL: accuracy {evals['before']['accuracy']:.3f} (greedy), {evals['before'].get('accuracy_sampled', float('nan')):.3f} (sampled)")
+        console.print(f"eval before RL: {_accuracies(evals['before'])}")
 
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
     columns = [TextColumn("RL step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
@@ -109,10 +109,11 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
     if cfg.eval.enabled:
         evals["after"] = evaluate(workers, scorer, eval_rows, cfg)
         eval_path.write_text(json.dumps(evals, indent=2))
-        before, after = evals["before"], evals["after"]
-        console.print(
-            f"held-out accuracy: greedy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "
-            f"sampled {before.get('accuracy_sampled', float('nan')):.3f} -> {after.get('accuracy_sampled', float('nan')):.3f}"
-        )
+        console.print(f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}")
     console.print(f"run directory: {run_dir}")
     return evals
+
+
+def _accuracies(result: dict) -> str:
+    text = f"greedy {result['accuracy']:.3f}"
+    return text + (f", sampled {result['accuracy_sampled']:.3f}" if "accuracy_sampled" in result else "")

@@ -106,7 +106,7 @@ class Learner:
 
     def load(self, path: str) -> int:
         """Restore what `save` wrote; returns the policy version."""
-        model, _ = load_policy(Path(path) / "policy", self.cfg.model)
+        model, _ = load_policy(Path(path) / "policy", self.cfg.model.model_copy(update={"gguf_file": None}))
         self.model.load_state_dict(model.state_dict())
         state: dict[str, Any] = torch.load(Path(path) / "learner_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -102,6 +102,12 @@ def load_policy(path: str | os.PathLike, cfg: ModelConfig) -> tuple[torch.nn.Mod
         kwargs["gguf_file"] = cfg.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.gguf_file:
+        # transformers dequantizes GGUF weights on load yet keeps the model marked as GGUF-quantized, which
+        # makes save_pretrained refuse; the tensors in memory are plain `cfg.dtype`, so the marker goes.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
