@@ -1,10 +1,12 @@
 """Build the default policy: tokenizer + tiny DeepseekV3 model + a short supervised warm start, cached.
 
 The warm start fits generated demonstrations of the calculator task in which only `warm_start.tool_use_rate` of
-the solutions call the tool; the rest answer unaided, which a tiny model cannot do reliably. The resulting policy
-is imperfect on purpose: it mostly skips the tool, so its greedy accuracy is low, yet it sometimes calls the tool
-and succeeds, which is the signal RL amplifies. The result is an ordinary HF directory cached under a hash of
-everything that shaped it, so only the first job pays for it.
+the solutions call the tool; the rest guess. It runs until the policy copies numbers reliably (the skill a tool
+call needs), then anneals. The resulting policy is imperfect on purpose: it mostly guesses, so its greedy
+accuracy is near zero, yet when it samples a tool call it usually succeeds, which is the signal RL amplifies.
+The result is an ordinary HF directory cached under a hash of everything that shaped it, so only the first job
+pays for it. (The built-in policy is warmed up on the calculator task whatever `data` says; bring a model with
+`model.path` for other tasks.)
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from envs.calculator import CALC_TOOL, demonstration, make_calculator_rows
 from rl.config import JobConfig, WarmStartConfig
 from rl.policy import CHAT_TEMPLATE, build_tiny_policy, save_policy
-from transformers.utils.chat_template_utils import render_jinja_template
 from rollouts.renderer import Renderer, assistant_ids
+from transformers.utils.chat_template_utils import render_jinja_template
 
 CACHE_FORMAT = 1  # bump when the recipe below changes in a way the config hash cannot see
 
@@ -58,7 +60,10 @@ def prepare_policy(cfg: JobConfig, log=print) -> Path:
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     build_default_policy(cfg, tmp)
-    tmp.replace(target) if not target.exists() else shutil.rmtree(tmp)
+    if target.exists():  # another job built the same policy meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(target)
     return target
 
 

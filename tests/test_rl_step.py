@@ -77,7 +77,7 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     assert "samples_per_prompt: 2" in (straight / "config.yaml").read_text()
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000001", "step_000002", "step_000003"]
-    assert any(not torch.equal(a, b) for a, b in zip(_policy(straight / "checkpoints/step_000001").values(), _policy(straight / "checkpoints/step_000003").values()))
+    assert any(not torch.equal(a, b) for a, b in zip(_policy(straight / "checkpoints/step_000001").values(), _policy(straight / "checkpoints/step_000003").values(), strict=True))
 
     # stop after 2 steps, then resume to 3: same parameters and data cursor as the uninterrupted run
     resumed = tmp_path / "resumed"

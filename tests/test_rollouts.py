@@ -70,7 +70,7 @@ def test_engine_greedy_matches_hf_generate_and_logprobs_match_a_full_forward(pol
     prompts[1] = prompts[1][3:]  # uneven lengths exercise left padding
     engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id)
     outs = engine.generate(prompts, [10] * len(prompts), temperature=1.0, greedy=True)
-    for prompt, out in zip(prompts, outs):
+    for prompt, out in zip(prompts, outs, strict=True):
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=renderer.eos_token_id, pad_token_id=renderer.pad_token_id)
         assert out.token_ids == ref[0, len(prompt) :].tolist()[: len(out.token_ids)]
         full = torch.tensor([prompt + out.token_ids])
