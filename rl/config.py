@@ -200,6 +200,12 @@ class JobConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    @model_validator(mode="after")
+    def _check_eval_data(self) -> JobConfig:
+        if self.eval.enabled and self.data.task is None and not self.data.eval_files:
+            raise ValueError("eval is enabled but there is no held-out data: set `data.eval_files`, or `eval.enabled=false`")
+        return self
+
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read a YAML job config, apply `key.sub=value` overrides, validate. Raises ConfigError."""

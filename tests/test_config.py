@@ -72,6 +72,8 @@ def test_cross_field_checks(tmp_path: Path) -> None:
     msg = _error(tmp_path, "model:\n  tiny: {n_routed_experts: 2, experts_per_token: 4}\n")
     assert "model.tiny" in msg and "experts_per_token must not exceed n_routed_experts" in msg
     assert "data" in _error(tmp_path, "model: {}\ndata: {task: null}\n")
+    assert "set `data.eval_files`" in _error(tmp_path, "model: {}\ndata: {task: null, train_files: [a.jsonl]}\n")
+    assert load_config(None, ["model={}", "data.task=null", "data.train_files=[a.jsonl]", "eval.enabled=false"]).eval.enabled is False
 
 
 def _ray_processes() -> int:

@@ -46,7 +46,7 @@ def test_verl_parquet_layout_loads_and_bad_rows_are_skipped(tmp_path, make_cfg, 
     # a plain-string prompt (TRL's "standard" format) is taken as one user message
     plain = tmp_path / "plain.jsonl"
     datasets.Dataset.from_list([{"prompt": "Compute 4*4.", "reward_model": {"ground_truth": "16"}}]).to_json(str(plain))
-    (row,) = load_split(make_cfg("data.task=null", f"data.train_files=[{plain}]"), "train", tmp_path)
+    (row,) = load_split(make_cfg("data.task=null", f"data.train_files=[{plain}]", "eval.enabled=false"), "train", tmp_path)
     assert (row.messages, row.ground_truth, row.data_source) == ([{"role": "user", "content": "Compute 4*4."}], "16", "unknown")
 
 
@@ -56,9 +56,9 @@ def test_unusable_or_missing_files_are_errors(tmp_path, make_cfg) -> None:
     path = tmp_path / "bad.jsonl"
     datasets.Dataset.from_list([{"prompt": "x", "reward_model": {"ground_truth": None}}]).to_json(str(path))
     with pytest.raises(DataError, match="none of its 1 rows is usable"):
-        load_split(make_cfg("data.task=null", f"data.train_files=[{path}]"), "train", tmp_path)
+        load_split(make_cfg("data.task=null", f"data.train_files=[{path}]", "eval.enabled=false"), "train", tmp_path)
     with pytest.raises(DataError, match="does not exist"):
-        load_split(make_cfg("data.task=null", f"data.train_files=[{tmp_path / 'nope.parquet'}]"), "train", tmp_path)
+        load_split(make_cfg("data.task=null", f"data.train_files=[{tmp_path / 'nope.parquet'}]", "eval.enabled=false"), "train", tmp_path)
 
 
 def test_builtin_task_splits_differ_and_cursor_walks_epochs(tmp_path, make_cfg) -> None:
