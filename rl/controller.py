@@ -86,22 +86,15 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
                 trajectories = generate_on_workers(workers, rows, cfg.rollout.samples_per_prompt)
             with timer("score"):
                 result = scorer.score(trajectories)
-            with timer("advantages"):
-                rewards = torch.tensor([s.reward for s in result.scored])
-                groups = torch.tensor([s.trajectory.group_id for s in result.scored])
-                advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std)
-                batch = TrainBatch.from_scored(result.scored, advantages, pad_id)
-            with timer("update"):
-                train_metrics = ray.get(learner.train_step.remote(batch))
-            with timer("sync"):
-                sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
-            metrics = {**rollout_metrics(result.scored), **train_metrics, "failed_samples": float(result.failed), **timer.times}
-            metrics["time_step_s"] = sum(timer.times.values())
+            if result.scored:
+                metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)
+            else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
+                metrics = {"skipped_step": 1.0}
+            metrics.update({"failed_samples": float(result.failed), **timer.times, "time_step_s": sum(timer.times.values())})
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(workers, scorer, eval_rows, cfg).items()})
             logger.log(step, metrics)
-            status = f"reward {metrics['reward_mean']:.3f}  acc {metrics['accuracy']:.3f}  |Δlogp| {metrics['mismatch_abs_logp']:.1e}"
-            progress.update(bar, advance=1, status=status)
+            progress.update(bar, advance=1, status=_status(metrics))
             if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
                 save_checkpoint(run_dir, step, learner, workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
     logger.close()
@@ -112,6 +105,26 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
         console.print(f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}")
     console.print(f"run directory: {run_dir}")
     return evals
+
+
+def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: WeightSync, timer: StageTimer) -> dict[str, float]:
+    """Advantages -> one learner update -> weights pushed to the rollout workers; returns the step's metrics."""
+    with timer("advantages"):
+        rewards = torch.tensor([s.reward for s in scored])
+        groups = torch.tensor([s.trajectory.group_id for s in scored])
+        advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std)
+        batch = TrainBatch.from_scored(scored, advantages, pad_id)
+    with timer("update"):
+        train_metrics = ray.get(learner.train_step.remote(batch))
+    with timer("sync"):
+        sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
+    return {**rollout_metrics(scored), **train_metrics}
+
+
+def _status(metrics: dict[str, float]) -> str:
+    if "skipped_step" in metrics:
+        return f"step skipped: all {metrics['failed_samples']:.0f} samples failed"
+    return f"reward {metrics['reward_mean']:.3f}  acc {metrics['accuracy']:.3f}  |Δlogp| {metrics['mismatch_abs_logp']:.1e}"
 
 
 def _accuracies(result: dict) -> str:

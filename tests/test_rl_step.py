@@ -89,3 +89,12 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     state = lambda d: json.loads((d / "checkpoints/step_000003/controller_state.json").read_text())  # noqa: E731
     assert state(straight) == state(resumed) and state(straight)["data_cursor"] == {"epoch": 0, "position": 12}
     assert _metrics(straight)[2]["reward_mean"] == _metrics(resumed)[2]["reward_mean"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_step_whose_samples_all_fail_is_skipped_not_fatal(tmp_path: Path, make_cfg) -> None:
+    raising = str(Path(__file__).parent / "data" / "raising_reward.py") + ":compute_score"
+    train(make_cfg(f"reward.functions=[{{name: '{raising}'}}]", "trainer.steps=2", "eval.enabled=false"), tmp_path)
+    rows = _metrics(tmp_path)
+    assert [(r["step"], r["failed_samples"], r["skipped_step"]) for r in rows] == [(1, 8.0, 1.0), (2, 8.0, 1.0)]
+    assert json.loads((tmp_path / "checkpoints" / "step_000002" / "controller_state.json").read_text())["step"] == 2
