@@ -9,7 +9,6 @@ share of them so the warm-started policy is imperfect and RL has something to le
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import random
 import re
@@ -154,7 +153,3 @@ def demonstration(expression: str, use_tool: bool) -> list[dict[str, Any]]:
         {"role": "tool", "name": "calc", "content": answer},
         {"role": "assistant", "content": f"<think>calc says {answer}.</think>The answer is {answer}."},
     ]
-
-
-def tool_call_json(call: ToolCall) -> str:
-    return json.dumps({"name": call.name, "arguments": call.arguments})

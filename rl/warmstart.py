@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from envs.calculator import CALC_TOOL, demonstration, make_calculator_rows
 from rl.config import JobConfig, WarmStartConfig
 from rl.policy import CHAT_TEMPLATE, build_tiny_policy, save_policy
-from rollouts.renderer import Renderer, assistant_ids
+from rollouts.renderer import Renderer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 CACHE_FORMAT = 1  # bump when the recipe below changes in a way the config hash cannot see
@@ -59,7 +59,9 @@ def prepare_policy(cfg: JobConfig, log=print) -> Path:
     log(f"building the default policy (tokenizer, tiny DeepseekV3, warm start) into {target}")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_default_policy(cfg, tmp)
+    report = build_default_policy(cfg, tmp)
+    if report is not None:
+        log(f"warm start: {report['steps']:.0f} steps in {report['seconds']:.0f}s, loss {report['loss']:.3f}, held-out copy accuracy {report['copy_accuracy']:.3f}")
     if target.exists():  # another job built the same policy meanwhile
         shutil.rmtree(tmp)
     else:
@@ -73,7 +75,8 @@ def _demonstrations(cfg: JobConfig, n: int, rng: random.Random, split: str = "wa
     return [(row["prompt"], demonstration(row["extra_info"]["expression"], rng.random() < cfg.warm_start.tool_use_rate)) for row in rows]
 
 
-def build_default_policy(cfg: JobConfig, out: Path) -> None:
+def build_default_policy(cfg: JobConfig, out: Path) -> dict[str, float] | None:
+    """Write the built-in policy into `out`; returns the warm start's report (None when it is disabled)."""
     ws = cfg.warm_start
     rng = random.Random(cfg.seed)
     demos = _demonstrations(cfg, ws.num_demos, rng)
@@ -89,6 +92,7 @@ def build_default_policy(cfg: JobConfig, out: Path) -> None:
     save_policy(model, tokenizer, out)
     if report is not None:
         (out / "warm_start.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 def _template_texts(demos: list[tuple[list[dict], list[dict]]]) -> list[str]:
@@ -103,7 +107,7 @@ def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict]) -> t
     ids = renderer.prompt_ids(prompt, [CALC_TOOL])
     mask = [0.0] * len(ids)
     for message in turns:
-        piece = assistant_ids(renderer, message) if message["role"] == "assistant" else renderer.observation_ids([message])
+        piece = renderer.assistant_ids(message) if message["role"] == "assistant" else renderer.observation_ids([message])
         ids += piece
         mask += [1.0 if message["role"] == "assistant" else 0.0] * len(piece)
     return ids, mask
@@ -189,5 +193,4 @@ def supervised_warm_start(
             progress.update(task, completed=step, loss=loss_value, acc=accuracy)
     accuracy = copy_accuracy(model, held_out, digit_ids, pad_id)
     model.eval()
-    print(f"warm start: {step} steps in {time.time() - start:.0f}s, loss {loss_value:.3f}, held-out copy accuracy {accuracy:.3f}")
     return {"steps": float(step), "loss": loss_value, "copy_accuracy": accuracy, "seconds": time.time() - start}

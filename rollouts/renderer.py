@@ -27,6 +27,11 @@ class Renderer:
         self.eos_token_id: int = tokenizer.eos_token_id
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._eos_text: str = tokenizer.eos_token
+        # The rendering of a fixed earlier turn, through its end-of-turn token: observations are the text the
+        # template adds after it. Computed once; `observation_ids` runs on every tool step.
+        self._base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        before = tokenizer.apply_chat_template(self._base, tokenize=False)
+        self._base_prefix = before[: before.rindex(self._eos_text) + len(self._eos_text)]
 
     def prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
@@ -34,13 +39,24 @@ class Renderer:
 
     def observation_ids(self, observations: list[dict[str, Any]]) -> list[int]:
         """Tokens that follow the model's end-of-turn token: the observations and the next assistant prompt."""
-        base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-        before = self.tokenizer.apply_chat_template(base, tokenize=False)
-        after = self.tokenizer.apply_chat_template(base + observations, add_generation_prompt=True, tokenize=False)
-        cut = before.rindex(self._eos_text) + len(self._eos_text)
-        if not after.startswith(before[:cut]):
+        after = self.tokenizer.apply_chat_template(self._base + observations, add_generation_prompt=True, tokenize=False)
+        if not after.startswith(self._base_prefix):
             raise ValueError("the chat template renders earlier turns differently once a tool message follows")
-        return self.encode(after[cut:])
+        return self.encode(after[len(self._base_prefix) :])
+
+    def assistant_ids(self, message: dict[str, Any]) -> list[int]:
+        """Tokens of one assistant message as the template writes it, through the end-of-turn token.
+
+        What the policy should generate for `message`: used to build supervised demonstrations that tokenize the
+        way rollouts do.
+        """
+        base = [{"role": "user", "content": "q"}]
+        before = self.tokenizer.apply_chat_template(base, add_generation_prompt=True, tokenize=False)
+        after = self.tokenizer.apply_chat_template(base + [message], tokenize=False)
+        if not after.startswith(before):
+            raise ValueError("the chat template's generation prompt is not a prefix of the rendered assistant turn")
+        turn = after[len(before) :]
+        return self.encode(turn[: turn.index(self._eos_text) + len(self._eos_text)])
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -83,18 +99,3 @@ def parse_tool_calls(text: str) -> tuple[list[ToolCall], list[str]]:
         errors.append("Error: unterminated <tool_call>")
     return calls, errors
 
-
-def assistant_ids(renderer: Renderer, message: dict[str, Any]) -> list[int]:
-    """Tokens of one assistant message as the template writes it, through the end-of-turn token.
-
-    What the policy should generate for `message`: used to build supervised demonstrations that tokenize the
-    way rollouts do.
-    """
-    tok = renderer.tokenizer
-    base = [{"role": "user", "content": "q"}]
-    before = tok.apply_chat_template(base, add_generation_prompt=True, tokenize=False)
-    after = tok.apply_chat_template(base + [message], tokenize=False)
-    if not after.startswith(before):
-        raise ValueError("the chat template's generation prompt is not a prefix of the rendered assistant turn")
-    turn = after[len(before) :]
-    return renderer.encode(turn[: turn.index(renderer._eos_text) + len(renderer._eos_text)])

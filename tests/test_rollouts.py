@@ -15,7 +15,7 @@ from rl.data import to_prompt_row
 from rl.records import PromptRow, TrajectoryStatus
 from rollouts.agent_loop import AgentLoop
 from rollouts.engine import Engine, Generation
-from rollouts.renderer import Renderer, assistant_ids, parse_tool_calls
+from rollouts.renderer import Renderer, parse_tool_calls
 from rewards.calculator import compute_score
 
 
@@ -58,7 +58,7 @@ def test_piecewise_tokens_decode_to_the_chat_template_rendering(policy) -> None:
     prompt = [{"role": "user", "content": "Compute 2*3+4."}]
     call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": "2*3+4"}}}
     turns = [{"role": "assistant", "content": "<think>I need calc.</think>", "tool_calls": [call]}, {"role": "tool", "content": "10"}, {"role": "assistant", "content": "The answer is 10."}]
-    ids = renderer.prompt_ids(prompt, [CALC_TOOL]) + assistant_ids(renderer, turns[0]) + renderer.observation_ids([turns[1]]) + assistant_ids(renderer, turns[2])
+    ids = renderer.prompt_ids(prompt, [CALC_TOOL]) + renderer.assistant_ids(turns[0]) + renderer.observation_ids([turns[1]]) + renderer.assistant_ids(turns[2])
     full = tokenizer.apply_chat_template(prompt + turns, tools=[CALC_TOOL], tokenize=False)
     assert tokenizer.decode(ids) + "\n" == full
 
