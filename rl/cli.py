@@ -42,6 +42,22 @@ def config(
     typer.echo(dump_config(_load(config, overrides or [])), nl=False)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a finished (or checkpointed) job.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for the Hugging Face checkpoint.")],
+    step: Annotated[int | None, typer.Option("--step", help="Checkpoint step to export (default: the latest).")] = None,
+) -> None:
+    """Write the run's policy as a compressed-tensors pack-quantized (W4A16) Hugging Face checkpoint."""
+    from rl.export import export_run
+
+    try:
+        path = export_run(run_dir, out, step)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        _fail(str(e))
+    typer.echo(f"exported {path} (compressed-tensors pack-quantized INT4)")
+
+
 def _load(path: Path, overrides: list[str]):
     try:
         return load_config(path, overrides)

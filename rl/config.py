@@ -184,6 +184,45 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar with the live reward.")
 
 
+class QuantConfig(_Section):
+    """INT4-aware training: one weight-only INT4 spec for the learner's fake-quant, the weight sync, the rollout
+    engine and the export (see `rl.quant.QuantSpec`)."""
+
+    enabled: bool = Field(False, description="Quantize the targeted weights to INT4 for rollouts, weight sync and export.")
+    mode: Literal["qat", "ptq"] = Field(
+        "qat",
+        description="qat: the learner trains through fake-quant (straight-through), so it optimizes the INT4 policy "
+        "the rollouts run; ptq: the learner trains the full-precision weights, rollouts still run INT4 (the baseline).",
+    )
+    fake_quant_start_step: int = Field(1, ge=1, description="qat: first RL step whose update runs through fake-quant (earlier steps train as ptq).")
+    modules: Literal["routed_experts", "all_linear"] = Field(
+        "routed_experts",
+        description="routed_experts: only routed MoE experts, as Kimi K2 Thinking (attention, shared experts, dense MLP, "
+        "router, embeddings, lm_head stay full precision); all_linear: every linear weight except lm_head and embeddings.",
+    )
+    targets: list[str] | None = Field(None, description="Regexes over parameter names to quantize, instead of `modules`' preset.")
+    ignore: list[str] = Field(default_factory=list, description="Regexes over parameter names never quantized (applied after targets).")
+    group_size: Literal[32, 64, 128, 256] = Field(32, description="Input channels sharing one scale (the INT4 kernels take 32, 64, 128, 256).")
+    scale_rule: Literal["amax/7", "amax/7.5"] = Field(
+        "amax/7",
+        description="amax/7: q in [-7, 7], the grid reported for K2 Thinking, no weight clipped; amax/7.5: q in [-8, 7], "
+        "compressed-tensors' minmax observer (the extreme positive weight clips to 7).",
+    )
+    scale_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype scales are rounded to and stored in (K2 Thinking ships bf16).")
+    rollout_activation_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Activations the INT4 kernels run on: float32 is exact (mismatch then measures quantization only); "
+        "bfloat16 is faster on CPUs with bf16 units and adds ~3e-3 relative activation error.",
+    )
+    dense_min_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Rows (tokens) at or above which an INT4 product unpacks its weight on the fly and runs a dense "
+        "matmul instead of the INT4 kernel; unset = 8 for float32 activations (where torch's CPU INT4 kernel loses), never for bfloat16.",
+    )
+    measure_attribution: bool = Field(True, description="Each step, also score the batch with the other learner mode (with/without fake-quant) to report the quantization part of the mismatch.")
+
+
 class JobConfig(_Section):
     """A whole RL job."""
 
@@ -196,6 +235,7 @@ class JobConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

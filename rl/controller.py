@@ -67,6 +67,8 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
         first_step = state["step"] + 1
         console.print(f"resuming from {checkpoint} (step {state['step']})")
     sync.publish(learner.get_weights.remote(), ray.get(learner.get_version.remote()))
+    if cfg.quant.enabled:
+        _report_sync_payload(run_dir, ray.get(learner.weight_sync_bytes.remote()))
 
     eval_path = run_dir / "eval.json"
     evals: dict = json.loads(eval_path.read_text()) if checkpoint is not None and eval_path.is_file() else {}
@@ -119,6 +121,16 @@ def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: Wei
     with timer("sync"):
         sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
     return {**rollout_metrics(scored), **train_metrics}
+
+
+def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
+    """Write weight_sync.json: bytes per push, INT4 part against the same weights in bf16."""
+    sizes = {**sizes, "int4_vs_bf16": sizes["int4_bytes"] / max(sizes["int4_weights_bf16_bytes"], 1)}
+    (run_dir / "weight_sync.json").write_text(json.dumps(sizes, indent=2))
+    console.print(
+        f"weight sync: INT4 weights {sizes['int4_bytes'] / 1e6:.2f} MB ({sizes['int4_vs_bf16']:.3f}x their bf16 size), "
+        f"other weights {sizes['dense_bytes'] / 1e6:.2f} MB"
+    )
 
 
 def _status(metrics: dict[str, float]) -> str:

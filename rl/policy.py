@@ -96,7 +96,13 @@ def build_tiny_policy(tiny: TinyModelConfig, corpus: Iterable[str], seed: int) -
 
 
 def load_policy(path: str | os.PathLike, cfg: ModelConfig) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer from an HF directory (GGUF when `cfg.gguf_file` is set)."""
+    """Load a causal LM and its tokenizer from an HF directory (GGUF when `cfg.gguf_file` is set; a `tiderl export`
+    pack-quantized checkpoint is decompressed to its exact INT4 values)."""
+    from rl.export import is_exported, load_exported
+
+    if not cfg.gguf_file and is_exported(path):
+        model, tokenizer = load_exported(path, DTYPES[cfg.dtype])
+        return _finish(model, tokenizer)
     kwargs: dict = {"dtype": DTYPES[cfg.dtype]}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
@@ -108,6 +114,10 @@ def load_policy(path: str | os.PathLike, cfg: ModelConfig) -> tuple[torch.nn.Mod
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    return _finish(model, tokenizer)
+
+
+def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:

@@ -1,7 +1,8 @@
 """RolloutWorker: a Ray actor that owns a copy of the policy, an engine and the agent loop.
 
 It receives weights with their version (`load_weights`) and generates `samples_per_prompt` trajectories per
-prompt row, each stamped with the version that generated it.
+prompt row, each stamped with the version that generated it. With `quant.enabled`, the quantization targets run
+as INT4 (`rollouts.int4`) from the start, and weight syncs carry them packed.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import transformers
 from envs.registry import make_env
 from rl.config import JobConfig
 from rl.policy import load_policy
+from rl.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
 from rl.records import PromptRow, Trajectory
 from rollouts.agent_loop import AgentLoop
 from rollouts.engine import Engine
+from rollouts.int4 import convert_to_int4, load_packed
 from rollouts.renderer import Renderer
 
 
@@ -25,6 +28,14 @@ class RolloutWorker:
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
+        self.int4_targets: set[str] = set()
+        if cfg.quant.enabled:
+            spec = QuantSpec.from_config(cfg.quant)
+            targets = targeted_parameters(self.model, spec)
+            activation = getattr(torch, cfg.quant.rollout_activation_dtype)
+            dense_min_rows = cfg.quant.dense_min_rows or (8 if activation == torch.float32 else None)
+            convert_to_int4(self.model, spec, targets, activation, dense_min_rows)
+            self.int4_targets = set(targets)
         self.renderer = Renderer(self.tokenizer)
         self.engine = Engine(self.model, self.renderer.pad_token_id, self.renderer.eos_token_id)
         make_env(cfg.env.name)  # fail now, naming the environment, rather than on the first rollout
@@ -32,8 +43,16 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
         self.version = 0
 
-    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> int:
-        self.model.load_state_dict(weights)
+    def load_weights(self, weights: WeightPayload, version: int) -> int:
+        """Install a weight-sync payload (dense tensors and packed INT4 ones) as policy `version`."""
+        packed = {k for k, v in weights.items() if isinstance(v, PackedInt4)}
+        if packed != self.int4_targets:
+            raise ValueError(f"weight sync: INT4 tensors {sorted(packed ^ self.int4_targets)} differ between learner and rollout worker")
+        dense = {k: v for k, v in weights.items() if k not in packed}
+        missing, unexpected = self.model.load_state_dict(dense, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weight sync: missing {missing}, unexpected {unexpected}")
+        load_packed(self.model, weights)
         self.version = version
         return version
 
