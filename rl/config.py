@@ -209,10 +209,11 @@ class QuantConfig(_Section):
         "compressed-tensors' minmax observer (the extreme positive weight clips to 7).",
     )
     scale_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype scales are rounded to and stored in (K2 Thinking ships bf16).")
-    rollout_activation_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="Activations the INT4 kernels run on: float32 is exact (mismatch then measures quantization only); "
-        "bfloat16 is faster on CPUs with bf16 units and adds ~3e-3 relative activation error.",
+    rollout_activation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Activations the INT4 kernels run on. auto: the policy's dtype (model.dtype), so the engine differs "
+        "from the learner by quantization only; float32: exact products, but torch's CPU INT4 kernel is slow with them "
+        "on large matrices; bfloat16: the fast kernels (CPU and GPU), adding bf16 rounding to the mismatch.",
     )
     dense_min_rows: int | None = Field(
         None,

@@ -38,9 +38,10 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: not a tiderl run directory")
     cfg = validate_config(yaml.safe_load(config_path.read_text()), str(config_path))
-    checkpoint = checkpoint_dir(run_dir) / f"step_{step}" if step is not None else latest_checkpoint(run_dir)
+    checkpoint = checkpoint_dir(run_dir) / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir)
     if checkpoint is None or not (checkpoint / "policy").is_dir():
-        raise FileNotFoundError(f"no checkpoint {'step_' + str(step) if step is not None else ''} with a policy in {checkpoint_dir(run_dir)}")
+        which = f"for step {step} " if step is not None else ""
+        raise FileNotFoundError(f"no checkpoint {which}with a policy in {checkpoint_dir(run_dir)}")
     return export_policy(checkpoint / "policy", cfg.quant, out, cfg.model.dtype)
 
 

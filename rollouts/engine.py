@@ -40,13 +40,15 @@ class Engine:
     ) -> list[Generation]:
         """Sample a continuation of each prompt; `max_new_tokens[i]` caps row i."""
         batch, width = len(prompts), max(len(p) for p in prompts)
+        device = self.model.device
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((batch, width), dtype=torch.long)
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        budget = torch.tensor(max_new_tokens, dtype=torch.long)
+        budget = torch.tensor(max_new_tokens, dtype=torch.long, device=device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         next_pos = positions[:, -1] + 1  # [batch]
@@ -69,8 +71,8 @@ class Engine:
             attention = torch.cat([attention, (~was_done).long()[:, None]], dim=-1)
             out = self.model(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
             next_pos = next_pos + 1
-        ids = torch.stack(tokens, 1) if tokens else torch.zeros((batch, 0), dtype=torch.long)
-        lps = torch.stack(logps, 1) if logps else torch.zeros((batch, 0))
+        ids = torch.stack(tokens, 1).cpu() if tokens else torch.zeros((batch, 0), dtype=torch.long)
+        lps = torch.stack(logps, 1).cpu() if logps else torch.zeros((batch, 0))
         results = []
         for i in range(batch):
             n = min(int(budget[i]), ids.shape[1])

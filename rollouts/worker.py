@@ -32,7 +32,7 @@ class RolloutWorker:
         if cfg.quant.enabled:
             spec = QuantSpec.from_config(cfg.quant)
             targets = targeted_parameters(self.model, spec)
-            activation = getattr(torch, cfg.quant.rollout_activation_dtype)
+            activation = rollout_activation_dtype(cfg)
             dense_min_rows = cfg.quant.dense_min_rows or (8 if activation == torch.float32 else None)
             convert_to_int4(self.model, spec, targets, activation, dense_min_rows)
             self.int4_targets = set(targets)
@@ -72,6 +72,15 @@ class RolloutWorker:
 
 
 RolloutWorkerActor = ray.remote(RolloutWorker)
+
+
+def rollout_activation_dtype(cfg: JobConfig) -> torch.dtype:
+    """`quant.rollout_activation_dtype`, with auto = the policy's dtype (fp32 stays fp32; bf16 and fp16 run bf16,
+    the half type torch's INT4 kernels take)."""
+    choice = cfg.quant.rollout_activation_dtype
+    if choice == "auto":
+        return torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
+    return getattr(torch, choice)
 
 
 def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:

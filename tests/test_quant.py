@@ -245,3 +245,34 @@ def test_export_roundtrip_reproduces_fake_quant_bit_for_bit(tiny_policy_dir, mak
     again, _ = load_policy(out, make_cfg().model)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in loaded.state_dict().items())
     assert tokenizer.chat_template is not None
+
+
+def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> None:
+    """A whole QAT job (INT4 rollouts, packed sync), then `tiderl export` on its run directory, as a user would."""
+    import subprocess
+    import sys
+
+    from rl.controller import train
+
+    run_dir = tmp_path / "run"
+    train(make_cfg("quant.enabled=true", "eval.enabled=false"), run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fake_quant"] for r in rows] == [1.0, 1.0]
+    assert all(r["mismatch_abs_logp"] < 1e-5 < r["mismatch_quant_abs_logp"] for r in rows)
+    sync = json.loads((run_dir / "weight_sync.json").read_text())
+    assert sync["int4_vs_bf16"] == pytest.approx(0.28125) and sync["int4_bytes"] > 0
+
+    out = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "rl.cli", "export", str(run_dir), str(out), "--step", "2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    master, _ = load_policy(run_dir / "checkpoints" / "step_000002" / "policy", make_cfg().model)
+    loaded, _ = load_exported(out)
+    spec = QuantSpec()
+    targets = set(targeted_parameters(master, spec))
+    for name, tensor in master.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], fake_quantize(tensor, spec) if name in targets else tensor), name
+
+    missing = subprocess.run([sys.executable, "-m", "rl.cli", "export", str(tmp_path / "nope"), str(out)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no config.yaml" in missing.stderr
+    wrong_step = subprocess.run([sys.executable, "-m", "rl.cli", "export", str(run_dir), str(out), "--step", "7"], capture_output=True, text=True)
+    assert wrong_step.returncode == 2 and "no checkpoint for step 7" in wrong_step.stderr
