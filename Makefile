@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/calculator.yaml
 ARGS ?=
 
-.PHONY: setup run test test-all clean run-smollm2
+.PHONY: setup sandbox-tools run test test-all clean run-smollm2
 
 $(BIN)/tiderl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,12 @@ $(BIN)/tiderl: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $@
 
-setup: $(BIN)/tiderl
+setup: $(BIN)/tiderl sandbox-tools
+
+# The python tool isolates model code with bubblewrap (Debian package); installed here when missing and root.
+sandbox-tools:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
+		|| echo "warning: bubblewrap is not installed; the python tool will refuse to run model code (see README)"
 
 run: setup
 	$(BIN)/tiderl train $(CONFIG) $(ARGS)
