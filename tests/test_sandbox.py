@@ -122,7 +122,7 @@ def test_secrets_in_the_environment_are_not_inherited(monkeypatch) -> None:
 
 @needs_bwrap
 def test_writes_only_inside_its_scratch_directory(tmp_path: Path) -> None:
-    in_repo = Path(__file__).parent / "escaped.txt"  # the host filesystem is bound read-only
+    in_repo = Path("/var/tmp") / f"tiderl-escaped-{os.getpid()}.txt"  # world-writable on the host, read-only inside
     in_tmp = tmp_path / "escaped.txt"  # the host's /tmp is not even visible (the sandbox has its own)
     code = "open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n"
     code += f"for path in ({str(in_repo)!r}, {str(in_tmp)!r}):\n    try:\n        open(path, 'w').write('x')\n    except OSError as e:\n        print(e.strerror)"
