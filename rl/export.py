@@ -155,8 +155,7 @@ def load_exported(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         save_file(dense, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        for extra in ("generation_config.json",):
-            if (path / extra).is_file():
-                shutil.copy(path / extra, tmp)
+        if (path / "generation_config.json").is_file():
+            shutil.copy(path / "generation_config.json", tmp)
         model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
     return model, AutoTokenizer.from_pretrained(path)

@@ -37,7 +37,6 @@ ALL_LINEAR = (r".",)
 ALWAYS_IGNORED = (r"(^|\.)lm_head\.",)
 """lm_head stays full precision in both presets (as in K2 Thinking and common W4A16 recipes)."""
 
-_SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _GRIDS = {"amax/7": (-7, 7), "amax/7.5": (-8, 7)}
 
 
@@ -64,7 +63,7 @@ class QuantSpec:
         return QuantSpec(
             group_size=cfg.group_size,
             scale_rule=cfg.scale_rule,
-            scale_dtype=_SCALE_DTYPES[cfg.scale_dtype],
+            scale_dtype=getattr(torch, cfg.scale_dtype),
             targets=tuple(cfg.targets) if cfg.targets is not None else preset,
             ignore=ALWAYS_IGNORED + tuple(cfg.ignore),
         )

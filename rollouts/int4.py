@@ -33,7 +33,7 @@ class Int4Matmul:
     def __init__(self, weight: PackedInt4, activation_dtype: torch.dtype, dense_min_rows: int | None) -> None:
         self.weight = weight
         self.out_features, self.in_features = weight.shape
-        self.activation_dtype = activation_dtype
+        self.activation_dtype = torch.bfloat16 if weight.packed.is_cuda else activation_dtype  # tinygemm runs bf16 only
         self.dense_min_rows = dense_min_rows
         self.kernel_weight, self.scales_and_zeros = self._to_kernel_layout(weight)
 
@@ -50,7 +50,6 @@ class Int4Matmul:
                 return None, None
             nibbles = (q.to(torch.int16) + 8).to(torch.uint8)
             packed = torch._convert_weight_to_int4pack((nibbles[:, ::2] << 4 | nibbles[:, 1::2]).contiguous(), tiles)
-            self.activation_dtype = torch.bfloat16  # tinygemm runs bf16 only
         else:
             if n % 16:
                 return None, None

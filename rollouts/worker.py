@@ -32,9 +32,7 @@ class RolloutWorker:
         if cfg.quant.enabled:
             spec = QuantSpec.from_config(cfg.quant)
             targets = targeted_parameters(self.model, spec)
-            activation = rollout_activation_dtype(cfg)
-            dense_min_rows = cfg.quant.dense_min_rows or (8 if activation == torch.float32 else None)
-            convert_to_int4(self.model, spec, targets, activation, dense_min_rows)
+            convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg))
             self.int4_targets = set(targets)
         self.renderer = Renderer(self.tokenizer)
         self.engine = Engine(self.model, self.renderer.pad_token_id, self.renderer.eos_token_id)
@@ -74,13 +72,20 @@ class RolloutWorker:
 RolloutWorkerActor = ray.remote(RolloutWorker)
 
 
-def rollout_activation_dtype(cfg: JobConfig) -> torch.dtype:
-    """`quant.rollout_activation_dtype`, with auto = the policy's dtype (fp32 stays fp32; bf16 and fp16 run bf16,
-    the half type torch's INT4 kernels take)."""
+def int4_kernel_settings(cfg: JobConfig) -> tuple[torch.dtype, int | None]:
+    """The INT4 kernels' activation dtype and `dense_min_rows`, with the config's defaults resolved.
+
+    auto activations = the policy's dtype (fp32 stays fp32; bf16 and fp16 run bf16, the half type torch's INT4
+    kernels take). Unset `dense_min_rows` = 8 with fp32 activations, where torch's CPU kernel loses from ~8 rows
+    on, and never with bf16 (see benchmarks/int4_decode.py).
+    """
     choice = cfg.quant.rollout_activation_dtype
     if choice == "auto":
-        return torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
-    return getattr(torch, choice)
+        activation = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
+    else:
+        activation = getattr(torch, choice)
+    dense_min_rows = cfg.quant.dense_min_rows or (8 if activation == torch.float32 else None)
+    return activation, dense_min_rows
 
 
 def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
