@@ -1,6 +1,6 @@
 """The environment API: a small async protocol the agent loop drives.
 
-An environment is created per sample. `reset(row)` returns the opening chat messages and the tools offered (as
+An environment is created per sample (`envs.registry.make_env`). `reset(row)` returns the opening chat messages and the tools offered (as
 JSON-schema function specs, the format chat templates take); `step(calls)` executes the tool calls the model
 made in its last turn and returns observation messages; `close()` frees what the environment holds. Malformed
 calls never reach `step`: the agent loop turns them into an error observation itself.
@@ -30,6 +30,8 @@ class StepResult:
     """Chat messages appended to the conversation (role `tool`), one per call."""
     done: bool = False
     """The episode ends here (the model gets no further turn)."""
+    reward: float | None = None
+    """The environment's own score of the episode, if it has one (logged as the `env` reward, added to the sum)."""
     info: dict[str, Any] = field(default_factory=dict)
 
 

@@ -14,25 +14,11 @@ import random
 import re
 from typing import Any
 
-from envs.base import StepResult, ToolCall
 from envs.registry import register_env
-from rl.records import PromptRow
+from envs.tools import ToolEnv, ToolError, tool
 
 DATA_SOURCE = "tiderl/calculator"
 SYSTEM_PROMPT = "Answer with the help of the tools."
-CALC_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "calc",
-        "description": "Evaluate an arithmetic expression.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string"}},
-            "required": ["expression"],
-        },
-    },
-}
-
 # Hand-written rather than a library (e.g. simpleeval): twenty lines of `ast` give a closed set of operators
 # and explicit bounds on operand size, which is what a tool exposed to model-written input needs.
 _BINOPS = {
@@ -84,30 +70,23 @@ def format_number(value: int | float) -> str:
 
 
 @register_env("calculator")
-class CalculatorEnv:
+class CalculatorEnv(ToolEnv):
     """One tool, `calc(expression)`; the episode ends when the model answers without calling it."""
 
-    async def reset(self, row: PromptRow) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return list(row.messages), [CALC_TOOL]
+    @tool
+    def calc(self, expression: str) -> str:
+        """Evaluate an arithmetic expression.
 
-    async def step(self, calls: list[ToolCall]) -> StepResult:
-        observations = []
-        errors = 0
-        for call in calls:
-            if call.name != "calc":
-                content, errors = f"Error: unknown tool {call.name!r}; available: calc", errors + 1
-            elif not isinstance(call.arguments.get("expression"), str):
-                content, errors = "Error: calc needs a string argument 'expression'", errors + 1
-            else:
-                try:
-                    content = format_number(evaluate(call.arguments["expression"]))
-                except ValueError as e:
-                    content, errors = f"Error: {e}", errors + 1
-            observations.append({"role": "tool", "name": call.name, "content": content})
-        return StepResult(observations=observations, info={"tool_errors": errors})
+        Args:
+            expression: Numbers with + - * / // % and parentheses.
+        """
+        try:
+            return format_number(evaluate(expression))
+        except ValueError as e:
+            raise ToolError(str(e)) from None
 
-    async def close(self) -> None:
-        return None
+
+CALC_TOOL: dict[str, Any] = CalculatorEnv().tool_specs()[0]
 
 
 def _problem(rng: random.Random) -> tuple[str, int]:

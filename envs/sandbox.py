@@ -49,20 +49,27 @@ class SandboxResult:
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
 
-    def observation(self) -> str:
-        """What the model sees: the output, or an error that says which limit was hit."""
-        parts = [self.stdout.rstrip()] if self.stdout.strip() else []
+    def error(self) -> str | None:
+        """Which limit or failure stopped the code (None: it ran cleanly)."""
         if self.timed_out:
-            parts.append("Error: the code ran past its time limit and was stopped.")
-        elif self.exit_code == -signal.SIGXCPU:
-            parts.append("Error: the code used up its CPU-time limit and was stopped.")
-        elif self.exit_code == -signal.SIGXFSZ or self.output_truncated:
-            parts.append("Error: the output exceeded its size limit and was cut.")
-        elif self.exit_code is not None and self.exit_code < 0:
-            parts.append(f"Error: the code was killed by {signal.Signals(-self.exit_code).name}.")
-        elif self.exit_code != 0:
+            return "the code ran past its time limit and was stopped."
+        if self.exit_code == -signal.SIGXCPU:
+            return "the code used up its CPU-time limit and was stopped."
+        if self.exit_code == -signal.SIGXFSZ or self.output_truncated:
+            return "the output exceeded its size limit and was cut."
+        if self.exit_code is not None and self.exit_code < 0:
+            return f"the code was killed by {signal.Signals(-self.exit_code).name}."
+        if self.exit_code != 0:
             tail = self.stderr.strip().splitlines()[-3:]
-            parts.append("Error: " + ("\n".join(tail) if tail else f"exit status {self.exit_code}"))
+            return "\n".join(tail) if tail else f"exit status {self.exit_code}"
+        return None
+
+    def observation(self) -> str:
+        """What the model sees: the output, then an error that says which limit was hit."""
+        parts = [self.stdout.rstrip()] if self.stdout.strip() else []
+        error = self.error()
+        if error:
+            parts.append(f"Error: {error}")
         return "\n".join(parts) if parts else "(no output)"
 
 

@@ -1,4 +1,4 @@
-"""Verifier of the default calculator task: the final answer's last number equals the ground truth."""
+"""Numeric answers (the calculator and python_math tasks): the visible answer's last number equals the ground truth."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def extract_answer(solution_str: str) -> str | None:
 
 
 @register_reward("calculator")
+@register_reward("numeric_answer")
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: dict | None = None) -> dict:
     answer = extract_answer(solution_str)
     try:

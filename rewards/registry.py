@@ -18,6 +18,7 @@ register_reward = REWARDS.register
 
 
 def get_reward(name: str) -> RewardFn:
-    import rewards.calculator  # noqa: F401  (registers the built-ins)
+    import rewards.answers  # noqa: F401  (each import registers its functions)
+    import rewards.calculator  # noqa: F401
 
     return REWARDS.get(name)

@@ -5,6 +5,8 @@ return must be a finite number or a dict with a finite `score` (and optionally `
 `RewardError` naming the function and the sample, since it is a bug in the function, not in the sample. An
 exception raised inside a function marks that one sample as failed: it is counted, logged with its id, and left
 out of training. The first function is the task's verifier: its `acc` (or score >= 1) is what `accuracy` reports.
+The environment's own reward (if it gave one) and `reward.truncation_penalty` (on truncated samples) are added
+to the sum and logged in the breakdown as `env` and `truncation_penalty`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ScoringResult:
 class RewardScorer:
     def __init__(self, cfg: RewardConfig) -> None:
         self.functions = [(f.name, get_reward(f.name), f.weight) for f in cfg.functions]
+        self.truncation_penalty = cfg.truncation_penalty
 
     def score(self, trajectories: list[Trajectory]) -> ScoringResult:
         scored, failed = [], 0
@@ -62,6 +65,12 @@ class RewardScorer:
             total += weight * value
             if i == 0:
                 correct = acc if acc is not None else value >= 1.0
+        if traj.env_reward is not None:  # the environment's own score, unweighted
+            breakdown["env"] = traj.env_reward
+            total += traj.env_reward
+        if traj.status is TrajectoryStatus.TRUNCATED and self.truncation_penalty:
+            breakdown["truncation_penalty"] = self.truncation_penalty
+            total += self.truncation_penalty
         return ScoredTrajectory(trajectory=traj, reward=total, reward_breakdown=breakdown, correct=correct)
 
 

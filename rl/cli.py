@@ -58,6 +58,33 @@ def export(
     typer.echo(f"exported {path} (compressed-tensors pack-quantized INT4)")
 
 
+@app.command("check-env")
+def check_env(
+    name: Annotated[str, typer.Argument(help="Registered environment name or path/to/file.py:Class.")],
+    kwargs: Annotated[list[str] | None, typer.Argument(help="key=value constructor arguments (env.kwargs), values parsed as YAML.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Reset from the first row of this jsonl/parquet file (verl layout).")] = None,
+) -> None:
+    """Run an environment through the contract the agent loop relies on, with a scripted policy."""
+    from envs.contract import DEFAULT_ROW, ContractError, check_env as run_check
+    from rl.config import EnvConfig, apply_override
+
+    raw: dict = {}
+    for item in kwargs or []:
+        apply_override(raw, item)
+    row = DEFAULT_ROW
+    if data is not None:
+        from rl.data import read_rows, to_prompt_row
+
+        row = to_prompt_row(0, read_rows(str(data))[0])
+    try:
+        report = run_check(EnvConfig(name=name, kwargs=raw), row)
+    except ContractError as e:
+        _fail(str(e))
+    typer.echo(f"{name}: contract holds; tools {', '.join(report['tools']) or '(none)'}")
+    for tool_name, obs in zip(report["tools"], report["observations"], strict=True):
+        typer.echo(f"  {tool_name}(example arguments) -> {obs[:100]!r}")
+
+
 def _load(path: Path, overrides: list[str]):
     try:
         return load_config(path, overrides)

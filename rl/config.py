@@ -82,7 +82,7 @@ class WarmStartConfig(_Section):
     )
     steps: int = Field(1200, ge=1, description="Most optimizer steps (the warm start stops earlier once the policy copies numbers).")
     target_copy_accuracy: float = Field(
-        0.9, gt=0, le=1.0, description="Held-out teacher-forced accuracy on the digits the policy writes that ends the constant-LR phase."
+        0.9, ge=0, le=1.0, description="Held-out teacher-forced accuracy on the digits the policy writes that ends the constant-LR phase (0: anneal from the first check)."
     )
     check_every: int = Field(50, ge=1, description="Steps between copy-accuracy checks.")
     anneal_steps: int = Field(150, ge=1, description="Linear learning-rate decay to zero once the target is reached.")
@@ -94,7 +94,9 @@ class WarmStartConfig(_Section):
 class DataConfig(_Section):
     """Prompts, in verl's layout (`prompt`, `data_source`, `reward_model.ground_truth`, `extra_info`)."""
 
-    task: Literal["calculator"] | None = Field("calculator", description="Built-in generated task; null when `train_files` is set.")
+    task: Literal["calculator", "python_math", "search_qa"] | None = Field(
+        "calculator", description="Built-in generated task (pair it with its environment, see README); null when `train_files` is set."
+    )
     train_files: list[str] = Field(default_factory=list, description="jsonl/parquet files or saved datasets for training.")
     eval_files: list[str] = Field(default_factory=list, description="Held-out files for eval.")
     train_size: int = Field(20000, ge=1, description="Generated training prompts (built-in task).")
@@ -127,6 +129,7 @@ class EnvConfig(_Section):
     """The tool environment the agent loop runs against."""
 
     name: str = Field("calculator", description="Registered environment name or 'path/to/file.py:Class'.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the environment's constructor (your own environments).")
     max_turns: int = Field(4, ge=1, description="Assistant turns per sample before it is truncated.")
     max_tool_calls: int = Field(4, ge=0, description="Tool calls per sample before it is truncated.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
@@ -143,6 +146,9 @@ class RewardConfig(_Section):
         min_length=1,
         description="Reward functions; the first is the task verifier that `accuracy` reports.",
     )
+    truncation_penalty: float = Field(
+        0.0, description="Added to the reward of a truncated sample (token budget, sequence length, loop, turn or tool-call limit), e.g. -1."
+    )
 
 
 class RolloutConfig(_Section):
@@ -155,6 +161,34 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature.")
     max_new_tokens_per_turn: int = Field(40, ge=1, description="Token budget of one assistant turn.")
     max_tokens_per_sample: int = Field(256, ge=16, description="Budget of a whole sample (prompt + turns + observations).")
+    token_budgets: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-task budgets of generated tokens per sample, by `data_source` (K2's per-task budgets); a row's "
+        "`extra_info.token_budget` overrides them. A sample that reaches its budget is truncated (see reward.truncation_penalty).",
+    )
+    tool_call_format: Literal["hermes", "kimi_k2"] = Field(
+        "hermes",
+        description="How the model writes tool calls: hermes = `<tool_call>{json}</tool_call>` (Qwen, Hermes, the built-in model); "
+        "kimi_k2 = `<|tool_calls_section_begin|>` ... `functions.NAME:IDX<|tool_call_argument_begin|>{json}` ...",
+    )
+    repeat_window: int = Field(
+        64, ge=0, description="Stop a generation as looping when its last N tokens repeat one unit of at most `repeat_max_period` tokens (0 = off)."
+    )
+    repeat_max_period: int = Field(16, ge=1, description="Longest repeating unit (in tokens) the loop detector looks for.")
+    partial_rollout_budget: int = Field(
+        0,
+        ge=0,
+        description="Partial rollouts (K1.5): tokens a sample may generate per RL step; a sample that reaches it is paused "
+        "(tokens, logprobs, policy version per segment, environment) and resumed next step, and its group trains once all "
+        "its samples are done. 0 = off (every sample finishes within its step).",
+    )
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> RolloutConfig:
+        bad = {k: v for k, v in self.token_budgets.items() if v < 1}
+        if bad:
+            raise ValueError(f"token_budgets must be positive, got {bad}")
+        return self
 
 
 class AlgorithmConfig(_Section):

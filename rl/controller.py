@@ -27,7 +27,7 @@ from rl.records import TrainBatch
 from rl.warmstart import prepare_policy
 from rl.weights import WeightSync
 from rewards.scoring import RewardScorer
-from rollouts.worker import RolloutWorkerActor, generate_on_workers
+from rollouts.worker import RolloutWorkerActor, generate_step_on_workers
 
 console = Console()
 
@@ -85,14 +85,17 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
             timer = StageTimer()
             rows = sampler.next(cfg.trainer.prompts_per_step)
             with timer("generate"):
-                trajectories = generate_on_workers(workers, rows, cfg.rollout.samples_per_prompt)
+                first_group = (step - 1) * cfg.trainer.prompts_per_step
+                trajectories = generate_step_on_workers(workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget)
             with timer("score"):
                 result = scorer.score(trajectories)
             if result.scored:
                 metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)
             else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
-                metrics = {"skipped_step": 1.0}
+                metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
             metrics.update({"failed_samples": float(result.failed), **timer.times, "time_step_s": sum(timer.times.values())})
+            if cfg.rollout.partial_rollout_budget:
+                metrics["paused_samples"] = float(sum(ray.get([w.num_paused.remote() for w in workers])))
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(workers, scorer, eval_rows, cfg).items()})
             logger.log(step, metrics)
@@ -135,7 +138,9 @@ def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
 
 def _status(metrics: dict[str, float]) -> str:
     if "skipped_step" in metrics:
-        return f"step skipped: all {metrics['failed_samples']:.0f} samples failed"
+        if metrics["failed_samples"]:
+            return f"step skipped: all {metrics['failed_samples']:.0f} samples failed"
+        return f"step skipped: no group finished ({metrics.get('paused_samples', 0):.0f} samples paused)"
     return f"reward {metrics['reward_mean']:.3f}  acc {metrics['accuracy']:.3f}  |Δlogp| {metrics['mismatch_abs_logp']:.1e}"
 
 

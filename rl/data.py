@@ -32,26 +32,35 @@ def load_split(cfg: JobConfig, split: str, data_dir: Path) -> list[PromptRow]:
         if cfg.data.task is None:
             raise DataError(f"data.{split}_files is empty and no built-in data.task is set")
         files = [str(_write_builtin(cfg, split, data_dir))]
-    rows = [row for f in files for row in _read_rows(f)]
+    rows = [row for f in files for row in read_rows(f)]
     if split == "eval":
         rows = rows[: cfg.data.eval_size]
     return [to_prompt_row(i, row) for i, row in enumerate(rows)]
 
 
-def _write_builtin(cfg: JobConfig, split: str, data_dir: Path) -> Path:
+def builtin_rows(task: str, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    """Rows of a built-in generated task (`data.task`), in verl's layout."""
     from envs.calculator import make_calculator_rows
+    from envs.python_tool import make_python_math_rows
+    from envs.search import make_search_rows
 
+    makers = {"calculator": make_calculator_rows, "python_math": make_python_math_rows, "search_qa": make_search_rows}
+    return makers[task](n, seed, split)
+
+
+def _write_builtin(cfg: JobConfig, split: str, data_dir: Path) -> Path:
+    assert cfg.data.task is not None
     size = cfg.data.train_size if split == "train" else cfg.data.eval_size
     path = data_dir / f"{cfg.data.task}-{split}-{size}-seed{cfg.seed}.jsonl"
     if not path.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in make_calculator_rows(size, cfg.seed, split)))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in builtin_rows(cfg.data.task, size, cfg.seed, split)))
         tmp.replace(path)
     return path
 
 
-def _read_rows(path: str) -> list[dict[str, Any]]:
+def read_rows(path: str) -> list[dict[str, Any]]:
     import datasets
 
     p = Path(path)

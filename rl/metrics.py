@@ -24,6 +24,8 @@ def rollout_metrics(scored: list[ScoredTrajectory], prefix: str = "") -> dict[st
         "truncated_fraction": sum(t.status is TrajectoryStatus.TRUNCATED for t in trajs) / n,
         "num_samples": float(len(scored)),
     }
+    for reason in sorted({t.truncation for t in trajs if t.truncation}):
+        out[f"truncated/{reason}"] = sum(t.truncation == reason for t in trajs) / n
     names = {k for s in scored for k in s.reward_breakdown}
     for name in sorted(names):
         out[f"reward/{name}"] = sum(s.reward_breakdown.get(name, 0.0) for s in scored) / n

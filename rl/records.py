@@ -58,7 +58,7 @@ class Trajectory:
     prompt_length: int
     """Number of leading prompt tokens."""
     policy_version: int
-    """Version of the weights that generated every policy token of this trajectory."""
+    """Oldest version of the weights that generated a policy token of this trajectory (see `segments`)."""
     status: TrajectoryStatus
     """How the episode ended."""
     response_text: str
@@ -73,6 +73,14 @@ class Trajectory:
     """Tool calls that were malformed or failed; the model saw an error observation for each."""
     error: str | None = None
     """What went wrong when `status` is ERROR."""
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """(start, end, policy version) of the generated token spans: more than one version when a partial rollout
+    was paused and resumed under newer weights."""
+    truncation: str | None = None
+    """Which limit truncated the sample (`max_new_tokens_per_turn`, `token_budget`, `max_tokens_per_sample`,
+    `max_turns`, `max_tool_calls`, `repeat`) when `status` is TRUNCATED."""
+    env_reward: float | None = None
+    """The environment's own score of the episode, if it gave one."""
 
     @property
     def response_length(self) -> int:

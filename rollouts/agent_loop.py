@@ -1,9 +1,17 @@
-"""The multi-turn tool loop, token-in/token-out, batched across samples.
+"""The multi-turn tool loop: token-in/token-out, many episodes at once, generation batched across them.
 
-Each turn, every unfinished episode's token ids go to the engine in one batch; each reply is parsed for tool
-calls; the environments execute them concurrently (asyncio); observation tokens are appended with loss mask 0.
-An episode finishes when the model answers without a tool call, and is truncated when a turn, tool-call or
-token budget runs out. An environment that raises marks only its own episode as `error`.
+An `Episode` is one sample in flight: its environment, its token ids, rollout logprobs and loss mask, the policy
+version of each generated segment, and its counters. `AgentLoop.run_episodes` drives a set of episodes with
+asyncio: every episode that is ready for the model joins the next batched `Engine.generate` call (run in a thread,
+so environments keep working meanwhile); an episode whose turn ends in tool calls hands them to its environment
+as its own task and rejoins generation when the observations are back. No turn waits for the slowest environment.
+
+Each turn is limited by the turn budget, the sample's token budget (`rollout.token_budgets`, per task), the
+sequence length, and the loop detector; hitting one truncates the sample and records which (`truncation`). With
+a per-iteration budget (partial rollouts), a sample that reaches it is *paused* instead: its status is PARTIAL,
+everything (tokens, logprobs, segments, the open turn, the environment object and its state) stays in the
+`Episode`, and a later `run_episodes` call resumes it exactly where it stopped. An environment that raises marks
+only its own episode as `error`.
 """
 
 from __future__ import annotations
@@ -19,33 +27,62 @@ from envs.base import StepResult, ToolCall
 from rl.config import EnvConfig, RolloutConfig
 from rl.records import PromptRow, Trajectory, TrajectoryStatus
 from rollouts.engine import Engine
-from rollouts.renderer import Renderer, parse_tool_calls
+from rollouts.renderer import Renderer
+from rollouts.tool_parsers import TOOL_CALL_PARSERS
 
 
 @dataclass
-class _Episode:
+class Episode:
     sample_id: str
     group_id: int
+    group_size: int
     row: PromptRow
     env: Any
     messages: list[dict[str, Any]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[float] = field(default_factory=list)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """(start, end, policy version) of the generated token spans, adjacent spans of one version merged."""
     prompt_length: int = 0
+    version: int = 0
+    """Policy version of the latest iteration that drove this episode."""
+    turn_start: int | None = None
+    """Index in `ids` where the unfinished assistant turn began (None between turns)."""
+    generated: int = 0
+    iteration_tokens: int = 0
     turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
     last_text: str = ""
+    env_reward: float | None = None
     status: TrajectoryStatus | None = None
+    """None while running; PARTIAL while paused; FINISHED / TRUNCATED / ERROR once done."""
+    truncation: str | None = None
     error: str | None = None
+    started: bool = False
+    waiting: bool = False
+    """An environment call (reset or step) is in flight."""
     pending_calls: list[ToolCall] = field(default_factory=list)
     pending_errors: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None and self.status is not TrajectoryStatus.PARTIAL
 
     def append(self, ids: list[int], logprobs: list[float] | None, policy: bool) -> None:
         self.ids.extend(ids)
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
         self.mask.extend([1.0 if policy else 0.0] * len(ids))
+
+    def add_segment(self, start: int, end: int, version: int) -> None:
+        if self.segments and self.segments[-1][2] == version:
+            self.segments[-1] = (self.segments[-1][0], end, version)
+        elif end > start:
+            self.segments.append((start, end, version))
+
+    def truncate(self, reason: str) -> None:
+        self.status, self.truncation = TrajectoryStatus.TRUNCATED, reason
 
 
 class AgentLoop:
@@ -55,66 +92,166 @@ class AgentLoop:
         self.env_factory = env_factory
         self.rollout = rollout
         self.env_cfg = env
+        self.parse_tool_calls = TOOL_CALL_PARSERS[rollout.tool_call_format]
 
-    def run(self, rows: list[PromptRow], samples_per_prompt: int, policy_version: int, greedy: bool, generator: torch.Generator) -> list[Trajectory]:
-        return asyncio.run(self._run(rows, samples_per_prompt, policy_version, greedy, generator))
-
-    async def _run(self, rows: list[PromptRow], samples_per_prompt: int, version: int, greedy: bool, generator: torch.Generator) -> list[Trajectory]:
-        episodes = [
-            _Episode(sample_id=f"{row.index}-{k}", group_id=row.index, row=row, env=self.env_factory())
-            for row in rows
+    def new_episodes(self, rows: list[PromptRow], samples_per_prompt: int, group_ids: list[int] | None = None) -> list[Episode]:
+        """`samples_per_prompt` episodes per row; `group_ids[i]` names row i's group (default: the row index)."""
+        gids = group_ids if group_ids is not None else [row.index for row in rows]
+        return [
+            Episode(sample_id=f"{row.index}-{k}", group_id=gid, group_size=samples_per_prompt, row=row, env=self.env_factory())
+            for row, gid in zip(rows, gids, strict=True)
             for k in range(samples_per_prompt)
         ]
-        await asyncio.gather(*(self._reset(ep) for ep in episodes))
-        try:
-            for _ in range(self.env_cfg.max_turns):
-                active = [ep for ep in episodes if ep.status is None]
-                if not active:
-                    break
-                self._generate_turn(active, greedy, generator)
-                stepping = [ep for ep in active if ep.status is None]
-                await asyncio.gather(*(self._step(ep) for ep in stepping))
-            for ep in episodes:
-                if ep.status is None:
-                    ep.status = TrajectoryStatus.TRUNCATED
-        finally:
-            await asyncio.gather(*(ep.env.close() for ep in episodes), return_exceptions=True)
-        return [self._trajectory(ep, version) for ep in episodes]
 
-    async def _reset(self, ep: _Episode) -> None:
+    def run(self, rows: list[PromptRow], samples_per_prompt: int, policy_version: int, greedy: bool, generator: torch.Generator) -> list[Trajectory]:
+        """Generate every sample to the end (no pausing) and return the trajectories."""
+        episodes = self.new_episodes(rows, samples_per_prompt)
+        self.run_episodes(episodes, policy_version, greedy, generator)
+        return [self.trajectory(ep) for ep in episodes]
+
+    def run_episodes(self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int = 0) -> None:
+        """Drive `episodes` until each is done or, with `iteration_budget` > 0, paused at that many new tokens.
+
+        Paused episodes passed in again are resumed; done ones are left alone. Environments of episodes that end
+        are closed; paused ones keep theirs open.
+        """
+        asyncio.run(self._drive(episodes, version, greedy, generator, iteration_budget))
+
+    async def _drive(self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int) -> None:
+        inflight: set[asyncio.Task] = set()
+
+        def launch(ep: Episode, work: Any) -> None:
+            ep.waiting = True
+            inflight.add(asyncio.create_task(work))
+
+        live = [ep for ep in episodes if not ep.done]
+        for ep in live:
+            ep.iteration_tokens, ep.version = 0, version
+            if ep.status is TrajectoryStatus.PARTIAL:
+                ep.status = None
+            if not ep.started:
+                launch(ep, self._reset(ep))
         try:
-            ep.messages, tools = await ep.env.reset(ep.row)
-            ep.messages = list(ep.messages)
+            while True:
+                ready = [ep for ep in live if ep.status is None and not ep.waiting]
+                if ready:
+                    await self._generate_turn(ready, version, greedy, generator, iteration_budget)
+                    for ep in ready:
+                        if ep.status is None and (ep.pending_calls or ep.pending_errors):
+                            launch(ep, self._step(ep))
+                elif inflight:
+                    finished, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    inflight -= finished
+                    for task in finished:
+                        task.result()  # _reset and _step isolate environment failures; anything else is a bug
+                else:
+                    break
+        finally:
+            for task in inflight:
+                task.cancel()
+            crashed = bool(inflight)
+            closing = [ep for ep in live if ep.started and (ep.done or crashed)]
+            await asyncio.gather(*(ep.env.close() for ep in closing), return_exceptions=True)
+
+    async def _reset(self, ep: Episode) -> None:
+        ep.started = True
+        try:
+            messages, tools = await ep.env.reset(ep.row)
+            ep.messages = list(messages)
             prompt = self.renderer.prompt_ids(ep.messages, tools)
         except Exception as e:  # the one place a failing sample is isolated: counted as `error`, never raised
             ep.status, ep.error = TrajectoryStatus.ERROR, f"env reset failed: {type(e).__name__}: {e}"
             return
+        finally:
+            ep.waiting = False
         ep.append(prompt, None, policy=False)
         ep.prompt_length = len(prompt)
         if len(prompt) >= self.rollout.max_tokens_per_sample:
-            ep.status = TrajectoryStatus.TRUNCATED
+            ep.truncate("max_tokens_per_sample")
 
-    def _generate_turn(self, active: list[_Episode], greedy: bool, generator: torch.Generator) -> None:
-        budgets = [min(self.rollout.max_new_tokens_per_turn, self.rollout.max_tokens_per_sample - len(ep.ids)) for ep in active]
-        outs = self.engine.generate([ep.ids for ep in active], budgets, self.rollout.temperature, greedy, generator)
-        for ep, out in zip(active, outs, strict=True):
-            ep.append(out.token_ids, out.logprobs, policy=True)
-            ep.turns += 1
-            text = self.renderer.decode(out.token_ids)
-            ep.last_text = text
-            calls, errors = parse_tool_calls(text)
-            ep.messages.append({"role": "assistant", "content": text})
-            if not out.finished:
-                ep.status = TrajectoryStatus.TRUNCATED
-            elif not calls and not errors:
-                ep.status = TrajectoryStatus.FINISHED
-            elif ep.turns >= self.env_cfg.max_turns or ep.tool_calls + len(calls) + len(errors) > self.env_cfg.max_tool_calls:
-                ep.status = TrajectoryStatus.TRUNCATED  # no turn left to read the result, or over the call budget
+    def _limits(self, ep: Episode, iteration_budget: int) -> dict[str, int]:
+        """Tokens the next generation may take under each limit; the first smallest one is what stops it."""
+        turn_so_far = len(ep.ids) - ep.turn_start if ep.turn_start is not None else 0
+        limits = {
+            "max_new_tokens_per_turn": self.rollout.max_new_tokens_per_turn - turn_so_far,
+            "token_budget": self._token_budget(ep.row) - ep.generated,
+            "max_tokens_per_sample": self.rollout.max_tokens_per_sample - len(ep.ids),
+        }
+        if iteration_budget:
+            limits["iteration"] = iteration_budget - ep.iteration_tokens
+        return limits
+
+    def _token_budget(self, row: PromptRow) -> int:
+        budget = row.extra_info.get("token_budget", self.rollout.token_budgets.get(row.data_source))
+        return int(budget) if budget is not None else self.rollout.max_tokens_per_sample
+
+    async def _generate_turn(self, ready: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int) -> None:
+        batch, budgets, limiters = [], [], []
+        for ep in ready:
+            limits = self._limits(ep, iteration_budget)
+            limiter = min(limits, key=limits.__getitem__)
+            if limits[limiter] > 0:
+                batch.append(ep)
+                budgets.append(limits[limiter])
+                limiters.append(limiter)
             else:
-                ep.pending_calls, ep.pending_errors = calls, errors
+                self._stop(ep, limiter)
+        if not batch:
+            return
+        prompts = [ep.ids for ep in batch]
+        prefixes = [ep.ids[ep.turn_start :] if ep.turn_start is not None else [] for ep in batch]
+        outs = await asyncio.to_thread(self.engine.generate, prompts, budgets, self.rollout.temperature, greedy, generator, prefixes)
+        for ep, out, limiter in zip(batch, outs, limiters, strict=True):
+            if ep.turn_start is None:
+                ep.turn_start = len(ep.ids)
+            start = len(ep.ids)
+            ep.append(out.token_ids, out.logprobs, policy=True)
+            ep.add_segment(start, len(ep.ids), version)
+            ep.generated += len(out.token_ids)
+            ep.iteration_tokens += len(out.token_ids)
+            if out.stop_reason == "stop":
+                self._end_turn(ep)
+            else:
+                self._stop(ep, "repeat" if out.stop_reason == "repeat" else limiter)
 
-    async def _step(self, ep: _Episode) -> None:
+    def _stop(self, ep: Episode, limiter: str) -> None:
+        """A generation stopped short of the end of its turn: pause at the iteration budget, else truncate."""
+        if limiter == "iteration":
+            ep.status = TrajectoryStatus.PARTIAL
+            return
+        if ep.turn_start is not None:
+            self._close_turn(ep)
+        ep.truncate(limiter)
+
+    def _close_turn(self, ep: Episode) -> str:
+        assert ep.turn_start is not None
+        text = self.renderer.decode(ep.ids[ep.turn_start :])
+        ep.turn_start = None
+        ep.turns += 1
+        ep.last_text = text
+        ep.messages.append({"role": "assistant", "content": text})
+        return text
+
+    def _end_turn(self, ep: Episode) -> None:
+        calls, errors = self.parse_tool_calls(self._close_turn(ep))
+        if not calls and not errors:
+            ep.status = TrajectoryStatus.FINISHED
+        elif ep.turns >= self.env_cfg.max_turns:
+            ep.truncate("max_turns")  # no turn left to read the result
+        elif ep.tool_calls + len(calls) + len(errors) > self.env_cfg.max_tool_calls:
+            ep.truncate("max_tool_calls")
+        else:
+            ep.pending_calls, ep.pending_errors = calls, errors
+
+    async def _step(self, ep: Episode) -> None:
+        try:
+            await self._run_calls(ep)
+        finally:
+            ep.waiting = False
+
+    async def _run_calls(self, ep: Episode) -> None:
         calls, errors = ep.pending_calls, ep.pending_errors
+        ep.pending_calls, ep.pending_errors = [], []
         ep.tool_calls += len(calls) + len(errors)
         ep.tool_errors += len(errors)
         observations = [{"role": "tool", "content": msg} for msg in errors]
@@ -128,14 +265,17 @@ class AgentLoop:
             ep.tool_errors += int(result.info.get("tool_errors", 0))
         observations.extend(result.observations)
         ep.messages.extend(observations)
-        obs_ids = self.renderer.observation_ids(observations)
-        ep.append(obs_ids, None, policy=False)
+        ep.append(self.renderer.observation_ids(observations), None, policy=False)
+        if result.reward is not None:
+            ep.env_reward = float(result.reward)
         if result.done:
             ep.status = TrajectoryStatus.FINISHED
         elif len(ep.ids) >= self.rollout.max_tokens_per_sample:
-            ep.status = TrajectoryStatus.TRUNCATED
+            ep.truncate("max_tokens_per_sample")
 
-    def _trajectory(self, ep: _Episode, version: int) -> Trajectory:
+    def trajectory(self, ep: Episode) -> Trajectory:
+        if not ep.done:
+            raise ValueError(f"sample {ep.sample_id} is not done (status {ep.status}); only finished episodes become trajectories")
         return Trajectory(
             sample_id=ep.sample_id,
             group_id=ep.group_id,
@@ -144,12 +284,15 @@ class AgentLoop:
             logprobs=torch.tensor(ep.logprobs, dtype=torch.float32),
             loss_mask=torch.tensor(ep.mask, dtype=torch.float32),
             prompt_length=ep.prompt_length,
-            policy_version=version,
-            status=ep.status or TrajectoryStatus.TRUNCATED,
+            policy_version=min((v for _, _, v in ep.segments), default=ep.version),
+            segments=list(ep.segments),
+            status=ep.status,
             response_text=ep.last_text,
             messages=ep.messages,
             num_turns=ep.turns,
             num_tool_calls=ep.tool_calls,
             num_tool_errors=ep.tool_errors,
+            truncation=ep.truncation,
+            env_reward=ep.env_reward,
             error=ep.error,
         )

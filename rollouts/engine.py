@@ -3,14 +3,21 @@
 Prompts are left-padded into one batch, prefilled once, then decoded one token per forward pass with the cache;
 finished rows keep riding along masked out. Every sampled token's logprob under the sampling distribution
 (logits / temperature) is recorded: the rollout logprobs the learner compares against.
+
+A row stops at the stop token (`stop`), at its token budget (`length`), or when the loop detector sees its last
+`repeat_window` tokens repeat one unit of at most `repeat_max_period` tokens (`repeat`: a looping generation that
+would otherwise burn the whole budget). The detector runs on the device, in the same step as the stop check.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import DynamicCache
+
+StopReason = Literal["stop", "length", "repeat"]
 
 
 @dataclass
@@ -19,15 +26,23 @@ class Generation:
     """Sampled ids, including the stop token when `finished`."""
     logprobs: list[float]
     """Logprob of each sampled id under logits / temperature."""
-    finished: bool
-    """Ended with the stop token (False: the token budget ran out)."""
+    stop_reason: StopReason = "stop"
+
+    @property
+    def finished(self) -> bool:
+        """Ended with the stop token."""
+        return self.stop_reason == "stop"
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_token_id: int) -> None:
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_token_id: int, repeat_window: int = 0, repeat_max_period: int = 16) -> None:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
         self.stop_token_id = stop_token_id
+        if repeat_window and repeat_window <= repeat_max_period:
+            raise ValueError(f"repeat_window ({repeat_window}) must exceed repeat_max_period ({repeat_max_period}), or be 0 (off)")
+        self.repeat_window = repeat_window
+        self.repeat_max_period = repeat_max_period
 
     @torch.no_grad()
     def generate(
@@ -37,8 +52,13 @@ class Engine:
         temperature: float,
         greedy: bool,
         generator: torch.Generator | None = None,
+        turn_prefixes: list[list[int]] | None = None,
     ) -> list[Generation]:
-        """Sample a continuation of each prompt; `max_new_tokens[i]` caps row i."""
+        """Sample a continuation of each prompt; `max_new_tokens[i]` caps row i.
+
+        `turn_prefixes[i]`: tokens row i already generated in this turn (the tail of its prompt, when a paused
+        rollout resumes), so the loop detector sees the same history as in an uninterrupted generation.
+        """
         batch, width = len(prompts), max(len(p) for p in prompts)
         device = self.model.device
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
@@ -49,10 +69,13 @@ class Engine:
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         budget = torch.tensor(max_new_tokens, dtype=torch.long, device=device)
+        loops = _LoopDetector(self.repeat_window, self.repeat_max_period, turn_prefixes or [[] for _ in prompts], device) if self.repeat_window else None
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         next_pos = positions[:, -1] + 1  # [batch]
         done = budget <= 0  # [batch]
+        looping = torch.zeros_like(done)
+        lengths = torch.zeros_like(budget)  # tokens each row generated before it was done
         tokens: list[torch.Tensor] = []
         logps: list[torch.Tensor] = []
         for t in range(int(budget.max().item())):
@@ -65,7 +88,10 @@ class Engine:
             tokens.append(tok)
             logps.append(logp.gather(-1, tok[:, None]).squeeze(-1))
             was_done = done
-            done = done | (tok == self.stop_token_id) | (budget <= t + 1)
+            lengths = lengths + (~was_done).long()
+            if loops is not None:
+                looping = looping | (~was_done & loops.push(tok))
+            done = done | (tok == self.stop_token_id) | (budget <= t + 1) | looping
             if bool(done.all()):
                 break
             attention = torch.cat([attention, (~was_done).long()[:, None]], dim=-1)
@@ -73,11 +99,39 @@ class Engine:
             next_pos = next_pos + 1
         ids = torch.stack(tokens, 1).cpu() if tokens else torch.zeros((batch, 0), dtype=torch.long)
         lps = torch.stack(logps, 1).cpu() if logps else torch.zeros((batch, 0))
+        looped, lengths_list = looping.cpu().tolist(), lengths.cpu().tolist()
         results = []
         for i in range(batch):
-            n = min(int(budget[i]), ids.shape[1])
+            n = lengths_list[i]
             row = ids[i, :n].tolist()
-            if self.stop_token_id in row:
-                n = row.index(self.stop_token_id) + 1
-            results.append(Generation(row[:n], lps[i, :n].tolist(), finished=self.stop_token_id in row[:n]))
+            reason: StopReason = "length"
+            if n and row[-1] == self.stop_token_id:
+                reason = "stop"
+            elif looped[i]:
+                reason = "repeat"
+            results.append(Generation(row, lps[i, :n].tolist(), stop_reason=reason))
         return results
+
+
+class _LoopDetector:
+    """Per row, the last `window` tokens; a row loops when they are periodic with a period <= `max_period`.
+
+    Periodicity with period p means tail[j] == tail[j - p] for every j in the window; all periods are checked in
+    one gather. Slots not yet filled hold distinct negative ids, so a short history never looks periodic.
+    """
+
+    def __init__(self, window: int, max_period: int, prefixes: list[list[int]], device: torch.device) -> None:
+        self.tail = -torch.arange(1, window + 1, device=device).repeat(len(prefixes), 1)  # [batch, window]
+        for i, prefix in enumerate(prefixes):
+            kept = prefix[-window:]
+            if kept:
+                self.tail[i, window - len(kept) :] = torch.tensor(kept, device=device)
+        later = torch.arange(max_period, window, device=device)  # positions compared with their p-earlier token
+        periods = torch.arange(1, max_period + 1, device=device)[:, None]
+        self.later, self.earlier = later.expand(max_period, -1), later - periods  # [max_period, window - max_period]
+
+    def push(self, tok: torch.Tensor) -> torch.Tensor:
+        """Append each row's new token; [batch] bool: the row's window is now periodic."""
+        self.tail = torch.cat([self.tail[:, 1:], tok[:, None]], dim=1)
+        same = self.tail[:, self.later] == self.tail[:, self.earlier]  # [batch, max_period, window - max_period]
+        return same.all(-1).any(-1)

@@ -8,15 +8,9 @@ the learner trains on exactly the tokens the model produced, and nothing is re-t
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
-
-from envs.base import ToolCall
-
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
 class Renderer:
@@ -66,36 +60,3 @@ class Renderer:
         if ids and ids[-1] == self.eos_token_id:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def parse_tool_calls(text: str) -> tuple[list[ToolCall], list[str]]:
-    """Hermes/Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls in one assistant turn.
-
-    Returns the well-formed calls and an error message per malformed one (shown to the model as an
-    observation, never raised).
-    """
-    calls: list[ToolCall] = []
-    errors: list[str] = []
-    for body in _TOOL_CALL.findall(text):
-        try:
-            payload = json.loads(body)
-        except json.JSONDecodeError as e:
-            errors.append(f"Error: tool call is not valid JSON ({e.msg}): {body[:80]}")
-            continue
-        if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-            errors.append(f"Error: tool call needs a string 'name': {body[:80]}")
-            continue
-        arguments = payload.get("arguments", {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-        if not isinstance(arguments, dict):
-            errors.append(f"Error: tool call 'arguments' must be an object: {body[:80]}")
-            continue
-        calls.append(ToolCall(name=payload["name"], arguments=arguments))
-    if text.count("<tool_call>") > text.count("</tool_call>"):
-        errors.append("Error: unterminated <tool_call>")
-    return calls, errors
-

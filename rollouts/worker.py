@@ -1,8 +1,12 @@
 """RolloutWorker: a Ray actor that owns a copy of the policy, an engine and the agent loop.
 
 It receives weights with their version (`load_weights`) and generates `samples_per_prompt` trajectories per
-prompt row, each stamped with the version that generated it. With `quant.enabled`, the quantization targets run
+prompt row, each stamped with the versions that generated it. With `quant.enabled`, the quantization targets run
 as INT4 (`rollouts.int4`) from the start, and weight syncs carry them packed.
+
+With partial rollouts (`rollout.partial_rollout_budget`), the worker keeps the groups it could not finish within
+an iteration's budget (paused episodes with their environments, and their groups' finished samples) and resumes
+them first in the next `generate` call; it returns only whole groups, so group advantages see every sample.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from rl.config import JobConfig
 from rl.policy import load_policy
 from rl.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
 from rl.records import PromptRow, Trajectory
-from rollouts.agent_loop import AgentLoop
+from rollouts.agent_loop import AgentLoop, Episode
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
 from rollouts.renderer import Renderer
@@ -35,11 +39,12 @@ class RolloutWorker:
             convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg))
             self.int4_targets = set(targets)
         self.renderer = Renderer(self.tokenizer)
-        self.engine = Engine(self.model, self.renderer.pad_token_id, self.renderer.eos_token_id)
-        make_env(cfg.env.name)  # fail now, naming the environment, rather than on the first rollout
-        self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env.name), cfg.rollout, cfg.env)
+        self.engine = Engine(self.model, self.renderer.pad_token_id, self.renderer.eos_token_id, cfg.rollout.repeat_window, cfg.rollout.repeat_max_period)
+        make_env(cfg.env)  # fail now, naming the environment, rather than on the first rollout
+        self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
         self.version = 0
+        self.open_groups: dict[int, list[Episode]] = {}
 
     def load_weights(self, weights: WeightPayload, version: int) -> int:
         """Install a weight-sync payload (dense tensors and packed INT4 ones) as policy `version`."""
@@ -55,9 +60,25 @@ class RolloutWorker:
         return version
 
     def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
-        """With `seed`, sample from a fresh generator (evals: repeatable, and the training stream is untouched)."""
+        """Every sample to its end. With `seed`, from a fresh generator (evals: repeatable, the training stream untouched)."""
         generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
         return self.loop.run(rows, samples_per_prompt, self.version, greedy, generator)
+
+    def generate_step(self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, iteration_budget: int) -> list[Trajectory]:
+        """One RL step's rollouts: resume the groups left open by the last step, start `rows`, and return the
+        trajectories of every group whose samples are all done. `iteration_budget` 0 = no pausing."""
+        for gid, episodes in zip(group_ids, _chunks(self.loop.new_episodes(rows, samples_per_prompt, group_ids), samples_per_prompt), strict=True):
+            if gid in self.open_groups:
+                raise ValueError(f"group id {gid} is already in flight on this worker")
+            self.open_groups[gid] = episodes
+        episodes = [ep for group in self.open_groups.values() for ep in group]
+        self.loop.run_episodes(episodes, self.version, greedy=False, generator=self.generator, iteration_budget=iteration_budget)
+        done = [gid for gid, group in self.open_groups.items() if all(ep.done for ep in group)]
+        return [self.loop.trajectory(ep) for gid in done for ep in self.open_groups.pop(gid)]
+
+    def num_paused(self) -> int:
+        """Samples paused mid-rollout, waiting for the next step."""
+        return sum(not ep.done for group in self.open_groups.values() for ep in group)
 
     def get_rng_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -86,6 +107,19 @@ def int4_kernel_settings(cfg: JobConfig) -> tuple[torch.dtype, int | None]:
         activation = getattr(torch, choice)
     dense_min_rows = cfg.quant.dense_min_rows or (8 if activation == torch.float32 else None)
     return activation, dense_min_rows
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def generate_step_on_workers(workers: list, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int) -> list[Trajectory]:
+    """A training step's rollouts over the workers; group ids `first_group_id + i` stay unique across steps, so
+    a group resumed from an earlier step never mixes with a new draw of the same prompt."""
+    group_ids = list(range(first_group_id, first_group_id + len(rows)))
+    n = len(workers)
+    futures = [w.generate_step.remote(rows[i::n], group_ids[i::n], samples_per_prompt, iteration_budget) for i, w in enumerate(workers)]
+    return [traj for result in ray.get(futures) for traj in result]
 
 
 def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:

@@ -15,7 +15,8 @@ from rl.data import to_prompt_row
 from rl.records import PromptRow, TrajectoryStatus
 from rollouts.agent_loop import AgentLoop
 from rollouts.engine import Engine, Generation
-from rollouts.renderer import Renderer, parse_tool_calls
+from rollouts.renderer import Renderer
+from rollouts.tool_parsers import parse_hermes as parse_tool_calls
 from rewards.calculator import compute_score
 
 
@@ -85,10 +86,10 @@ class ScriptedEngine:
         self.turn_ids = [renderer.encode(t) + [renderer.eos_token_id] for t in turns]
         self.calls = 0
 
-    def generate(self, prompts, max_new_tokens, temperature, greedy, generator=None):
+    def generate(self, prompts, max_new_tokens, temperature, greedy, generator=None, turn_prefixes=None):
         ids = self.turn_ids[self.calls]
         self.calls += 1
-        return [Generation(ids, [-0.5] * len(ids), finished=True) for _ in prompts]
+        return [Generation(ids, [-0.5] * len(ids)) for _ in prompts]
 
 
 def test_tool_loop_loss_mask_covers_exactly_the_policy_tokens(policy) -> None:
