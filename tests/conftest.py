@@ -56,6 +56,19 @@ def tiny_policy_dir(make_cfg) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tool_policy_dir(make_cfg) -> Path:
+    """The tiny policy after a 60-step warm start on tool-calling demonstrations (~6 s): it calls `calc`, reads
+    the result and answers (often wrongly), so multi-turn episodes with real tool calls come from a real model."""
+    from rl.warmstart import prepare_policy
+
+    cfg = make_cfg(
+        "warm_start.enabled=true", "warm_start.steps=60", "warm_start.batch_size=16", "warm_start.tool_use_rate=1.0",
+        "warm_start.target_copy_accuracy=0", "warm_start.check_every=60", "warm_start.anneal_steps=10", "warm_start.lr=1e-2",
+    )
+    return prepare_policy(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     import ray
 
