@@ -172,7 +172,7 @@ class RolloutConfig(_Section):
         "kimi_k2 = `<|tool_calls_section_begin|>` ... `functions.NAME:IDX<|tool_call_argument_begin|>{json}` ...",
     )
     repeat_window: int = Field(
-        64, ge=0, description="Stop a generation as looping when its last N tokens repeat one unit of at most `repeat_max_period` tokens (0 = off)."
+        64, ge=0, description="Stop a generation as looping when one unit of at most `repeat_max_period` tokens repeats over its last N tokens (0 = off)."
     )
     repeat_max_period: int = Field(16, ge=1, description="Longest repeating unit (in tokens) the loop detector looks for.")
     partial_rollout_budget: int = Field(

@@ -4,9 +4,9 @@ Prompts are left-padded into one batch, prefilled once, then decoded one token p
 finished rows keep riding along masked out. Every sampled token's logprob under the sampling distribution
 (logits / temperature) is recorded: the rollout logprobs the learner compares against.
 
-A row stops at the stop token (`stop`), at its token budget (`length`), or when the loop detector sees its last
-`repeat_window` tokens repeat one unit of at most `repeat_max_period` tokens (`repeat`: a looping generation that
-would otherwise burn the whole budget). The detector runs on the device, in the same step as the stop check.
+A row stops at the stop token (`stop`), at its token budget (`length`), or when the loop detector sees one unit of
+at most `repeat_max_period` tokens repeated over its last `repeat_window` (+ the unit's length) tokens (`repeat`: a
+looping generation that would otherwise burn the whole budget). The detector runs on the device, in the same step as the stop check.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ class Engine:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
         self.stop_token_id = stop_token_id
-        if repeat_window and repeat_window <= repeat_max_period:
-            raise ValueError(f"repeat_window ({repeat_window}) must exceed repeat_max_period ({repeat_max_period}), or be 0 (off)")
         self.repeat_window = repeat_window
         self.repeat_max_period = repeat_max_period
 
@@ -114,24 +112,26 @@ class Engine:
 
 
 class _LoopDetector:
-    """Per row, the last `window` tokens; a row loops when they are periodic with a period <= `max_period`.
+    """Per row, the recent tokens; a row loops when each of its last `window` tokens equals the token p places
+    before it, for some period p <= `max_period` (one unit of p tokens repeated over the last window + p tokens).
 
-    Periodicity with period p means tail[j] == tail[j - p] for every j in the window; all periods are checked in
-    one gather. Slots not yet filled hold distinct negative ids, so a short history never looks periodic.
+    All periods are checked in one gather. Slots not yet filled hold distinct negative ids, so a short history
+    never looks periodic.
     """
 
     def __init__(self, window: int, max_period: int, prefixes: list[list[int]], device: torch.device) -> None:
-        self.tail = -torch.arange(1, window + 1, device=device).repeat(len(prefixes), 1)  # [batch, window]
+        size = window + max_period
+        self.tail = -torch.arange(1, size + 1, device=device).repeat(len(prefixes), 1)  # [batch, window + max_period]
         for i, prefix in enumerate(prefixes):
-            kept = prefix[-window:]
+            kept = prefix[-size:]
             if kept:
-                self.tail[i, window - len(kept) :] = torch.tensor(kept, device=device)
-        later = torch.arange(max_period, window, device=device)  # positions compared with their p-earlier token
+                self.tail[i, size - len(kept) :] = torch.tensor(kept, device=device)
+        later = torch.arange(max_period, size, device=device)  # the last `window` positions
         periods = torch.arange(1, max_period + 1, device=device)[:, None]
-        self.later, self.earlier = later.expand(max_period, -1), later - periods  # [max_period, window - max_period]
+        self.later, self.earlier = later.expand(max_period, -1), later - periods  # [max_period, window]
 
     def push(self, tok: torch.Tensor) -> torch.Tensor:
-        """Append each row's new token; [batch] bool: the row's window is now periodic."""
+        """Append each row's new token; [batch] bool: the row is now looping."""
         self.tail = torch.cat([self.tail[:, 1:], tok[:, None]], dim=1)
-        same = self.tail[:, self.later] == self.tail[:, self.earlier]  # [batch, max_period, window - max_period]
+        same = self.tail[:, self.later] == self.tail[:, self.earlier]  # [batch, max_period, window]
         return same.all(-1).any(-1)

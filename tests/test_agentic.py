@@ -1,0 +1,193 @@
+"""Long-rollout controls on a real tiny policy that calls tools: partial rollouts (pause and resume), per-task
+token budgets with the truncation penalty, loop detection, and many concurrent environments on one worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from envs.calculator import CALC_TOOL, CalculatorEnv
+from envs.tools import tool
+from rl.config import EnvConfig, RewardConfig, RolloutConfig
+from rl.data import builtin_rows, to_prompt_row
+from rl.policy import load_policy
+from rl.records import PromptRow, TrajectoryStatus
+from rewards.scoring import RewardScorer
+from rollouts.agent_loop import AgentLoop
+from rollouts.engine import Engine, _LoopDetector
+from rollouts.renderer import Renderer
+from rollouts.worker import RolloutWorkerActor, generate_step_on_workers
+
+
+def calculator_rows(n: int) -> list[PromptRow]:
+    return [to_prompt_row(i, r) for i, r in enumerate(builtin_rows("calculator", n, 0, "eval"))]
+
+
+class RecordingCalculator(CalculatorEnv):
+    """The calculator, keeping every call it served: state that must survive a pause."""
+
+    instances: list[RecordingCalculator] = []
+
+    def __init__(self) -> None:
+        self.history: list[str] = []
+        self.resets = 0
+        self.closed = 0
+        RecordingCalculator.instances.append(self)
+
+    async def reset(self, row):
+        self.resets += 1
+        return await super().reset(row)
+
+    @tool
+    def calc(self, expression: str) -> str:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: Numbers with + - * / // % and parentheses.
+        """
+        self.history.append(expression)
+        return super().calc(expression)
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.fixture(scope="module")
+def tool_policy(tool_policy_dir, make_cfg):
+    model, tokenizer = load_policy(tool_policy_dir, make_cfg().model)
+    return model, Renderer(tokenizer)
+
+
+def make_loop(tool_policy, env=RecordingCalculator, repeat_window: int = 0, **rollout) -> AgentLoop:
+    model, renderer = tool_policy
+    cfg = RolloutConfig(max_new_tokens_per_turn=40, **rollout)
+    engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, repeat_window, cfg.repeat_max_period)
+    return AgentLoop(engine, renderer, env, cfg, EnvConfig(max_turns=3))
+
+
+def test_partial_rollouts_resume_token_for_token_with_the_environment_state(tool_policy) -> None:
+    rows = calculator_rows(4)
+    RecordingCalculator.instances.clear()
+    whole_loop = make_loop(tool_policy)
+    whole = whole_loop.new_episodes(rows, 1)
+    whole_loop.run_episodes(whole, version=0, greedy=True, generator=torch.Generator())
+    whole_envs = list(RecordingCalculator.instances)
+
+    RecordingCalculator.instances.clear()
+    loop = make_loop(tool_policy)
+    parts = loop.new_episodes(rows, 1)
+    iterations, paused_after_a_call = 0, 0
+    while not all(ep.done for ep in parts):
+        iterations += 1
+        loop.run_episodes(parts, version=iterations, greedy=True, generator=torch.Generator(), iteration_budget=7)
+        paused_after_a_call += sum(ep.status is TrajectoryStatus.PARTIAL and bool(ep.env.history) for ep in parts)
+        assert all(ep.env.closed == (1 if ep.done else 0) for ep in parts)  # paused episodes keep their environment open
+    assert iterations >= 5 and paused_after_a_call > 0
+
+    for a, b, env_a in zip(whole, parts, whole_envs, strict=True):
+        ta, tb = whole_loop.trajectory(a), loop.trajectory(b)
+        assert tb.token_ids.tolist() == ta.token_ids.tolist()
+        assert torch.equal(tb.loss_mask, ta.loss_mask)
+        assert torch.allclose(tb.logprobs, ta.logprobs, atol=1e-4)
+        assert (tb.status, tb.num_turns, tb.num_tool_calls, tb.response_text) == (ta.status, ta.num_turns, ta.num_tool_calls, ta.response_text)
+        assert ta.num_tool_calls >= 1 and b.env.history == env_a.history and b.env.resets == 1
+        # versions per segment: consecutive spans covering exactly the policy tokens, one version per iteration
+        covered = torch.zeros_like(tb.loss_mask)
+        for start, end, _ in tb.segments:
+            covered[start:end] = 1
+        assert torch.equal(covered * tb.loss_mask, tb.loss_mask) and len(tb.segments) > 1
+        assert [v for _, _, v in tb.segments] == sorted({v for _, _, v in tb.segments}) and tb.policy_version == tb.segments[0][2]
+        assert [v for *_, v in ta.segments] == [0]
+    assert RecordingCalculator().tool_specs() == [CALC_TOOL]  # the subclass offers the same tool
+
+
+def test_token_budget_per_task_truncates_and_is_penalized(tool_policy) -> None:
+    rows = calculator_rows(2)
+    rows[1].extra_info["token_budget"] = 5
+    loop = make_loop(tool_policy, token_budgets={"tiderl/calculator": 12})
+    t_task, t_row = loop.run(rows, 1, 0, True, torch.Generator())
+    assert (t_task.status, t_task.truncation, t_task.response_length) == (TrajectoryStatus.TRUNCATED, "token_budget", 12)
+    assert (t_row.status, t_row.truncation, t_row.response_length) == (TrajectoryStatus.TRUNCATED, "token_budget", 5)
+    free = make_loop(tool_policy).run(rows[:1], 1, 0, True, torch.Generator())[0]
+    assert free.status is TrajectoryStatus.FINISHED and free.token_ids[: len(t_task.token_ids)].tolist() == t_task.token_ids.tolist()
+    scorer = RewardScorer(RewardConfig(truncation_penalty=-0.5))
+    scored = scorer.score([t_task, free]).scored
+    assert scored[0].reward == -0.5 and scored[0].reward_breakdown == {"calculator": 0.0, "truncation_penalty": -0.5}
+    assert "truncation_penalty" not in scored[1].reward_breakdown
+
+
+def test_loop_detector_fires_once_a_unit_repeats_over_the_window() -> None:
+    # window 6, periods up to 3: a unit of p tokens loops once window + p tokens follow it
+    seqs = [[1, 2, 3, 4] * 3, [5, 6] * 6, [7, 8, 9] * 4, [1] * 12]
+    detector = _LoopDetector(window=6, max_period=3, prefixes=[[], [5, 6, 5, 6, 5, 6], [], []], device=torch.device("cpu"))
+    first = [None] * 4
+    for t in range(12):
+        for i, flag in enumerate(detector.push(torch.tensor([s[t] for s in seqs])).tolist()):
+            if flag and first[i] is None:
+                first[i] = t + 1
+    # period 4 is beyond the search; row 1's turn prefix counts (6 + 2 tokens); 6 + 3; 6 + 1
+    assert first == [None, 2, 9, 7]
+
+
+def test_looping_generation_is_stopped_and_marked(tiny_policy_dir, make_cfg) -> None:
+    # the untrained policy's greedy turns cycle through a few tokens until the turn budget runs out
+    model, tokenizer = load_policy(tiny_policy_dir, make_cfg().model)
+    untrained = (model, Renderer(tokenizer))
+    rows = calculator_rows(4)
+    free = make_loop(untrained).run(rows, 1, 0, True, torch.Generator())
+    looped = make_loop(untrained, repeat_window=8, repeat_max_period=6).run(rows, 1, 0, True, torch.Generator())
+    stopped = [(f, l) for f, l in zip(free, looped, strict=True) if l.truncation == "repeat"]
+    assert len(stopped) >= 3 and all(f.truncation == "max_new_tokens_per_turn" for f in free)
+    for f, l in stopped:
+        assert l.token_ids.tolist() == f.token_ids[: len(l.token_ids)].tolist() and l.response_length < f.response_length
+        tail = l.token_ids[l.loss_mask.bool()].tolist()
+        assert any(all(tail[-j] == tail[-j - p] for j in range(1, 9)) for p in range(1, 7))  # a unit of <= 6 over the last 8
+
+
+SLOW_ENV = '''
+import asyncio, random
+from envs.calculator import CALC_TOOL, CalculatorEnv
+from envs.tools import tool
+
+class SlowCalculator(CalculatorEnv):
+    """The calculator behind a network-like latency: 0-{ms} ms per reset and per call."""
+    async def reset(self, row):
+        await asyncio.sleep(random.uniform(0, {ms} / 1000))
+        return await super().reset(row)
+
+    async def step(self, calls):
+        await asyncio.sleep(random.uniform(0, {ms} / 1000))
+        return await super().step(calls)
+'''
+
+
+def test_64_concurrent_environments_with_random_latencies_on_one_worker(tool_policy_dir, make_cfg, ray_local, tmp_path: Path) -> None:
+    env_file = tmp_path / "slow_env.py"
+    env_file.write_text(SLOW_ENV.format(ms=100))
+    cfg = make_cfg(f"model.path={tool_policy_dir}", f"env.name={env_file}:SlowCalculator", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
+    worker = RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, 0)
+    rows = calculator_rows(16)
+    trajectories = generate_step_on_workers([worker], rows, first_group_id=100, samples_per_prompt=4, iteration_budget=0)
+    assert len(trajectories) == 64 and len({t.sample_id for t in trajectories}) == 64
+    assert sorted({t.group_id for t in trajectories}) == list(range(100, 116))
+    assert all(t.status in (TrajectoryStatus.FINISHED, TrajectoryStatus.TRUNCATED) and t.error is None for t in trajectories)
+    assert sum(t.num_tool_calls > 0 for t in trajectories) >= 32 and ray.get(worker.num_paused.remote()) == 0
+    ray.kill(worker)
+
+
+def test_worker_returns_only_whole_groups_and_resumes_the_rest(tool_policy_dir, make_cfg, ray_local) -> None:
+    cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=2")
+    worker = RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, 0)
+    rows = calculator_rows(3)
+    first = generate_step_on_workers([worker], rows, 0, 2, iteration_budget=4)
+    assert first == [] and ray.get(worker.num_paused.remote()) == 6  # no sample ends within 4 tokens
+    later, steps = [], 0
+    while ray.get(worker.num_paused.remote()):
+        steps += 1
+        later += generate_step_on_workers([worker], [], 0, 2, iteration_budget=4)
+    assert steps >= 3 and len(later) == 6 and sorted(t.sample_id for t in later) == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
+    assert all([v for *_, v in t.segments] == [0] for t in later)  # no weight sync in between: one version
+    ray.kill(worker)
