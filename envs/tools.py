@@ -33,10 +33,18 @@ class ToolError(Exception):
     """Raised by a tool for an expected failure; the model sees `Error: <message>`."""
 
 
-def tool(fn: F) -> F:
-    """Mark a method (sync or async) as a tool. Its type hints and docstring `Args:` section become its schema."""
-    setattr(fn, _MARK, True)
-    return fn
+def tool(fn: F | None = None, *, spec: dict[str, Any] | None = None) -> Any:
+    """Mark a method (sync or async) as a tool: `@tool`, or `@tool(spec=...)` to give the spec by hand.
+
+    By default its type hints and docstring `Args:` section become its schema. A hand-written `spec` (the
+    chat-template format) is for a prompt that must stay byte-identical, e.g. one a policy was trained on.
+    """
+
+    def mark(f: F) -> F:
+        setattr(f, _MARK, spec if spec is not None else True)
+        return f
+
+    return mark(fn) if fn is not None else mark
 
 
 def tool_spec(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -126,5 +134,6 @@ def _cached_spec(cls: type, name: str, fn: Callable[..., Any]) -> dict[str, Any]
     """Schemas are derived once per class and tool: `step` validates against them on every call."""
     key = (cls, name)
     if key not in _SPECS:
-        _SPECS[key] = tool_spec(fn)
+        given = getattr(fn, _MARK, True)
+        _SPECS[key] = given if isinstance(given, dict) else tool_spec(fn)
     return _SPECS[key]

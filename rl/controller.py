@@ -66,6 +66,8 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
         sampler.load_state_dict(state["data_cursor"])
         first_step = state["step"] + 1
         console.print(f"resuming from {checkpoint} (step {state['step']})")
+        if cfg.rollout.partial_rollout_budget:
+            console.print("[yellow]partial rollouts paused before the checkpoint are not saved in it yet; their prompts are dropped")
     sync.publish(learner.get_weights.remote(), ray.get(learner.get_version.remote()))
     if cfg.quant.enabled:
         _report_sync_payload(run_dir, ray.get(learner.weight_sync_bytes.remote()))

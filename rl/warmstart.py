@@ -28,7 +28,7 @@ from rl.policy import CHAT_TEMPLATE, build_tiny_policy, save_policy
 from rollouts.renderer import Renderer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-CACHE_FORMAT = 2  # bump when the recipe below changes in a way the config hash cannot see
+CACHE_FORMAT = 1  # bump when the recipe below changes in a way the config hash cannot see
 
 
 def cache_root(cfg: JobConfig) -> Path:

@@ -41,7 +41,7 @@ class RecordingCalculator(CalculatorEnv):
         self.resets += 1
         return await super().reset(row)
 
-    @tool
+    @tool(spec=CALC_TOOL)
     def calc(self, expression: str) -> str:
         """Evaluate an arithmetic expression.
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from envs.base import ToolCall
+from envs.calculator import CALC_TOOL, CalculatorEnv
 from envs.contract import ContractError, check_env
 from envs.registry import ENVS, load_builtin_envs, make_env
 from envs.sandbox import SandboxUnavailable
@@ -92,6 +93,9 @@ def test_tool_schema_comes_from_type_hints_and_docstrings() -> None:
 
     with pytest.raises(ValueError, match="tool 'undocumented'.*Args"):
         tool_spec(undocumented)
+    derived = tool_spec(CalculatorEnv.calc.__get__(CalculatorEnv()))  # the hand-written spec differs only by the argument's description
+    del derived["function"]["parameters"]["properties"]["expression"]["description"]
+    assert derived == CALC_TOOL == CalculatorEnv().tool_specs()[0]
 
 
 def test_tool_env_validates_arguments_and_turns_failures_into_observations() -> None:

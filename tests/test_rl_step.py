@@ -98,3 +98,20 @@ def test_a_step_whose_samples_all_fail_is_skipped_not_fatal(tmp_path: Path, make
     rows = _metrics(tmp_path)
     assert [(r["step"], r["failed_samples"], r["skipped_step"]) for r in rows] == [(1, 8.0, 1.0), (2, 8.0, 1.0)]
     assert json.loads((tmp_path / "checkpoints" / "step_000002" / "controller_state.json").read_text())["step"] == 2
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_python_math_job_with_partial_rollouts_trains_groups_once_they_finish(tmp_path: Path, make_cfg) -> None:
+    """The python tool and the math task through a real job, with a per-step budget smaller than a sample: the
+    first step only pauses (nothing to train), the next ones train the groups that finished."""
+    if not Path("/usr/bin/bwrap").exists():
+        pytest.skip("bubblewrap is not installed (make setup installs it)")
+    train(make_cfg("data.task=python_math", "env.name=python", "reward.functions=[{name: numeric_answer}]", "rollout.partial_rollout_budget=8",
+                   "trainer.steps=3", "eval.enabled=false", "rollout.repeat_window=0"), tmp_path)
+    rows = _metrics(tmp_path)
+    assert rows[0]["skipped_step"] == 1.0 and rows[0]["failed_samples"] == 0.0 and 6 <= rows[0]["paused_samples"] <= 8
+    trained = [r for r in rows[1:] if "loss" in r]
+    assert trained and all(r["num_samples"] % 2 == 0 and r["num_samples"] >= 2 for r in trained)
+    assert all(r["policy_lag_mean"] >= 0 for r in trained) and rows[-1]["policy_version"] >= 1
+    data = (tmp_path / "data").glob("python_math-train-*.jsonl")
+    assert "tiderl/python_math" in next(data).read_text()
