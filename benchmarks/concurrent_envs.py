@@ -3,8 +3,9 @@
     python benchmarks/concurrent_envs.py                  # 64 environments, latency U(0, 200 ms) per reset and per call
     python benchmarks/concurrent_envs.py --envs 64 --max-latency 0.5 --json out.json
 
-One `RolloutWorker` (the class the Ray actor wraps, here in-process) with the default job's warm-started policy
-(built and cached on first use, ~70 s) runs the calculator task behind an environment that sleeps a random time
+One `RolloutWorker` (the class the Ray actor wraps, here in-process) with the default job's policy warm-started
+on demonstrations that all call the tool (`warm_start.tool_use_rate=1`, so episodes are multi-turn; built and
+cached on first use, ~90 s) runs the calculator task behind an environment that sleeps a random time
 in every reset and tool call, as a remote tool or a sandbox would. Rows, side by side:
 
 - `concurrent`: all episodes at once, as a training step runs them (asyncio; generation batched over the episodes
@@ -79,7 +80,7 @@ def main() -> None:
     def config(latency: float):
         return load_config(
             ROOT / "configs" / "calculator.yaml",
-            ["env.name=bench_slow_calculator", f"env.kwargs={{max_latency_s: {latency}}}", f"rollout.threads_per_worker={args.threads}", "logging.progress=false"],
+            ["env.name=bench_slow_calculator", f"env.kwargs={{max_latency_s: {latency}}}", "warm_start.tool_use_rate=1.0", f"rollout.threads_per_worker={args.threads}", "logging.progress=false"],
         )
 
     policy = prepare_policy(config(0.0))
