@@ -43,7 +43,7 @@ async def _check(cfg: EnvConfig, row: PromptRow) -> dict[str, Any]:
         names = [_check_tool(cfg.name, spec) for spec in tools]
         good = [ToolCall(name, example_arguments(spec)) for name, spec in zip(names, tools, strict=True)]
         observations = await _step(cfg.name, env, good, "well-formed calls")
-        wrong = [ToolCall("no_such_tool_" + "x" * 3, {})] + [ToolCall(n, wrong_arguments(s)) for n, s in zip(names, tools, strict=True)]
+        wrong = [ToolCall("no_such_tool", {})] + [ToolCall(n, wrong_arguments(s)) for n, s in zip(names, tools, strict=True)]
         errors = await _step(cfg.name, env, [c for c in wrong if c.arguments is not None], "malformed calls")
     finally:
         await env.close()

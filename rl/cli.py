@@ -76,10 +76,13 @@ def check_env(
         from rl.data import read_rows, to_prompt_row
 
         row = to_prompt_row(0, read_rows(str(data))[0])
+    from envs.sandbox import SandboxUnavailable
+    from rl.registry import RegistryError
+
     try:
         report = run_check(EnvConfig(name=name, kwargs=raw), row)
-    except ContractError as e:
-        _fail(str(e))
+    except (ContractError, RegistryError, SandboxUnavailable, TypeError, ValueError, OSError) as e:
+        _fail(f"{type(e).__name__}: {e}")
     typer.echo(f"{name}: contract holds; tools {', '.join(report['tools']) or '(none)'}")
     for tool_name, obs in zip(report["tools"], report["observations"], strict=True):
         typer.echo(f"  {tool_name}(example arguments) -> {obs[:100]!r}")

@@ -144,7 +144,7 @@ def test_every_registered_environment_keeps_the_contract(registered) -> None:
         except SandboxUnavailable:
             pytest.skip("bubblewrap is not installed (make setup installs it)")
     assert seen["calculator"] == {"tools": ["calc"], "observations": ["1"], "error_observations": [
-        "Error: unknown tool 'no_such_tool_xxx'; available: calc", "Error: bad arguments for calc (expression): 12345 is not of type 'string'"]}
+        "Error: unknown tool 'no_such_tool'; available: calc", "Error: bad arguments for calc (expression): 12345 is not of type 'string'"]}
     assert seen["python"]["observations"] == ["(no output: print the values you need)"]
     assert seen["search"]["tools"] == ["search"] and seen["search"]["observations"] == ["No document matches."]
     assert all(len(s["error_observations"]) >= 2 for s in seen.values())
