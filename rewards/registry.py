@@ -1,8 +1,9 @@
 """Registry of reward functions.
 
 A reward function has verl's signature `compute_score(data_source, solution_str, ground_truth, extra_info=None)`
-and returns a float, or a dict with a `score` float and optionally an `acc` bool (verl's convention). Register
-one with `@register_reward("name")`, or reference `path/to/file.py:fn` in the job config.
+or TRL's `reward_func(prompts, completions, **kwargs)` (see `rewards.api`). Register one with
+`@register_reward("name")`, reference `path/to/file.py:fn` in the job config, or ship it in a package under the
+entry point group `tiderl.rewards`.
 """
 
 from __future__ import annotations
@@ -20,5 +21,7 @@ register_reward = REWARDS.register
 def get_reward(name: str) -> RewardFn:
     import rewards.answers  # noqa: F401  (each import registers its functions)
     import rewards.calculator  # noqa: F401
+    import rewards.math  # noqa: F401
+    import rewards.shaping  # noqa: F401
 
     return REWARDS.get(name)

@@ -1,88 +1,118 @@
-"""Score trajectories with the configured reward functions and validate what they return.
+"""Score trajectories with the configured reward functions (`rewards.api`), combine them, count what failed.
 
-Each function is called verl-style, `fn(data_source, solution_str, ground_truth, extra_info)`, per sample. Its
-return must be a finite number or a dict with a finite `score` (and optionally `acc`); anything else is a
-`RewardError` naming the function and the sample, since it is a bug in the function, not in the sample. An
-exception raised inside a function marks that one sample as failed: it is counted, logged with its id, and left
-out of training. The first function is the task's verifier: its `acc` (or score >= 1) is what `accuracy` reports.
-The environment's own reward (if it gave one) and `reward.truncation_penalty` (on truncated samples) are added
-to the sum and logged in the breakdown as `env` and `truncation_penalty`.
+Each sample's reward is the weighted sum of the functions that scored it; the environment's own reward (if it gave
+one) and `reward.truncation_penalty` (on truncated samples) are added and logged in the breakdown as `env` and
+`truncation_penalty`. The first function is the task's verifier: its `acc` (or score >= 1) is what `accuracy`
+reports, and later TRL-style functions receive its verdicts as `correct`. A sample is left out of training, counted
+and logged with its id, when its rollout ended in `error`, when any function failed on it, or when no function
+scored it (all returned None). Per-function counts go to the step's metrics: `reward_failed/<name>` and
+`reward_none/<name>`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from rl.config import RewardConfig
 from rl.records import ScoredTrajectory, Trajectory, TrajectoryStatus
+from rewards.api import Failure, RewardFunction, RewardInput, Scores
 from rewards.registry import get_reward
 
 log = logging.getLogger(__name__)
-
-
-class RewardError(ValueError):
-    """A reward function returned something that is not a valid score."""
 
 
 @dataclass
 class ScoringResult:
     scored: list[ScoredTrajectory]
     failed: int
-    """Samples left out: a reward function raised, or the rollout itself ended in `error`."""
+    """Samples left out: the rollout ended in `error`, a reward function failed on it, or nothing scored it."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Per-function counts: `reward_failed/<name>`, `reward_none/<name>`, and `unscored_samples`."""
 
 
 class RewardScorer:
     def __init__(self, cfg: RewardConfig) -> None:
-        self.functions = [(f.name, get_reward(f.name), f.weight) for f in cfg.functions]
+        self.functions = [(RewardFunction(f.name, get_reward(f.name), f.timeout_s, f.kwargs), f.weight) for f in cfg.functions]
         self.truncation_penalty = cfg.truncation_penalty
 
-    def score(self, trajectories: list[Trajectory]) -> ScoringResult:
-        scored, failed = [], 0
+    def score(self, trajectories: list[Trajectory], step: int = 0) -> ScoringResult:
+        """Score a batch; `step` reaches TRL-style functions as `trainer_state.global_step`."""
+        return asyncio.run(self._score(trajectories, step))
+
+    async def _score(self, trajectories: list[Trajectory], step: int) -> ScoringResult:
+        counts: Counter[str] = Counter()
+        live = []
         for traj in trajectories:
             if traj.status is TrajectoryStatus.ERROR:
-                failed += 1
+                counts["rollout_errors"] += 1
                 log.warning("sample %s left out: %s", traj.sample_id, traj.error)
-                continue
-            try:
-                scored.append(self._score_one(traj))
-            except RewardError:
-                raise
-            except Exception as e:  # a reward function that raises fails only this sample
-                failed += 1
-                log.warning("sample %s left out: reward function raised %s: %s", traj.sample_id, type(e).__name__, e)
-        return ScoringResult(scored=scored, failed=failed)
+            else:
+                live.append(traj)
+        inputs = [_input(t) for t in live]
+        results: list[Scores] = []
+        if inputs and self.functions:
+            first, _ = self.functions[0]
+            results.append(await first.score(inputs, step, None))
+            verdicts = [_correct(v, a) for v, a in zip(results[0].values, results[0].acc or [None] * len(inputs), strict=True)]
+            results += await asyncio.gather(*(fn.score(inputs, step, verdicts) for fn, _ in self.functions[1:]))
+        scored = []
+        for i, traj in enumerate(live):
+            item = self._combine(traj, [r.values[i] for r in results], results[0].acc[i] if results and results[0].acc else None, counts)
+            if item is not None:
+                scored.append(item)
+        failed = len(trajectories) - len(scored)
+        return ScoringResult(scored=scored, failed=failed, metrics={k: float(v) for k, v in sorted(counts.items())})
 
-    def _score_one(self, traj: Trajectory) -> ScoredTrajectory:
+    def _combine(self, traj: Trajectory, values: list[float | None | Failure], acc: bool | None, counts: Counter[str]) -> ScoredTrajectory | None:
         breakdown: dict[str, float] = {}
-        correct = False
-        total = 0.0
-        for i, (name, fn, weight) in enumerate(self.functions):
-            raw = fn(traj.row.data_source, traj.response_text, traj.row.ground_truth, traj.row.extra_info)
-            value, acc = _validate(name, traj.sample_id, raw)
-            breakdown[name] = value
-            total += weight * value
-            if i == 0:
-                correct = acc if acc is not None else value >= 1.0
+        failures = []
+        for (fn, weight), value in zip(self.functions, values, strict=True):
+            if isinstance(value, Failure):
+                counts[f"reward_failed/{fn.name}"] += 1
+                failures.append(f"reward function {fn.name!r} {value.reason}")
+            elif value is None:
+                counts[f"reward_none/{fn.name}"] += 1
+            else:
+                breakdown[fn.name] = value
+        if failures:
+            log.warning("sample %s left out: %s", traj.sample_id, "; ".join(failures))
+            return None
+        if not breakdown:
+            counts["unscored_samples"] += 1
+            log.warning("sample %s left out: every reward function returned None for it", traj.sample_id)
+            return None
+        total = sum(weight * breakdown[fn.name] for fn, weight in self.functions if fn.name in breakdown)
         if traj.env_reward is not None:  # the environment's own score, unweighted
             breakdown["env"] = traj.env_reward
             total += traj.env_reward
         if traj.status is TrajectoryStatus.TRUNCATED and self.truncation_penalty:
             breakdown["truncation_penalty"] = self.truncation_penalty
             total += self.truncation_penalty
+        first = values[0] if values else None
+        correct = _correct(first, acc) if isinstance(first, float) else False
         return ScoredTrajectory(trajectory=traj, reward=total, reward_breakdown=breakdown, correct=correct)
 
 
-def _validate(name: str, sample_id: str, raw: object) -> tuple[float, bool | None]:
-    acc = None
-    if isinstance(raw, dict):
-        if "score" not in raw:
-            raise RewardError(f"reward function {name!r} returned a dict without 'score' for sample {sample_id}: {raw!r}")
-        acc = raw.get("acc")
-        raw = raw["score"]
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-        raise RewardError(f"reward function {name!r} returned {type(raw).__name__} {raw!r} for sample {sample_id}; expected a number")
-    if not math.isfinite(raw):
-        raise RewardError(f"reward function {name!r} returned {raw} for sample {sample_id}; scores must be finite")
-    return float(raw), (bool(acc) if acc is not None else None)
+def _correct(value: float | None | Failure, acc: bool | None) -> bool:
+    if acc is not None:
+        return acc
+    return isinstance(value, float) and value >= 1.0
+
+
+def _input(traj: Trajectory) -> RewardInput:
+    """What reward functions see of a trajectory: the completion is everything from the first assistant turn."""
+    first = next((i for i, m in enumerate(traj.messages) if m.get("role") == "assistant"), len(traj.messages))
+    return RewardInput(
+        sample_id=traj.sample_id,
+        group_id=traj.group_id,
+        prompt=traj.messages[:first] or list(traj.row.messages),
+        completion=traj.messages[first:],
+        response_text=traj.response_text,
+        data_source=traj.row.data_source,
+        ground_truth=traj.row.ground_truth,
+        extra_info=traj.row.extra_info,
+        completion_ids=traj.token_ids[traj.loss_mask.bool()].tolist(),
+    )

@@ -136,8 +136,10 @@ class EnvConfig(_Section):
 
 
 class RewardFunctionConfig(_Section):
-    name: str = Field(description="Registered reward name or 'path/to/file.py:fn'.")
+    name: str = Field(description="Registered reward name or 'path/to/file.py:fn' (verl's compute_score or a TRL reward function, sync or async).")
     weight: float = Field(1.0, description="Weight in the summed reward.")
+    timeout_s: float = Field(30.0, gt=0, description="Per call (a sample for verl-style functions, a batch for TRL-style); a call past it fails its samples.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments passed to the function (e.g. a built-in's settings).")
 
 
 class RewardConfig(_Section):

@@ -90,12 +90,12 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
                 first_group = (step - 1) * cfg.trainer.prompts_per_step
                 trajectories = generate_step_on_workers(workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget)
             with timer("score"):
-                result = scorer.score(trajectories)
+                result = scorer.score(trajectories, step)
             if result.scored:
                 metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)
             else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
                 metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
-            metrics.update({"failed_samples": float(result.failed), **timer.times, "time_step_s": sum(timer.times.values())})
+            metrics.update({"failed_samples": float(result.failed), **result.metrics, **timer.times, "time_step_s": sum(timer.times.values())})
             if cfg.rollout.partial_rollout_budget:
                 metrics["paused_samples"] = float(sum(ray.get([w.num_paused.remote() for w in workers])))
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:

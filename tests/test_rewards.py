@@ -1,0 +1,179 @@
+"""The reward API: verl- and TRL-style functions (sync and async) adapted, validated and isolated; the built-in
+math, format and K1.5 length rewards; user reward files from both peers in real jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rewards.api import Failure, RewardFunction, RewardInput, RewardSignatureError, detect_style
+from rewards.math import compute_score as math_score
+from rewards.math import last_boxed
+from rewards.registry import REWARDS
+from rewards.scoring import RewardScorer
+from rewards.shaping import format_reward, length_reward
+from rl.config import RewardConfig
+from rl.controller import train
+from rl.records import PromptRow, Trajectory, TrajectoryStatus
+
+DATA = Path(__file__).parent / "data"
+
+
+def _traj(i: int, text: str, source: str = "tiderl/calculator", truth: str = "42", tool: bool = False) -> Trajectory:
+    row = PromptRow(i, [{"role": "user", "content": "Compute 6*7."}], source, truth, {"index": i, "difficulty": "easy"})
+    messages = [*row.messages]
+    if tool:
+        messages += [{"role": "assistant", "content": "<think>calc</think><tool_call>{}</tool_call>"}, {"role": "tool", "content": "42"}]
+    messages.append({"role": "assistant", "content": text})
+    n = 3 + i
+    mask = torch.tensor([0.0] + [1.0] * (n - 1))
+    return Trajectory(f"{i}-0", i // 2, row, torch.arange(n), torch.zeros(n), mask, 1, 0, TrajectoryStatus.FINISHED, text, messages, 1, int(tool))
+
+
+def _inputs(trajs):
+    from rewards.scoring import _input
+
+    return [_input(t) for t in trajs]
+
+
+def test_signatures_are_detected() -> None:
+    def verl(data_source, solution_str, ground_truth, extra_info=None): ...
+    async def verl_async(data_source, solution_str, ground_truth, extra_info=None): ...
+    def trl(prompts, completions, **kwargs): ...
+    def trl_minimal(completions, **kwargs): ...
+    def neither(text): ...
+
+    assert [detect_style("f", f) for f in (verl, verl_async, trl, trl_minimal, lambda *a, **k: 0)] == ["verl", "verl", "trl", "trl", "verl"]
+    with pytest.raises(RewardSignatureError, match=r"reward function 'g' takes \(text\): use verl's compute_score"):
+        detect_style("g", neither)
+
+
+def test_trl_functions_get_conversational_completions_and_dataset_columns() -> None:
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, ground_truth, extra_info, difficulty, trainer_state, group_ids, correct=None, **kwargs):
+        seen.update(prompts=prompts, completions=completions, ids=completion_ids, truth=ground_truth, extra=extra_info,
+                    difficulty=difficulty, step=trainer_state.global_step, groups=group_ids, correct=correct, rest=sorted(kwargs))
+        return [0.25] * len(completions)
+
+    trajs = [_traj(0, "The answer is 42.", tool=True), _traj(1, "The answer is 41.")]
+    scores = asyncio.run(RewardFunction("spy", spy, timeout_s=5).score(_inputs(trajs), step=7, correct=[True, False]))
+    assert scores.values == [0.25, 0.25]
+    assert seen["prompts"] == [[{"role": "user", "content": "Compute 6*7."}]] * 2
+    assert seen["completions"][0] == trajs[0].messages[1:] and seen["completions"][1] == [{"role": "assistant", "content": "The answer is 41."}]
+    assert seen["ids"] == [[1, 2], [1, 2, 3]] and seen["truth"] == ["42", "42"] and seen["difficulty"] == ["easy", "easy"]
+    assert seen["extra"][1] == {"index": 1, "difficulty": "easy"} and seen["step"] == 7 and seen["groups"] == [0, 0]
+    assert seen["correct"] == [True, False] and seen["rest"] == ["data_source", "index", "reward_model"]
+
+
+def test_bad_values_none_exceptions_and_timeouts_are_isolated_per_function_and_sample(caplog) -> None:
+    def trl_raises_on_one(completions, **kwargs):
+        if any("boom" in c[-1]["content"] for c in completions):
+            raise ValueError("cannot parse")
+        return [1.0] * len(completions)
+
+    def trl_wrong_length(completions, **kwargs):
+        return [1.0]
+
+    async def slow_async(data_source, solution_str, ground_truth, extra_info=None):
+        await asyncio.sleep(5 if "slow" in solution_str else 0)
+        return 1.0
+
+    def slow_sync(data_source, solution_str, ground_truth, extra_info=None):
+        time.sleep(5 if "slow" in solution_str else 0)
+        return None if "none" in solution_str else 0.5
+
+    trajs = [_traj(0, "fine"), _traj(1, "boom"), _traj(2, "slow"), _traj(3, "none")]
+    run = lambda fn: asyncio.run(RewardFunction("f", fn, timeout_s=0.3).score(_inputs(trajs), 0, None)).values  # noqa: E731
+    start = time.perf_counter()
+    assert run(trl_raises_on_one) == [1.0, Failure("raised ValueError: cannot parse"), 1.0, 1.0]
+    assert run(trl_wrong_length) == [Failure("returned 1 scores for 4 completions")] * 4
+    assert run(slow_async) == [1.0, 1.0, Failure("timed out after 0.3 s"), 1.0]
+    assert run(slow_sync) == [0.5, 0.5, Failure("timed out after 0.3 s"), None]
+    assert time.perf_counter() - start < 4  # the sleepers were abandoned, not waited for
+
+    for name, fn in [("t_raises", trl_raises_on_one), ("t_sync", slow_sync)]:
+        REWARDS.register(name)(fn)
+    scorer = RewardScorer(RewardConfig.model_validate({"functions": [{"name": "t_raises"}, {"name": "t_sync", "weight": 2.0, "timeout_s": 0.3}]}))
+    result = scorer.score(trajs)
+    assert [s.trajectory.sample_id for s in result.scored] == ["0-0", "3-0"]
+    assert [s.reward for s in result.scored] == [2.0, 1.0] and result.scored[1].reward_breakdown == {"t_raises": 1.0}
+    assert result.failed == 2 and result.metrics == {"reward_failed/t_raises": 1.0, "reward_failed/t_sync": 1.0, "reward_none/t_sync": 1.0}
+    assert "sample 2-0 left out: reward function 't_sync' timed out after 0.3 s" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("truth", "answer", "correct"),
+    [
+        ("\\frac{1}{2}", "so \\boxed{0.5}", True),  # fraction vs decimal
+        ("0.75", "\\boxed{\\dfrac{3}{4}}", True),  # \dfrac
+        ("1000", "\\boxed{1,000}", True),  # thousands separator
+        ("\\{1, 2, 3\\}", "\\boxed{\\{3, 1, 2\\}}", True),  # reordered set
+        ("(0, 1]", "\\boxed{(0, 1]}", True),
+        ("(0, 1]", "\\boxed{[0, 1]}", False),  # open vs closed interval
+        ("5", "first \\boxed{3}, then \\boxed{5}", True),  # the last boxed answer wins
+        ("3", "first \\boxed{3}, then \\boxed{5}", False),
+        ("5", "\\boxed{5", False),  # unbalanced braces: no answer
+        ("5", "<think>\\boxed{5}</think>I do not know.", False),  # only the visible answer counts
+        ("\\frac{2}{3}", "\\boxed{0.67}", False),
+        ("12", "The answer is 12.", True),  # no box: the visible text
+    ],
+)
+def test_math_verifier_equivalences(truth: str, answer: str, correct: bool) -> None:
+    assert math_score("math", answer, truth)["acc"] is correct
+
+
+def test_last_boxed_balances_nested_braces() -> None:
+    assert last_boxed("\\boxed{\\frac{1}{2}} and \\boxed{\\{1, \\{2\\}\\}}") == "\\{1, \\{2\\}\\}"
+    assert last_boxed("\\boxed{7} then \\boxed{8") == "7" and last_boxed("none") is None
+
+
+def test_format_and_k15_length_rewards() -> None:
+    good = [{"role": "assistant", "content": '<think>a</think><tool_call>{"name": "calc", "arguments": {}}</tool_call>'}, {"role": "tool", "content": "1"},
+            {"role": "assistant", "content": "<think>b</think>The answer is 1."}]
+    bad_call = [{"role": "assistant", "content": "<think>a</think><tool_call>{oops}</tool_call>"}, {"role": "assistant", "content": "<think>b</think>1"}]
+    no_think = [{"role": "assistant", "content": "The answer is 1."}]
+    empty_answer = [{"role": "assistant", "content": "<think>b</think>  "}]
+    assert format_reward([], [good, bad_call, no_think, empty_answer]) == [1.0, 0.0, 0.0, 0.0]
+
+    ids = [[0] * n for n in (10, 20, 30, 20, 20)]
+    state = type("S", (), {"global_step": 5})()
+    scores = length_reward([], [None] * 5, ids, group_ids=[0, 0, 0, 1, 1], correct=[True, True, False, True, False], trainer_state=state)
+    assert scores == [0.5, 0.0, -0.5, 0.0, 0.0]  # λ = 0.5, 0, -0.5 in group 0; equal lengths in group 1
+    assert length_reward([], [None] * 5, ids, [0, 0, 0, 1, 1], [True] * 5, state, warmup_steps=5) == [0.0] * 5
+    with pytest.raises(ValueError, match="first entry of reward.functions"):
+        length_reward([], [None], [[0]], [0])
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_path: Path, make_cfg) -> None:
+    verl, trl_acc, trl_tool = f"{DATA}/verl_reward.py:compute_score", f"{DATA}/trl_reward.py:accuracy_reward", f"{DATA}/trl_reward.py:tool_use_reward"
+    functions = f"reward.functions=[{{name: '{verl}'}}, {{name: '{trl_acc}', weight: 0.5}}, {{name: '{trl_tool}'}}, {{name: format, weight: 0.1}}]"
+    train(make_cfg(functions, "trainer.steps=2", "eval.enabled=false"), tmp_path)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["failed_samples"] == 0 and r["num_samples"] == 8 for r in rows)
+    for name in (verl, trl_acc, trl_tool, "format"):
+        assert f"reward/{name}" in rows[0] and not any(k.startswith("reward_failed/") for k in rows[0])
+    assert rows[0][f"reward/{trl_acc}"] == rows[0][f"reward/{verl}"]  # the two peers' accuracy checks agree here
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_raising_and_a_sleeping_reward_function_fail_only_their_samples(tmp_path: Path, make_cfg) -> None:
+    flaky, sleepy = f"{DATA}/unreliable_rewards.py:flaky", f"{DATA}/unreliable_rewards.py:sleepy"
+    functions = f"reward.functions=[{{name: calculator}}, {{name: '{flaky}'}}, {{name: '{sleepy}', timeout_s: 0.5}}]"
+    train(make_cfg(functions, "trainer.steps=3", "eval.enabled=false"), tmp_path)
+    rows = _metrics(tmp_path)
+    assert len(rows) == 3  # the job completed
+    assert sum(r.get(f"reward_failed/{flaky}", 0) for r in rows) == 3  # calls 1, 11, 21 of 24
+    assert sum(r.get(f"reward_failed/{sleepy}", 0) for r in rows) == 3
+    assert all(r["num_samples"] + r["failed_samples"] == 8 for r in rows if "num_samples" in r)
+    assert 3 <= sum(r["failed_samples"] for r in rows) <= 6 and all("loss" in r for r in rows)
