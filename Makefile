@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/calculator.yaml
 ARGS ?=
 
-.PHONY: setup sandbox-tools run test test-all clean run-smollm2
+ORACLES := .oracles
+
+.PHONY: setup sandbox-tools oracles run test test-all clean run-smollm2
 
 $(BIN)/tiderl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +27,23 @@ sandbox-tools:
 run: setup
 	$(BIN)/tiderl train $(CONFIG) $(ARGS)
 
-test: setup
+# verl and trl as test oracles, beside our transformers: verl pins transformers<5.11, so they go into their own
+# target without dependencies (tests put it on sys.path); only what their reference functions import is added.
+$(ORACLES)/.installed: $(BIN)/tiderl
+	$(BIN)/pip install --quiet --no-deps --target $(ORACLES) verl==0.9.1 trl==1.16.0 tensordict==0.10.0 cloudpickle pyvers \
+		orjson codetiming hydra-core omegaconf pylatexenc antlr4-python3-runtime==4.9.3
+	@touch $@
+
+oracles: $(ORACLES)/.installed
+
+test: setup oracles
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+test-all: setup oracles
 	$(BIN)/python -m pytest -q -m ""
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(ORACLES) runs
 
 # The same job on a real pretrained model (SmolLM2-135M-Instruct from its GGUF file; slow on a CPU).
 run-smollm2: setup

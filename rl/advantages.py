@@ -2,7 +2,9 @@
 
 `grpo` (DeepSeekMath, Shao et al. 2024): A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std unbiased as in
 verl's `compute_grpo_outcome_advantage`; with `normalize_by_std=False` it is Dr.GRPO's A_i = r_i - mean(r_group).
-A group of one sample gets advantage 0 (no baseline to compare against).
+`rloo` (Ahmadian et al. 2024): A_i = r_i - mean_{j != i} r_j = n/(n-1) (r_i - mean(r_group)), the leave-one-out
+baseline. A group of one sample gets advantage 0 in both (no baseline to compare against; verl passes the raw
+reward through instead).
 """
 
 from __future__ import annotations
@@ -29,4 +31,18 @@ def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, normalize_by_std: bool 
             continue
         centered = group - group.mean()
         advantages[members] = centered / (group.std() + eps) if normalize_by_std else centered
+    return advantages
+
+
+@register_advantage("rloo")
+def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, **_: object) -> torch.Tensor:
+    """rewards [batch] float, group_ids [batch] int -> advantages [batch]."""
+    advantages = torch.zeros_like(rewards, dtype=torch.float32)
+    for gid in group_ids.unique():
+        members = group_ids == gid
+        group = rewards[members].float()
+        n = group.numel()
+        if n < 2:
+            continue
+        advantages[members] = (group - group.mean()) * n / (n - 1)
     return advantages

@@ -196,7 +196,7 @@ class RolloutConfig(_Section):
 class AlgorithmConfig(_Section):
     """Advantage estimator and policy loss."""
 
-    advantage: str = Field("grpo", description="Registered advantage estimator.")
+    advantage: str = Field("grpo", description="Registered advantage estimator: grpo (with normalize_by_std=false: Dr.GRPO), rloo.")
     normalize_by_std: bool = Field(True, description="GRPO: divide by the group's std (False = Dr.GRPO).")
     loss: str = Field("ppo_clip", description="Registered policy loss.")
     clip_ratio_low: float = Field(0.2, ge=0, description="PPO clip: ratio >= 1 - clip_ratio_low.")

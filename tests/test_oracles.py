@@ -1,0 +1,78 @@
+"""Our advantage estimators and PPO-clip loss against verl's reference implementations (`core_algos`), on random
+inputs. verl pins transformers<5.11, so `make test` installs it without dependencies into `.oracles/` (see the
+Makefile); these tests skip where that directory is missing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rl.advantages import grpo, rloo
+from rl.losses import ppo_clip, token_mean
+
+ORACLES = Path(__file__).resolve().parents[1] / ".oracles"
+
+
+@pytest.fixture(scope="module")
+def core_algos():
+    if not (ORACLES / "verl").is_dir():
+        pytest.skip("verl is not installed in .oracles/ (make oracles)")
+    sys.path.append(str(ORACLES))  # appended: our own packages and pins keep precedence
+    from verl.trainer.ppo import core_algos
+
+    return core_algos
+
+
+def _batch(seed: int, groups: int = 6, size: int = 5, length: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(groups * size, generator=g).round(decimals=1)  # rounding makes ties, as binary rewards do
+    group_ids = torch.arange(groups).repeat_interleave(size)[torch.randperm(groups * size, generator=g)]
+    mask = (torch.rand(groups * size, length, generator=g) > 0.2).float()
+    mask[:, 0] = 1.0
+    token_rewards = torch.zeros(groups * size, length)
+    token_rewards[:, -1] = rewards  # verl puts the outcome reward on the last token and sums
+    return rewards, group_ids, mask, token_rewards
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grpo_and_dr_grpo_match_verl(core_algos, seed: int) -> None:
+    rewards, group_ids, mask, token_rewards = _batch(seed)
+    index = np.array([f"p{i}" for i in group_ids.tolist()], dtype=object)
+    for by_std in (True, False):
+        ref, _ = core_algos.compute_grpo_outcome_advantage(token_rewards, mask, index, epsilon=1e-6, norm_adv_by_std_in_grpo=by_std)
+        ours = grpo(rewards, group_ids, normalize_by_std=by_std)[:, None] * mask
+        assert torch.allclose(ours, ref, atol=1e-5), by_std
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rloo_matches_verl(core_algos, seed: int) -> None:
+    rewards, group_ids, mask, token_rewards = _batch(seed, size=4)
+    index = np.array(group_ids.tolist())
+    ref, _ = core_algos.compute_rloo_outcome_advantage(token_rewards, mask, index)
+    assert torch.allclose(rloo(rewards, group_ids)[:, None] * mask, ref, atol=1e-5)
+
+
+class _ActorConfig(dict):
+    """The fields `compute_policy_loss_vanilla` reads from verl's actor config."""
+
+    def __init__(self, low: float, high: float, num_tokens: int) -> None:
+        super().__init__(clip_ratio_c=3.0)
+        self.clip_ratio, self.clip_ratio_low, self.clip_ratio_high = low, low, high
+        self.global_batch_info = {"dp_size": 1, "batch_num_tokens": num_tokens}
+
+
+@pytest.mark.parametrize(("seed", "low", "high"), [(0, 0.2, 0.2), (1, 0.2, 0.28), (2, 0.1, 0.3)])
+def test_ppo_clip_matches_verl(core_algos, seed: int, low: float, high: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    _, _, mask, _ = _batch(seed)
+    old = -torch.rand(mask.shape, generator=g) * 3
+    new = old + (torch.rand(mask.shape, generator=g) - 0.5) * 1.6  # ratios in [0.45, 2.2]: below verl's dual-clip bound 3
+    adv = torch.randn(mask.shape[0], 1, generator=g).expand_as(mask) * mask
+    ref, metrics = core_algos.compute_policy_loss_vanilla(old, new, adv, mask, "token-mean", _ActorConfig(low, high, int(mask.sum())))
+    out = ppo_clip(new, old, adv, low, high)
+    assert torch.allclose(token_mean(out.loss, mask, mask.sum()), ref, atol=1e-6)
+    assert abs(float((out.clipped.float() * mask).sum() / mask.sum()) - metrics["actor/pg_clipfrac"]) < 1e-6
