@@ -5,7 +5,8 @@ one) and `reward.truncation_penalty` (on truncated samples) are added and logged
 `truncation_penalty`. The first function is the task's verifier: its `acc` (or score >= 1) is what `accuracy`
 reports, and later TRL-style functions receive its verdicts as `correct`. A sample is left out of training, counted
 and logged with its id, when its rollout ended in `error`, when any function failed on it, or when no function
-scored it (all returned None). Per-function counts go to the step's metrics: `reward_failed/<name>` and
+scored it (all returned None). Reward models' scores (`rewards.models`, fetched into `Trajectory.model_scores`) are
+weighted and added like functions. Per-function counts go to the step's metrics: `reward_failed/<name>` and
 `reward_none/<name>`.
 """
 
@@ -17,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from rl.config import RewardConfig
-from rl.records import ScoredTrajectory, Trajectory, TrajectoryStatus
+from rl.records import ScoredTrajectory, Trajectory, TrajectoryStatus, completion_messages
 from rewards.api import Failure, RewardFunction, RewardInput, Scores
 from rewards.registry import get_reward
 
@@ -36,6 +37,7 @@ class ScoringResult:
 class RewardScorer:
     def __init__(self, cfg: RewardConfig) -> None:
         self.functions = [(RewardFunction(f.name, get_reward(f.name), f.timeout_s, f.kwargs), f.weight) for f in cfg.functions]
+        self.models = [(m.name, m.weight) for m in cfg.models]
         self.truncation_penalty = cfg.truncation_penalty
 
     def score(self, trajectories: list[Trajectory], step: int = 0) -> ScoringResult:
@@ -77,6 +79,16 @@ class RewardScorer:
                 counts[f"reward_none/{fn.name}"] += 1
             else:
                 breakdown[fn.name] = value
+        if traj.model_scores is not None:  # reward models' scores, fetched by the controller (rewards.models)
+            for name, _ in self.models:
+                value = traj.model_scores.get(name, "no score was fetched")
+                if isinstance(value, str):
+                    counts[f"reward_failed/{name}"] += 1
+                    failures.append(f"reward model {name!r}: {value}")
+                elif value is None:
+                    counts[f"reward_none/{name}"] += 1
+                else:
+                    breakdown[name] = float(value)
         if failures:
             log.warning("sample %s left out: %s", traj.sample_id, "; ".join(failures))
             return None
@@ -84,7 +96,8 @@ class RewardScorer:
             counts["unscored_samples"] += 1
             log.warning("sample %s left out: every reward function returned None for it", traj.sample_id)
             return None
-        total = sum(weight * breakdown[fn.name] for fn, weight in self.functions if fn.name in breakdown)
+        weights = {fn.name: weight for fn, weight in self.functions} | dict(self.models)
+        total = sum(weights[name] * value for name, value in breakdown.items())
         if traj.env_reward is not None:  # the environment's own score, unweighted
             breakdown["env"] = traj.env_reward
             total += traj.env_reward
@@ -104,12 +117,12 @@ def _correct(value: float | None | Failure, acc: bool | None) -> bool:
 
 def _input(traj: Trajectory) -> RewardInput:
     """What reward functions see of a trajectory: the completion is everything from the first assistant turn."""
-    first = next((i for i, m in enumerate(traj.messages) if m.get("role") == "assistant"), len(traj.messages))
+    prompt, completion = completion_messages(traj.messages, traj.row.messages)
     return RewardInput(
         sample_id=traj.sample_id,
         group_id=traj.group_id,
-        prompt=traj.messages[:first] or list(traj.row.messages),
-        completion=traj.messages[first:],
+        prompt=prompt,
+        completion=completion,
         response_text=traj.response_text,
         data_source=traj.row.data_source,
         ground_truth=traj.row.ground_truth,

@@ -26,6 +26,7 @@ from rl.metrics import MetricsLogger, StageTimer, rollout_metrics
 from rl.records import TrainBatch
 from rl.warmstart import prepare_policy
 from rl.weights import WeightSync
+from rewards.models import fetch_model_scores, start_reward_models
 from rewards.scoring import RewardScorer
 from rollouts.worker import RolloutWorkerActor, generate_step_on_workers
 
@@ -45,14 +46,17 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
             RolloutWorkerActor.options(num_cpus=cfg.rollout.cpus_per_worker).remote(str(policy_dir), cfg, i)
             for i in range(cfg.rollout.num_workers)
         ]
+        reward_models = start_reward_models(cfg.reward.models)
+        if reward_models and cfg.reward.models_async:
+            ray.get([w.set_reward_models.remote(reward_models) for w in workers])
         try:
-            return _loop(cfg, run_dir, resume, learner, workers, sampler, eval_rows)
+            return _loop(cfg, run_dir, resume, learner, workers, reward_models, sampler, eval_rows)
         finally:
-            for actor in [learner, *workers]:
+            for actor in [learner, *workers, *reward_models.values()]:
                 ray.kill(actor)
 
 
-def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler: PromptSampler, eval_rows) -> dict:
+def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_models: dict, sampler: PromptSampler, eval_rows) -> dict:
     scorer = RewardScorer(cfg.reward)
     advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
     sync = WeightSync(workers)
@@ -90,6 +94,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, sampler
                 first_group = (step - 1) * cfg.trainer.prompts_per_step
                 trajectories = generate_step_on_workers(workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget)
             with timer("score"):
+                fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
                 result = scorer.score(trajectories, step)
             if result.scored:
                 metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)

@@ -23,6 +23,13 @@ class TrajectoryStatus(str, enum.Enum):
     ERROR = "error"  # the environment or the engine failed on this sample; it is counted and skipped
 
 
+def completion_messages(messages: list[dict[str, Any]], fallback_prompt: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a conversation into (prompt, completion) at the first assistant turn: what reward functions and
+    reward models see as the question and the answer."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    return messages[:first] or list(fallback_prompt), messages[first:]
+
+
 @dataclass
 class PromptRow:
     """One prompt in verl's parquet layout, as the environment and the reward functions see it."""
@@ -81,6 +88,11 @@ class Trajectory:
     `max_turns`, `max_tool_calls`, `repeat`) when `status` is TRUNCATED."""
     env_reward: float | None = None
     """The environment's own score of the episode, if it gave one."""
+    model_score_refs: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    """Reward model name -> (Ray ObjectRef of a batch's scores, this sample's position in it), when the worker
+    sent the episode for scoring as soon as its group finished (`reward.models_async`)."""
+    model_scores: dict[str, float | None] | None = None
+    """Reward model name -> score (None: the model gave no verdict), once fetched; None: not scored by models."""
 
     @property
     def response_length(self) -> int:

@@ -109,16 +109,34 @@ class AgentLoop:
         self.run_episodes(episodes, policy_version, greedy, generator)
         return [self.trajectory(ep) for ep in episodes]
 
-    def run_episodes(self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int = 0) -> None:
+    def run_episodes(
+        self,
+        episodes: list[Episode],
+        version: int,
+        greedy: bool,
+        generator: torch.Generator,
+        iteration_budget: int = 0,
+        on_done: Callable[[Episode], None] | None = None,
+    ) -> None:
         """Drive `episodes` until each is done or, with `iteration_budget` > 0, paused at that many new tokens.
 
         Paused episodes passed in again are resumed; done ones are left alone. Environments of episodes that end
-        are closed; paused ones keep theirs open.
+        are closed; paused ones keep theirs open. `on_done(ep)` is called as soon as an episode ends, while the
+        others go on (the worker uses it to send finished groups to reward models).
         """
-        asyncio.run(self._drive(episodes, version, greedy, generator, iteration_budget))
+        asyncio.run(self._drive(episodes, version, greedy, generator, iteration_budget, on_done))
 
-    async def _drive(self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int) -> None:
+    async def _drive(
+        self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int, on_done: Callable[[Episode], None] | None
+    ) -> None:
         inflight: set[asyncio.Task] = set()
+        announced: set[int] = set()
+
+        def announce() -> None:
+            for ep in live:
+                if on_done is not None and ep.done and id(ep) not in announced:
+                    announced.add(id(ep))
+                    on_done(ep)
 
         def launch(ep: Episode, work: Any) -> None:
             ep.waiting = True
@@ -146,6 +164,7 @@ class AgentLoop:
                         task.result()  # _reset and _step isolate environment failures; anything else is a bug
                 else:
                     break
+                announce()
         finally:
             for task in inflight:
                 task.cancel()

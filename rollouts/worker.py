@@ -19,7 +19,8 @@ from envs.registry import make_env
 from rl.config import JobConfig
 from rl.policy import load_policy
 from rl.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
-from rl.records import PromptRow, Trajectory
+from rl.records import PromptRow, Trajectory, completion_messages
+from rewards.models import reward_model_item
 from rollouts.agent_loop import AgentLoop, Episode
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
@@ -45,6 +46,12 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
         self.version = 0
         self.open_groups: dict[int, list[Episode]] = {}
+        self.reward_models: dict[str, ray.actor.ActorHandle] = {}
+        self.model_refs: dict[int, dict[str, ray.ObjectRef]] = {}
+
+    def set_reward_models(self, handles: dict) -> None:
+        """Reward model actors to send each finished group to (`reward.models_async`)."""
+        self.reward_models = dict(handles)
 
     def load_weights(self, weights: WeightPayload, version: int) -> int:
         """Install a weight-sync payload (dense tensors and packed INT4 ones) as policy `version`."""
@@ -72,9 +79,25 @@ class RolloutWorker:
                 raise ValueError(f"group id {gid} is already in flight on this worker")
             self.open_groups[gid] = episodes
         episodes = [ep for group in self.open_groups.values() for ep in group]
-        self.loop.run_episodes(episodes, self.version, greedy=False, generator=self.generator, iteration_budget=iteration_budget)
+        on_done = self._score_group_if_done if self.reward_models else None
+        self.loop.run_episodes(episodes, self.version, greedy=False, generator=self.generator, iteration_budget=iteration_budget, on_done=on_done)
         done = [gid for gid, group in self.open_groups.items() if all(ep.done for ep in group)]
-        return [self.loop.trajectory(ep) for gid in done for ep in self.open_groups.pop(gid)]
+        trajectories = []
+        for gid in done:
+            refs = self.model_refs.pop(gid, {})
+            for position, ep in enumerate(self.open_groups.pop(gid)):
+                traj = self.loop.trajectory(ep)
+                traj.model_score_refs = {name: (ref, position) for name, ref in refs.items()}
+                trajectories.append(traj)
+        return trajectories
+
+    def _score_group_if_done(self, ep: Episode) -> None:
+        """Once every sample of `ep`'s group is done, send the group to each reward model (not awaited)."""
+        group = self.open_groups.get(ep.group_id, [])
+        if not group or not all(member.done for member in group) or ep.group_id in self.model_refs:
+            return
+        items = [reward_model_item(*completion_messages(m.messages, m.row.messages), m.group_id, m.sample_id) for m in group]
+        self.model_refs[ep.group_id] = {name: actor.score.remote(items) for name, actor in self.reward_models.items()}
 
     def num_paused(self) -> int:
         """Samples paused mid-rollout, waiting for the next step."""

@@ -177,3 +177,63 @@ def test_a_raising_and_a_sleeping_reward_function_fail_only_their_samples(tmp_pa
     assert sum(r.get(f"reward_failed/{sleepy}", 0) for r in rows) == 3
     assert all(r["num_samples"] + r["failed_samples"] == 8 for r in rows if "num_samples" in r)
     assert 3 <= sum(r["failed_samples"] for r in rows) <= 6 and all("loss" in r for r in rows)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tiny_policy_dir, tmp_path_factory) -> Path:
+    """A tiny sequence-classification reward model (one-label head) with the built-in tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    out = tmp_path_factory.mktemp("rm")
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_verdict_parsing() -> None:
+    from rewards.models import parse_pairwise, parse_pointwise
+
+    assert parse_pointwise("Mostly right. Score: 7") == 0.7 and parse_pointwise("Score: 3 ... revised Score: 9.5") == 0.95
+    assert parse_pointwise("Score: 12") is None and parse_pointwise("no verdict") is None
+    assert [parse_pairwise(t) for t in ("[[A]]", "A is worse. [[B]]", "[[C]]", "[[D]]")] == [1.0, 0.0, 0.5, None]
+
+
+def test_classifier_and_judge_reward_models_score_batches(classifier_dir, tiny_policy_dir) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rewards.models import RewardModel
+    from rl.config import RewardModelConfig
+
+    items = [{"prompt": [{"role": "user", "content": "Compute 6*7."}], "completion": [{"role": "assistant", "content": t}], "group_id": g, "sample_id": f"{i}"}
+             for i, (t, g) in enumerate([("The answer is 42.", 0), ("The answer is 41, after a long detour.", 0), ("42", 1)])]
+    rm = RewardModel(RewardModelConfig(name="rm", kind="classifier", path=str(classifier_dir), batch_size=2))
+    scores = rm.score(items)
+    tokenizer, model = AutoTokenizer.from_pretrained(classifier_dir), AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    for item, score in zip(items, scores, strict=True):  # batched and padded = one sequence alone
+        text = tokenizer.apply_chat_template(item["prompt"] + item["completion"], tokenize=False)
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([tokenizer.encode(text, add_special_tokens=False)])).logits[0, 0]
+        assert abs(score - float(alone)) < 1e-5
+    assert len(set(scores)) == 3
+
+    for mode in ("pointwise", "pairwise"):
+        judge = RewardModel(RewardModelConfig(name="judge", kind="judge", path=str(tiny_policy_dir), mode=mode, max_new_tokens=6))
+        verdicts = judge.score(items)  # the untrained judge rambles: no verdict parses, each is None (no score)
+        assert verdicts == [None, None, None]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_reward_model_scores_the_same_async_and_as_a_barrier(tmp_path: Path, make_cfg, classifier_dir) -> None:
+    model = f"reward.models=[{{name: rm, kind: classifier, path: '{classifier_dir}', num_cpus: 0.5, weight: 0.5}}]"
+    runs = {}
+    for mode in ("true", "false"):
+        run = tmp_path / mode
+        train(make_cfg(model, f"reward.models_async={mode}", "rollout.cpus_per_worker=0.5", "trainer.steps=2", "eval.enabled=false"), run)
+        runs[mode] = _metrics(run)
+    for a, b in zip(runs["true"], runs["false"], strict=True):
+        assert a["failed_samples"] == 0 and a["num_samples"] == 8 and "reward/rm" in a
+        assert a["reward/rm"] == pytest.approx(b["reward/rm"], abs=1e-6) and a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
