@@ -39,6 +39,7 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     policy_dir = prepare_policy(cfg, log=console.print)
     with ray_session(cfg.cluster):
+        _check_resources(cfg)
         train_rows, eval_rows = load_split(cfg, "train", run_dir / "data"), load_split(cfg, "eval", run_dir / "data")
         sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle)
         learner = LearnerActor.options(num_cpus=cfg.trainer.learner_cpus).remote(str(policy_dir), cfg)
@@ -131,6 +132,24 @@ def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: Wei
     with timer("sync"):
         sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
     return {**rollout_metrics(scored), **train_metrics}
+
+
+def _check_resources(cfg: JobConfig) -> None:
+    """Fail before starting actors that could never all be placed (Ray would wait for them forever)."""
+    needs = {
+        "CPU": {"trainer.learner_cpus": cfg.trainer.learner_cpus, "rollout.cpus_per_worker x num_workers": cfg.rollout.cpus_per_worker * cfg.rollout.num_workers,
+                **{f"reward.models[{m.name}].num_cpus": m.num_cpus for m in cfg.reward.models}},
+        "GPU": {f"reward.models[{m.name}].num_gpus": m.num_gpus for m in cfg.reward.models if m.num_gpus},
+    }
+    have = ray.cluster_resources()
+    for resource, parts in needs.items():
+        need = sum(parts.values())
+        if need > have.get(resource, 0.0) + 1e-9:
+            detail = ", ".join(f"{k} {v:g}" for k, v in parts.items())
+            raise RuntimeError(
+                f"the job needs {need:g} {resource}s ({detail}) but the Ray cluster has {have.get(resource, 0.0):g}: lower those, "
+                f"or give the local instance more with cluster.num_cpus (logical CPUs may exceed the cores)"
+            )
 
 
 def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
