@@ -1,5 +1,6 @@
-"""Our advantage estimators and PPO-clip loss against verl's reference implementations (`core_algos`), on random
-inputs. verl pins transformers<5.11, so `make test` installs it without dependencies into `.oracles/` (see the
+"""Our advantage estimators and PPO-clip loss against the peers' reference implementations on random inputs:
+verl's `core_algos` (GRPO, Dr.GRPO, RLOO, PPO-clip) and TRL's GRPOTrainer and RLOOTrainer (GRPO, Dr.GRPO, RLOO).
+verl pins transformers<5.11, so `make test` installs both without dependencies into `.oracles/` (see the
 Makefile); these tests skip where that directory is missing."""
 
 from __future__ import annotations
@@ -76,3 +77,47 @@ def test_ppo_clip_matches_verl(core_algos, seed: int, low: float, high: float) -
     out = ppo_clip(new, old, adv, low, high)
     assert torch.allclose(token_mean(out.loss, mask, mask.sum()), ref, atol=1e-6)
     assert abs(float((out.clipped.float() * mask).sum() / mask.sum()) - metrics["actor/pg_clipfrac"]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def trl():
+    if not (ORACLES / "trl").is_dir():
+        pytest.skip("trl is not installed in .oracles/ (make oracles)")
+    if str(ORACLES) not in sys.path:
+        sys.path.append(str(ORACLES))
+    import trl
+
+    return trl
+
+
+def _trl_advantages(trl, policy_dir: Path, tmp_path: Path, rewards: torch.Tensor, group_size: int, trainer: str, **options) -> torch.Tensor:
+    """TRL computes advantages inside its trainers: run one real batch (tiny generations) whose reward function
+    returns `rewards`, and read the advantages the trainer computed."""
+    from datasets import Dataset
+
+    prompts = len(rewards) // group_size
+    common = dict(output_dir=str(tmp_path / trainer), use_cpu=True, num_generations=group_size, per_device_train_batch_size=len(rewards),
+                  max_completion_length=3, report_to=[], beta=0.0)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"question {i}"}]} for i in range(prompts)])
+    reward = lambda prompts, completions, **kwargs: rewards[: len(completions)].tolist()  # noqa: E731
+    if trainer == "grpo":
+        t = trl.GRPOTrainer(model=str(policy_dir), reward_funcs=[reward], args=trl.GRPOConfig(**common, **options), train_dataset=dataset)
+    else:
+        t = trl.RLOOTrainer(model=str(policy_dir), reward_funcs=[reward], args=trl.RLOOConfig(**common, **options), train_dataset=dataset)
+    t.model.train()
+    batch = [dataset[i] for i in range(prompts) for _ in range(group_size)]  # TRL groups consecutive completions
+    return t._generate_and_score_completions(batch)["advantages"]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_advantages_match_trl(trl, tiny_policy_dir, tmp_path: Path, estimator: str) -> None:
+    group_size = 4
+    rewards = torch.randn(3 * group_size, generator=torch.Generator().manual_seed(7)).round(decimals=1)
+    group_ids = torch.arange(3).repeat_interleave(group_size)
+    if estimator == "rloo":
+        ref, ours = _trl_advantages(trl, tiny_policy_dir, tmp_path, rewards, group_size, "rloo", normalize_advantages=False), rloo(rewards, group_ids)
+    else:
+        scale = "group" if estimator == "grpo" else "none"
+        ref = _trl_advantages(trl, tiny_policy_dir, tmp_path, rewards, group_size, "grpo", scale_rewards=scale)
+        ours = grpo(rewards, group_ids, normalize_by_std=scale == "group", eps=1e-4)  # TRL's epsilon
+    assert torch.allclose(ours, ref, atol=1e-5), (ours, ref)
