@@ -40,7 +40,8 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
     policy_dir = prepare_policy(cfg, log=console.print)
     with ray_session(cfg.cluster):
         _check_resources(cfg)
-        train_rows, eval_rows = load_split(cfg, "train", run_dir / "data"), load_split(cfg, "eval", run_dir / "data")
+        train_rows = load_split(cfg, "train", run_dir / "data")
+        eval_rows = load_split(cfg, "eval", run_dir / "data") if cfg.eval.enabled else []
         sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle)
         learner = LearnerActor.options(num_cpus=cfg.trainer.learner_cpus).remote(str(policy_dir), cfg)
         workers = [
@@ -104,7 +105,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_
             metrics.update({"failed_samples": float(result.failed), **result.metrics, **timer.times, "time_step_s": sum(timer.times.values())})
             if cfg.rollout.partial_rollout_budget:
                 metrics["paused_samples"] = float(sum(ray.get([w.num_paused.remote() for w in workers])))
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
+            if cfg.eval.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
                 metrics.update({f"eval/{k}": v for k, v in evaluate(workers, scorer, eval_rows, cfg).items()})
             logger.log(step, metrics)
             progress.update(bar, advance=1, status=_status(metrics))

@@ -158,7 +158,14 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_path: Path, make_cfg) -> None:
     verl, trl_acc, trl_tool = f"{DATA}/verl_reward.py:compute_score", f"{DATA}/trl_reward.py:accuracy_reward", f"{DATA}/trl_reward.py:tool_use_reward"
     functions = f"reward.functions=[{{name: '{verl}'}}, {{name: '{trl_acc}', weight: 0.5}}, {{name: '{trl_tool}'}}, {{name: format, weight: 0.1}}]"
-    train(make_cfg(functions, "trainer.steps=2", "eval.enabled=false"), tmp_path)
+    import datasets
+
+    from rl.data import builtin_rows
+
+    parquet = tmp_path / "train.parquet"  # a verl dataset file: prompt messages, data_source, reward_model, extra_info, ability
+    datasets.Dataset.from_list([{**row, "ability": "math"} for row in builtin_rows("calculator", 32, 0, "train")]).to_parquet(str(parquet))
+    train(make_cfg(functions, "data.task=null", f"data.train_files=[{parquet}]", "trainer.steps=2", "eval.enabled=false"), tmp_path / "run")
+    tmp_path = tmp_path / "run"
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and all(r["failed_samples"] == 0 and r["num_samples"] == 8 for r in rows)
     for name in (verl, trl_acc, trl_tool, "format"):
