@@ -263,6 +263,7 @@ class ClusterConfig(_Section):
 class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
     progress: bool = Field(True, description="Show a progress bar with the live reward.")
+    save_trajectories: bool = Field(True, description="Write every step's scored samples to trajectories/step_N.jsonl (conversation, reward breakdown, status).")
 
 
 class QuantConfig(_Section):

@@ -22,7 +22,7 @@ from rl.config import JobConfig, dump_config
 from rl.data import PromptSampler, load_split
 from rl.evaluation import evaluate
 from rl.learner import LearnerActor
-from rl.metrics import MetricsLogger, StageTimer, rollout_metrics
+from rl.metrics import MetricsLogger, StageTimer, rollout_metrics, save_trajectories
 from rl.records import TrainBatch
 from rl.warmstart import prepare_policy
 from rl.weights import WeightSync
@@ -98,6 +98,8 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_
             with timer("score"):
                 fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
                 result = scorer.score(trajectories, step)
+            if cfg.logging.save_trajectories and result.scored:
+                save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
             if result.scored:
                 metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)
             else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step

@@ -32,6 +32,32 @@ def rollout_metrics(scored: list[ScoredTrajectory], prefix: str = "") -> dict[st
     return {prefix + k: v for k, v in out.items()}
 
 
+def save_trajectories(path: Path, scored: list[ScoredTrajectory]) -> None:
+    """One JSON object per scored sample: what it saw and said, and how each reward judged it (as verl's
+    `rollout_data_dir` and TRL's completion logs keep them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for s in scored:
+            t = s.trajectory
+            record = {
+                "sample_id": t.sample_id,
+                "group_id": t.group_id,
+                "data_source": t.row.data_source,
+                "ground_truth": t.row.ground_truth,
+                "messages": t.messages,
+                "reward": s.reward,
+                "reward_breakdown": s.reward_breakdown,
+                "correct": s.correct,
+                "status": t.status.value,
+                "truncation": t.truncation,
+                "response_length": t.response_length,
+                "num_turns": t.num_turns,
+                "num_tool_calls": t.num_tool_calls,
+                "policy_versions": sorted({v for *_, v in t.segments}),
+            }
+            f.write(json.dumps(record, default=str) + "\n")
+
+
 class StageTimer:
     """`with timer("generate"): ...` records `time_generate_s`."""
 

@@ -171,6 +171,9 @@ def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_pa
     for name in (verl, trl_acc, trl_tool, "format"):
         assert f"reward/{name}" in rows[0] and not any(k.startswith("reward_failed/") for k in rows[0])
     assert rows[0][f"reward/{trl_acc}"] == rows[0][f"reward/{verl}"]  # the two peers' accuracy checks agree here
+    saved = [json.loads(line) for line in (tmp_path / "trajectories" / "step_000002.jsonl").read_text().splitlines()]
+    assert len(saved) == 8 and set(saved[0]["reward_breakdown"]) == {verl, trl_acc, trl_tool, "format"}
+    assert saved[0]["messages"][-1]["role"] == "assistant" and saved[0]["policy_versions"] == [1]
 
 
 @pytest.mark.usefixtures("ray_local")
