@@ -69,26 +69,20 @@ class RewardScorer:
         return ScoringResult(scored=scored, failed=failed, metrics={k: float(v) for k, v in sorted(counts.items())})
 
     def _combine(self, traj: Trajectory, values: list[float | None | Failure], acc: bool | None, counts: Counter[str]) -> ScoredTrajectory | None:
+        # (how the log names it, metric name, score | None | why it failed) for every function and reward model
+        verdicts = [(f"reward function {fn.name!r} ", fn.name, v.reason if isinstance(v, Failure) else v) for (fn, _), v in zip(self.functions, values, strict=True)]
+        if traj.model_scores is not None:  # reward models' scores, fetched by the controller (rewards.models)
+            verdicts += [(f"reward model {name!r}: ", name, traj.model_scores.get(name, "no score was fetched")) for name, _ in self.models]
         breakdown: dict[str, float] = {}
         failures = []
-        for (fn, weight), value in zip(self.functions, values, strict=True):
-            if isinstance(value, Failure):
-                counts[f"reward_failed/{fn.name}"] += 1
-                failures.append(f"reward function {fn.name!r} {value.reason}")
+        for label, name, value in verdicts:
+            if isinstance(value, str):
+                counts[f"reward_failed/{name}"] += 1
+                failures.append(label + value)
             elif value is None:
-                counts[f"reward_none/{fn.name}"] += 1
+                counts[f"reward_none/{name}"] += 1
             else:
-                breakdown[fn.name] = value
-        if traj.model_scores is not None:  # reward models' scores, fetched by the controller (rewards.models)
-            for name, _ in self.models:
-                value = traj.model_scores.get(name, "no score was fetched")
-                if isinstance(value, str):
-                    counts[f"reward_failed/{name}"] += 1
-                    failures.append(f"reward model {name!r}: {value}")
-                elif value is None:
-                    counts[f"reward_none/{name}"] += 1
-                else:
-                    breakdown[name] = float(value)
+                breakdown[name] = float(value)
         if failures:
             log.warning("sample %s left out: %s", traj.sample_id, "; ".join(failures))
             return None
