@@ -223,13 +223,29 @@ class RolloutConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    """Advantage estimator and policy loss."""
+    """Advantage estimator and policy loss (formulas and sources: rl/advantages.py, rl/losses.py)."""
 
-    advantage: str = Field("grpo", description="Registered advantage estimator: grpo (with normalize_by_std=false: Dr.GRPO), rloo.")
+    advantage: str = Field(
+        "grpo", description="Registered advantage estimator: grpo (normalize_by_std=false: Dr.GRPO), rloo, mean_baseline (K1.5/K2), reinforce_pp, reinforce_pp_baseline."
+    )
     normalize_by_std: bool = Field(True, description="GRPO: divide by the group's std (False = Dr.GRPO).")
-    loss: str = Field("ppo_clip", description="Registered policy loss.")
-    clip_ratio_low: float = Field(0.2, ge=0, description="PPO clip: ratio >= 1 - clip_ratio_low.")
-    clip_ratio_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + clip_ratio_high.")
+    loss: str = Field("ppo_clip", description="Registered policy loss: ppo_clip (DAPO clip-higher: clip_ratio_high > clip_ratio_low), gspo, cispo, k2.")
+    loss_agg_mode: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
+        "auto", description="How token losses make the batch loss; auto: token-mean, gspo: seq-mean-token-mean, k2: seq-mean-token-sum."
+    )
+    clip_ratio_low: float = Field(0.2, ge=0, description="ratio >= 1 - clip_ratio_low (GSPO's paper: 3e-4).")
+    clip_ratio_high: float = Field(0.2, ge=0, description="ratio <= 1 + clip_ratio_high (DAPO: 0.28; GSPO's paper: 4e-4).")
+    k2_tau: float = Field(0.1, gt=0, description="k2 loss: weight of the pull toward the sampling policy, (A - tau log(pi/pi_old))^2 / (2 tau).")
+    token_mask: tuple[float, float] | None = Field(
+        None, description="K2.5 token mask [alpha, beta]: tokens whose log(pi/pi_rollout) leaves this band get no gradient (null = off)."
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: coef x mean token entropy is subtracted from the loss.")
+
+    @model_validator(mode="after")
+    def _check_band(self) -> AlgorithmConfig:
+        if self.token_mask is not None and not self.token_mask[0] < 0 < self.token_mask[1]:
+            raise ValueError(f"token_mask [alpha, beta] needs alpha < 0 < beta, got {list(self.token_mask)}")
+        return self
 
 
 class TrainerConfig(_Section):

@@ -128,7 +128,8 @@ def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: Wei
     with timer("advantages"):
         rewards = torch.tensor([s.reward for s in scored])
         groups = torch.tensor([s.trajectory.group_id for s in scored])
-        advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std)
+        lengths = torch.tensor([s.trajectory.response_length for s in scored])
+        advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std, lengths=lengths)
         batch = TrainBatch.from_scored(scored, advantages, pad_id)
     with timer("update"):
         train_metrics = ray.get(learner.train_step.remote(batch))

@@ -25,7 +25,10 @@ import torch
 import transformers
 
 from rl.config import JobConfig
-from rl.losses import LOSSES, token_mean
+from rl.losses import LOSSES, aggregate, token_band_mask, token_mean
+
+# Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
+DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
 from rl.policy import load_policy
 from rl.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
 from rl.records import TrainBatch
@@ -41,6 +44,8 @@ class Learner:
         self.model.train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
         self.loss_fn = LOSSES.get(cfg.algorithm.loss)
+        mode = cfg.algorithm.loss_agg_mode
+        self.agg_mode = DEFAULT_AGG.get(cfg.algorithm.loss, "token-mean") if mode == "auto" else mode
         self.version = 0
         self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
         self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
@@ -65,9 +70,10 @@ class Learner:
         return self.quant is not None and q.mode == "qat" and self.version + 1 >= q.fake_quant_start_step
 
     def sequence_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fake_quant: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fake_quant: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprob of every token given its prefix ([b, t], position 0 is 0) and the entropy there ([b, t]).
+        """Logprob of every token given its prefix ([b, t], position 0 is 0) and the entropy there ([b, t];
+        differentiable with `entropy_grad`, for the entropy bonus).
 
         With `fake_quant`, the targeted weights enter the forward as fake_quantize(master weight): the model the
         rollout engine runs as INT4, differentiable into the master weights.
@@ -82,7 +88,9 @@ class Learner:
         logits = output.logits[:, :-1].float()  # [b, t-1, vocab]
         logp_all = torch.log_softmax(logits / self.cfg.rollout.temperature, dim=-1)
         logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [b, t-1]
-        entropy = -(logp_all.exp() * logp_all).sum(-1).detach()  # [b, t-1]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [b, t-1]
+        if not entropy_grad:
+            entropy = entropy.detach()
         pad = torch.zeros_like(logp[:, :1])
         return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
 
@@ -92,16 +100,24 @@ class Learner:
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution
         lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
-        sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0}
+        sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0}
         sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0}
         for start in range(0, batch.num_sequences, cfg.trainer.micro_batch_size):
             sl = slice(start, start + cfg.trainer.micro_batch_size)
             width = int(batch.attention_mask[sl].sum(1).max())  # trim right padding of this micro-batch
             ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
             mask, old, adv = batch.loss_mask[sl, :width], batch.rollout_logprobs[sl, :width], batch.advantages[sl, :width]
-            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant)
-            out = self.loss_fn(logp, old, adv, clip_ratio_low=cfg.algorithm.clip_ratio_low, clip_ratio_high=cfg.algorithm.clip_ratio_high)
-            loss = token_mean(out.loss, mask, num_tokens)
+            algo = cfg.algorithm
+            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0)
+            train_mask = mask
+            if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
+                train_mask = token_band_mask(logp, old, mask, algo.token_mask)
+                sums["masked"] += float((mask - train_mask).sum())
+            out = self.loss_fn(logp, old, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
+            loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, batch.num_sequences, cfg.rollout.max_tokens_per_sample)
+            if algo.entropy_coef:
+                loss = loss - algo.entropy_coef * token_mean(entropy, mask, num_tokens)
+                entropy = entropy.detach()
             loss.backward()
             with torch.no_grad():
                 delta = logp.detach() - old
@@ -131,6 +147,7 @@ class Learner:
             "entropy": sums["entropy"],
             "ratio_mean": sums["ratio"],
             "train_tokens": num_tokens,
+            "token_mask_fraction": sums["masked"] / num_tokens,
             "policy_version": float(self.version),
             "policy_lag_mean": float(lag.float().mean()),
         }

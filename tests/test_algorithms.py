@@ -1,4 +1,5 @@
-"""GRPO advantages and the clipped policy-gradient loss against hand-worked numbers."""
+"""Advantage estimators and policy losses against hand-worked numbers (the peers' implementations are the oracles
+in test_oracles.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from rl.advantages import ADVANTAGES, grpo
-from rl.losses import LOSSES, ppo_clip, token_mean
+from rl.losses import LOSSES, aggregate, ppo_clip, token_band_mask, token_mean
 
 
 def test_grpo_hand_worked() -> None:
@@ -54,3 +55,50 @@ def test_ppo_clip_gradient_at_ratio_one_is_reinforce() -> None:
 def test_unknown_estimator_suggests_a_name() -> None:
     with pytest.raises(LookupError, match="Did you mean 'grpo'"):
         ADVANTAGES.get("grp")
+
+
+def _k2_grad(advantages: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    logp = logp.clone().requires_grad_(True)
+    out = LOSSES.get("k2")(logp, old, advantages[:, None] * mask, mask, k2_tau=tau)
+    loss = aggregate(out.loss, mask, "seq-mean-token-sum", float(mask.sum()), mask.shape[0], mask.shape[1])
+    return torch.autograd.grad(loss, logp)[0]
+
+
+def test_k2_loss_at_pi_old_is_reinforce_with_a_mean_baseline() -> None:
+    g = torch.Generator().manual_seed(0)
+    rewards, groups = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), torch.tensor([0, 0, 0, 1, 1, 1])
+    advantages = ADVANTAGES.get("mean_baseline")(rewards, groups)
+    assert torch.allclose(advantages, torch.tensor([2 / 3, -1 / 3, -1 / 3, 1 / 3, 1 / 3, -2 / 3]))
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    old = -torch.rand(6, 5, generator=g)
+    grad = _k2_grad(advantages, old, old, mask)
+    # REINFORCE with baseline: loss = -(1/B) sum_i A_i log pi(y_i), so d/d logp_it = -A_i / B on every response token
+    assert torch.allclose(grad, -advantages[:, None] / 6 * mask, atol=1e-7)
+    # away from pi_old, tau pulls back: the gradient grows with the log-ratio, as (A - tau * logratio)
+    moved = old + 0.5 * mask
+    expected = -(advantages - 0.1 * (0.5 * mask).sum(-1))[:, None] / 6 * mask
+    assert torch.allclose(_k2_grad(advantages, moved, old, mask), expected, atol=1e-6)
+
+
+def test_equal_rewards_in_a_group_give_zero_policy_gradient() -> None:
+    rewards, groups = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 1, 1])
+    for name in ("grpo", "rloo", "mean_baseline"):
+        assert torch.equal(ADVANTAGES.get(name)(rewards, groups), torch.zeros(5)), name
+    mask = torch.ones(5, 4)
+    old = -torch.rand(5, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_k2_grad(ADVANTAGES.get("mean_baseline")(rewards, groups), old, old, mask), torch.zeros(5, 4))
+
+
+def test_token_mask_zeroes_gradient_outside_the_band_for_both_signs_of_advantage() -> None:
+    old = torch.zeros(2, 4)
+    logp = torch.tensor([[-0.9, -0.1, 0.1, 0.9], [-0.9, -0.1, 0.1, 0.9]])  # log-ratios: two outside [-0.5, 0.5], two inside
+    mask = torch.ones(2, 4)
+    band = token_band_mask(logp, old, mask, (-0.5, 0.5))
+    assert band.tolist() == [[0.0, 1.0, 1.0, 0.0]] * 2
+    advantages = torch.tensor([[1.0] * 4, [-1.0] * 4])  # a positive and a negative advantage
+    for name in ("ppo_clip", "cispo"):
+        x = logp.clone().requires_grad_(True)
+        out = LOSSES.get(name)(x, old, advantages, band, clip_ratio_low=10.0, clip_ratio_high=10.0)
+        grad, = torch.autograd.grad(aggregate(out.loss, band, "token-mean", 8.0, 2, 4), x)
+        assert torch.equal(grad[:, [0, 3]], torch.zeros(2, 2)), name
+        assert (grad[0, 1:3] < 0).all() and (grad[1, 1:3] > 0).all(), name  # inside the band: the usual signs

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl.advantages import grpo, rloo
-from rl.losses import ppo_clip, token_mean
+from rl.advantages import grpo, reinforce_pp, reinforce_pp_baseline, rloo
+from rl.losses import aggregate, cispo, gspo, ppo_clip, token_mean
 
 ORACLES = Path(__file__).resolve().parents[1] / ".oracles"
 
@@ -57,6 +57,27 @@ def test_rloo_matches_verl(core_algos, seed: int) -> None:
     assert torch.allclose(rloo(rewards, group_ids)[:, None] * mask, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reinforce_pp_with_and_without_baseline_match_verl(core_algos, seed: int) -> None:
+    rewards, group_ids, mask, token_rewards = _batch(seed)
+    lengths = mask.sum(-1)
+    from types import SimpleNamespace
+
+    ref, _ = core_algos.compute_reinforce_plus_plus_outcome_advantage(_last_token(rewards, mask), mask, config=SimpleNamespace(gamma=1.0))
+    assert torch.allclose(reinforce_pp(rewards, group_ids, lengths)[:, None] * mask, ref, atol=1e-5)
+    index = np.array(group_ids.tolist())
+    ref, _ = core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage(token_rewards, mask, index)
+    assert torch.allclose(reinforce_pp_baseline(rewards, group_ids, lengths)[:, None] * mask, ref, atol=1e-5)
+
+
+def _last_token(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Outcome rewards on each sequence's last response token (REINFORCE++ returns run backwards over the mask)."""
+    out = torch.zeros_like(mask)
+    last = (mask * torch.arange(mask.shape[1])).argmax(-1)
+    out[torch.arange(mask.shape[0]), last] = rewards
+    return out
+
+
 class _ActorConfig(dict):
     """The fields `compute_policy_loss_vanilla` reads from verl's actor config."""
 
@@ -64,6 +85,17 @@ class _ActorConfig(dict):
         super().__init__(clip_ratio_c=3.0)
         self.clip_ratio, self.clip_ratio_low, self.clip_ratio_high = low, low, high
         self.global_batch_info = {"dp_size": 1, "batch_num_tokens": num_tokens}
+
+
+def _as_verl_actor_config(low: float, high: float, num_tokens: int, num_seqs: int):
+    """GSPO and CISPO check `isinstance(config, ActorConfig)`: a real one, with the fields they read."""
+    from verl.workers.config.actor import ActorConfig
+
+    config = ActorConfig.__new__(ActorConfig)
+    for key, value in {"clip_ratio": low, "clip_ratio_low": low, "clip_ratio_high": high}.items():
+        object.__setattr__(config, key, value)
+    object.__setattr__(config, "global_batch_info", {"dp_size": 1, "batch_num_tokens": num_tokens, "global_batch_size": num_seqs})
+    return config
 
 
 @pytest.mark.parametrize(("seed", "low", "high"), [(0, 0.2, 0.2), (1, 0.2, 0.28), (2, 0.1, 0.3)])
@@ -74,7 +106,7 @@ def test_ppo_clip_matches_verl(core_algos, seed: int, low: float, high: float) -
     new = old + (torch.rand(mask.shape, generator=g) - 0.5) * 1.6  # ratios in [0.45, 2.2]: below verl's dual-clip bound 3
     adv = torch.randn(mask.shape[0], 1, generator=g).expand_as(mask) * mask
     ref, metrics = core_algos.compute_policy_loss_vanilla(old, new, adv, mask, "token-mean", _ActorConfig(low, high, int(mask.sum())))
-    out = ppo_clip(new, old, adv, low, high)
+    out = ppo_clip(new, old, adv, mask, clip_ratio_low=low, clip_ratio_high=high)
     assert torch.allclose(token_mean(out.loss, mask, mask.sum()), ref, atol=1e-6)
     assert abs(float((out.clipped.float() * mask).sum() / mask.sum()) - metrics["actor/pg_clipfrac"]) < 1e-6
 
@@ -121,3 +153,21 @@ def test_advantages_match_trl(trl, tiny_policy_dir, tmp_path: Path, estimator: s
         ref = _trl_advantages(trl, tiny_policy_dir, tmp_path, rewards, group_size, "grpo", scale_rewards=scale)
         ours = grpo(rewards, group_ids, normalize_by_std=scale == "group", eps=1e-4)  # TRL's epsilon
     assert torch.allclose(ours, ref, atol=1e-5), (ours, ref)
+
+
+@pytest.mark.parametrize(("name", "mode"), [("gspo", "seq-mean-token-mean"), ("gspo", "token-mean"), ("cispo", "token-mean")])
+def test_gspo_and_cispo_match_verl(core_algos, name: str, mode: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    _, _, mask, _ = _batch(3)
+    old = -torch.rand(mask.shape, generator=g) * 3
+    new = (old + (torch.rand(mask.shape, generator=g) - 0.5) * 0.8).requires_grad_(True)
+    adv = torch.randn(mask.shape[0], 1, generator=g).expand_as(mask) * mask
+    low, high = (3e-4, 4e-4) if name == "gspo" else (0.2, 0.28)
+    config = _as_verl_actor_config(low, high, int(mask.sum()), mask.shape[0])
+    reference = core_algos.compute_policy_loss_gspo if name == "gspo" else core_algos.compute_policy_loss_cispo
+    ref, _ = reference(old, new, adv, mask, mode, config)
+    ref_grad, = torch.autograd.grad(ref, new)
+    ours_fn = gspo if name == "gspo" else cispo
+    ours = aggregate(ours_fn(new, old, adv, mask, clip_ratio_low=low, clip_ratio_high=high).loss, mask, mode, float(mask.sum()), mask.shape[0], mask.shape[1])
+    grad, = torch.autograd.grad(ours, new)
+    assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
