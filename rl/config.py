@@ -102,6 +102,12 @@ class DataConfig(_Section):
     train_size: int = Field(20000, ge=1, description="Generated training prompts (built-in task).")
     eval_size: int = Field(256, ge=1, description="Held-out prompts for eval (built-in task, or a cap on eval_files).")
     shuffle: bool = Field(True, description="Reshuffle training prompts every epoch.")
+    sampling: Literal["epoch", "prioritized"] = Field(
+        "epoch",
+        description="epoch: every prompt once per epoch; prioritized (K1.5): draw prompts with probability proportional to "
+        "1 - their tracked success rate (unseen prompts count as 0), so solved prompts fade and hard ones return.",
+    )
+    success_ema: float = Field(0.5, gt=0, le=1, description="prioritized: weight of the newest step's accuracy in a prompt's tracked success rate.")
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -254,7 +260,9 @@ class TrainerConfig(_Section):
     steps: int = Field(30, ge=1, description="RL steps.")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (each sampled `samples_per_prompt` times).")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (AdamW and Muon).")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon: Muon for hidden 2-D weight matrices, AdamW for the rest (rl/optim.py).")
+    reset_optimizer_each_step: bool = Field(False, description="K1.5: fresh optimizer state at every RL iteration (each step's batch is a new problem).")
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per learner forward/backward.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner actor.")

@@ -42,7 +42,7 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
         _check_resources(cfg)
         train_rows = load_split(cfg, "train", run_dir / "data")
         eval_rows = load_split(cfg, "eval", run_dir / "data") if cfg.eval.enabled else []
-        sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle)
+        sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle, cfg.data.sampling, cfg.data.success_ema)
         learner = LearnerActor.options(num_cpus=cfg.trainer.learner_cpus).remote(str(policy_dir), cfg)
         workers = [
             RolloutWorkerActor.options(num_cpus=cfg.rollout.cpus_per_worker).remote(str(policy_dir), cfg, i)
@@ -98,6 +98,8 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_
             with timer("score"):
                 fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
                 result = scorer.score(trajectories, step)
+            if cfg.data.sampling == "prioritized":
+                sampler.update(_accuracy_by_row(result.scored))
             if cfg.logging.save_trajectories and result.scored:
                 save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
             if result.scored:
@@ -154,6 +156,14 @@ def _check_resources(cfg: JobConfig) -> None:
                 f"the job needs {need:g} {resource}s ({detail}) but the Ray cluster has {have.get(resource, 0.0):g}: lower those, "
                 f"or give the local instance more with cluster.num_cpus (logical CPUs may exceed the cores)"
             )
+
+
+def _accuracy_by_row(scored) -> dict[int, float]:
+    """Share of each prompt's scored samples judged correct (prompts by their row index)."""
+    hits: dict[int, list[bool]] = {}
+    for s in scored:
+        hits.setdefault(s.trajectory.row.index, []).append(s.correct)
+    return {i: sum(h) / len(h) for i, h in hits.items()}
 
 
 def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:

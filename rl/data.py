@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from rl.config import JobConfig
 from rl.records import PromptRow
@@ -115,13 +117,24 @@ def to_prompt_row(index: int, row: dict[str, Any]) -> PromptRow:
 
 @dataclass
 class PromptSampler:
-    """Epoch-shuffled walk over the training rows; (epoch, position) is the data cursor."""
+    """Which training prompts each step gets.
+
+    `epoch`: an epoch-shuffled walk over the rows; (epoch, position) is the data cursor. `prioritized` (Kimi
+    K1.5): each draw picks prompt i with probability (1 - s_i) / sum_j (1 - s_j), s_i the prompt's tracked success
+    rate (an exponential moving average of its groups' accuracy, `update`); unseen prompts have s = 0. When every
+    prompt is solved (all weights 0) it draws uniformly. The cursor then also holds the success rates and the
+    draw counter, so a resumed job draws the same prompts.
+    """
 
     rows: list[PromptRow]
     seed: int
     shuffle: bool = True
+    mode: str = "epoch"
+    success_ema: float = 0.5
     epoch: int = 0
     position: int = 0
+    draws: int = 0
+    success: dict[int, float] = field(default_factory=dict)
 
     def _order(self) -> list[int]:
         order = list(range(len(self.rows)))
@@ -130,6 +143,8 @@ class PromptSampler:
         return order
 
     def next(self, n: int) -> list[PromptRow]:
+        if self.mode == "prioritized":
+            return [self.rows[i] for i in self.draw_indices(n)]
         out: list[PromptRow] = []
         order = self._order()
         while len(out) < n:
@@ -140,8 +155,26 @@ class PromptSampler:
             self.position += 1
         return out
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def weights(self) -> torch.Tensor:
+        """Current draw probabilities over the rows (prioritized mode)."""
+        w = torch.tensor([1.0 - self.success.get(i, 0.0) for i in range(len(self.rows))], dtype=torch.float64)
+        return w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def draw_indices(self, n: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.draws)
+        self.draws += 1
+        return torch.multinomial(self.weights(), n, replacement=True, generator=generator).tolist()
+
+    def update(self, accuracy_by_row: dict[int, float]) -> None:
+        """Fold a step's per-prompt accuracy (row index -> share of its samples judged correct) into the rates."""
+        for i, acc in accuracy_by_row.items():
+            old = self.success.get(i)
+            self.success[i] = acc if old is None else (1 - self.success_ema) * old + self.success_ema * acc
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "draws": self.draws, "success": {str(k): v for k, v in self.success.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.draws = int(state.get("draws", 0))
+        self.success = {int(k): float(v) for k, v in state.get("success", {}).items()}

@@ -3,7 +3,7 @@
 Each step it recomputes the logprobs of the sampled tokens at the rollout temperature, reports how far they are
 from the rollout logprobs (mean |Δ logp| and a KL estimate, before any update, i.e. at the weights that
 generated the batch when rollouts are synchronous), applies the configured policy loss over micro-batches with
-gradient accumulation, clips the gradient norm and steps AdamW. Its version number counts the updates; weights
+gradient accumulation, clips the gradient norm and steps the optimizer (AdamW, or Muon + AdamW: rl/optim.py). Its version number counts the updates; weights
 leave as a state dict tagged with that version.
 
 With `quant.enabled`, the targeted weights (`rl.quant`) leave packed as INT4, and in "qat" mode the forward runs
@@ -26,6 +26,7 @@ import transformers
 
 from rl.config import JobConfig
 from rl.losses import LOSSES, aggregate, token_band_mask, token_mean
+from rl.optim import build_optimizer
 
 # Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
 DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
@@ -42,7 +43,7 @@ class Learner:
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.trainer)
         self.loss_fn = LOSSES.get(cfg.algorithm.loss)
         mode = cfg.algorithm.loss_agg_mode
         self.agg_mode = DEFAULT_AGG.get(cfg.algorithm.loss, "token-mean") if mode == "auto" else mode
@@ -137,6 +138,8 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cfg.trainer.reset_optimizer_each_step:
+            self.optimizer = build_optimizer(self.model, cfg.trainer)
         self.version += 1
         metrics = {
             "loss": sums["loss"],

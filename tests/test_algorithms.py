@@ -102,3 +102,47 @@ def test_token_mask_zeroes_gradient_outside_the_band_for_both_signs_of_advantage
         grad, = torch.autograd.grad(aggregate(out.loss, band, "token-mean", 8.0, 2, 4), x)
         assert torch.equal(grad[:, [0, 3]], torch.zeros(2, 2)), name
         assert (grad[0, 1:3] < 0).all() and (grad[1, 1:3] > 0).all(), name  # inside the band: the usual signs
+
+
+def test_prioritized_sampling_frequencies_match_their_targets_over_20k_draws() -> None:
+    from rl.data import PromptSampler
+    from rl.records import PromptRow
+
+    rows = [PromptRow(i, [{"role": "user", "content": str(i)}], "t", "0") for i in range(6)]
+    sampler = PromptSampler(rows, seed=0, mode="prioritized", success_ema=1.0)
+    sampler.update({0: 1.0, 1: 0.75, 2: 0.5, 3: 0.25, 4: 0.0})  # row 5 unseen: success 0, like row 4
+    target = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.0]) / 3.5
+    assert torch.allclose(sampler.weights().float(), target)
+    counts = torch.zeros(6)
+    for _ in range(20000 // 16):
+        for i in sampler.draw_indices(16):
+            counts[i] += 1
+    freq = counts / counts.sum()
+    assert counts[0] == 0 and (freq - target).abs().max() < 0.02 and 0.5 * (freq - target).abs().sum() < 0.01
+    resumed = PromptSampler(rows, seed=0, mode="prioritized")
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.draw_indices(8) == sampler.draw_indices(8)  # success rates and draw counter travel in checkpoints
+    sampler.update({1: 0.0})  # the EMA (weight 1 here) moves the rate to the newest accuracy
+    assert sampler.success[1] == 0.0 and sampler.weights()[1] == sampler.weights()[4]
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_policy_dir, make_cfg) -> None:
+    from rl.optim import build_optimizer, muon_parameters
+    from rl.policy import load_policy
+
+    cfg = make_cfg("trainer.optimizer=muon")
+    model, _ = load_policy(tiny_policy_dir, cfg.model)
+    muon, adamw = muon_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 for p in muon) and not any("embed" in names[id(p)] or "lm_head" in names[id(p)] for p in muon)
+    assert any(p.ndim == 3 for p in adamw) and len(muon) + len(adamw) == len(list(model.parameters()))
+    optimizer = build_optimizer(model, cfg.trainer)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    moved = {names[id(p)] for p, b in zip(model.parameters(), before, strict=True) if not torch.equal(p, b)}
+    assert {names[id(p)] for p in muon} <= moved and any("embed" in n for n in moved)
+    state = optimizer.state_dict()
+    assert set(state) == {"muon", "adamw"} and state["muon"]["state"]
+    build_optimizer(model, cfg.trainer).load_state_dict(state)  # round-trips through checkpoints
