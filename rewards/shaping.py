@@ -1,6 +1,6 @@
-"""Shaping rewards: the response format, and Kimi K1.5's length reward.
+"""Shaping rewards: the response format, Kimi K1.5's length reward, and DAPO's overlong penalty.
 
-Both are TRL-style (a batch per call): the format reward reads every assistant turn of a completion, the length
+All are TRL-style (a batch per call): the format reward reads every assistant turn of a completion, the length
 reward compares the samples of a group.
 """
 
@@ -72,3 +72,13 @@ def length_reward(
             lam = 0.5 - (lengths[i] - lo) / (hi - lo)
             scores[i] = lam if correct[i] else min(0.0, lam)
     return scores
+
+
+@register_reward("dapo_overlong")
+def overlong_penalty(prompts: list, completions: list, completion_ids: list[list[int]], max_length: int = 256, cache_length: int = 64, **kwargs: Any) -> list[float]:
+    """DAPO's soft overlong punishment on the generated length L: 0 up to `max_length - cache_length`, then
+    linearly down to -1 at `max_length`, and -1 beyond (set `max_length` to the task's token budget)."""
+    if not 0 < cache_length <= max_length:
+        raise ValueError(f"dapo_overlong needs 0 < cache_length <= max_length, got {cache_length}, {max_length}")
+    start = max_length - cache_length
+    return [0.0 if len(ids) <= start else max(-1.0, (start - len(ids)) / cache_length) for ids in completion_ids]

@@ -246,6 +246,16 @@ class AlgorithmConfig(_Section):
         None, description="K2.5 token mask [alpha, beta]: tokens whose log(pi/pi_rollout) leaves this band get no gradient (null = off)."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: coef x mean token entropy is subtracted from the loss.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference policy (the job's starting weights) added to the loss; 0 = off, no reference copy kept.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1 = log ratio, k2 = half squared, k3 = exp(-x) - 1 + x).")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal (no signal) and draw new prompts to refill the batch.")
+    dynamic_sampling_max_rounds: int = Field(3, ge=1, description="DAPO: extra generate-and-score rounds a step may take to refill.")
+    rollout_correction: Literal["none", "tis", "mis"] = Field(
+        "none",
+        description="Train-inference mismatch: none = the loss's ratio is taken against the rollout logprobs; tis/mis = against "
+        "the learner's own, times the truncated (tis) or masked (mis) importance weight pi_learner/pi_rollout.",
+    )
+    rollout_correction_cap: float = Field(2.0, gt=1, description="tis: weights truncated at this; mis: weights outside [1/cap, cap] masked.")
 
     @model_validator(mode="after")
     def _check_band(self) -> AlgorithmConfig:

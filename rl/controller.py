@@ -8,6 +8,7 @@ Everything that is not the loop lives elsewhere: the policy and its warm start (
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import ray
@@ -27,7 +28,7 @@ from rl.records import TrainBatch
 from rl.warmstart import prepare_policy
 from rl.weights import WeightSync
 from rewards.models import fetch_model_scores, start_reward_models
-from rewards.scoring import RewardScorer
+from rewards.scoring import RewardScorer, ScoringResult
 from rollouts.worker import RolloutWorkerActor, generate_step_on_workers
 
 console = Console()
@@ -91,22 +92,14 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_
         bar = progress.add_task("rl", total=cfg.trainer.steps, completed=first_step - 1, status="")
         for step in range(first_step, cfg.trainer.steps + 1):
             timer = StageTimer()
-            rows = sampler.next(cfg.trainer.prompts_per_step)
-            with timer("generate"):
-                first_group = (step - 1) * cfg.trainer.prompts_per_step
-                trajectories = generate_step_on_workers(workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget)
-            with timer("score"):
-                fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
-                result = scorer.score(trajectories, step)
-            if cfg.data.sampling == "prioritized":
-                sampler.update(_accuracy_by_row(result.scored))
+            result, sampling_metrics = _rollouts(cfg, step, sampler, workers, reward_models, scorer, timer)
             if cfg.logging.save_trajectories and result.scored:
                 save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
             if result.scored:
                 metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)
             else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
                 metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
-            metrics.update({"failed_samples": float(result.failed), **result.metrics, **timer.times, "time_step_s": sum(timer.times.values())})
+            metrics.update({"failed_samples": float(result.failed), **result.metrics, **sampling_metrics, **timer.times, "time_step_s": sum(timer.times.values())})
             if cfg.rollout.partial_rollout_budget:
                 metrics["paused_samples"] = float(sum(ray.get([w.num_paused.remote() for w in workers])))
             if cfg.eval.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
@@ -123,6 +116,47 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_
         console.print(f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}")
     console.print(f"run directory: {run_dir}")
     return evals
+
+
+def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward_models: dict, scorer: RewardScorer, timer: StageTimer) -> tuple[ScoringResult, dict[str, float]]:
+    """Generate and score one step's batch.
+
+    With `algorithm.dynamic_sampling` (DAPO), groups whose samples all got the same reward (no learning signal)
+    are dropped and new prompts are drawn to replace them, for at most `dynamic_sampling_max_rounds` extra rounds;
+    the batch keeps at most `trainer.prompts_per_step` groups.
+    """
+    want, rounds = cfg.trainer.prompts_per_step, cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 0
+    kept: list = []
+    failed, dropped, counts = 0, 0, Counter()
+    for round_ in range(rounds + 1):
+        missing = want - len({s.trajectory.group_id for s in kept})
+        if missing <= 0:
+            break
+        rows = sampler.next(missing)
+        with timer("generate"):
+            first_group = ((step - 1) * (rounds + 1) + round_) * want  # unique across steps and rounds
+            trajectories = generate_step_on_workers(workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget)
+        with timer("score"):
+            fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
+            result = scorer.score(trajectories, step)
+        if cfg.data.sampling == "prioritized":
+            sampler.update(_accuracy_by_row(result.scored))
+        failed += result.failed
+        counts.update(result.metrics)
+        groups: dict[int, list] = {}
+        for s in result.scored:
+            groups.setdefault(s.trajectory.group_id, []).append(s)
+        for members in groups.values():
+            if cfg.algorithm.dynamic_sampling and len({s.reward for s in members}) == 1:
+                dropped += 1
+            else:
+                kept.extend(members)
+        if not cfg.algorithm.dynamic_sampling:
+            break
+    keep_ids = list(dict.fromkeys(s.trajectory.group_id for s in kept))[:want]
+    kept = [s for s in kept if s.trajectory.group_id in set(keep_ids)]
+    extra = {"dropped_groups": float(dropped), "sampling_rounds": float(round_ + 1)} if cfg.algorithm.dynamic_sampling else {}
+    return ScoringResult(scored=kept, failed=failed, metrics=dict(counts)), extra
 
 
 def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: WeightSync, timer: StageTimer) -> dict[str, float]:

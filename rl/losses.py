@@ -95,6 +95,34 @@ def token_band_mask(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: to
     return mask * ((log_ratio >= band[0]) & (log_ratio <= band[1])).to(mask.dtype)
 
 
+def rollout_correction(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mode: str, cap: float) -> torch.Tensor:
+    """Per-token importance weights pi_learner / pi_rollout (no gradient) for the train-inference mismatch.
+
+    tis (truncated IS, as in verl's rollout correction and Yao et al. 2025): min(w, cap); mis (masked IS): w
+    inside [1/cap, cap], 0 outside (tokens the engine and the learner disagree on too much drop out). With a
+    correction on, the loss's own ratio is taken against the learner's logprobs at the start of the step.
+    """
+    w = torch.exp((logprobs.detach() - rollout_logprobs).clamp(-20.0, 20.0))
+    if mode == "tis":
+        return w.clamp(max=cap)
+    if mode == "mis":
+        return w * ((w >= 1.0 / cap) & (w <= cap)).to(w.dtype)
+    raise ValueError(f"unknown rollout correction {mode!r} (tis, mis)")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman 2020): k1 = log r, k2 = (log r)^2 / 2,
+    k3 = exp(-log r) - 1 + log r (unbiased, always >= 0), with log r = logp - logp_ref (verl's low_var_kl is k3)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: AggMode, batch_tokens: float, batch_sequences: int, horizon: int) -> torch.Tensor:
     """One micro-batch's share of the batch loss (shares add up to the whole batch's aggregate).
 

@@ -146,3 +146,30 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_policy_dir, make
     state = optimizer.state_dict()
     assert set(state) == {"muon", "adamw"} and state["muon"]["state"]
     build_optimizer(model, cfg.trainer).load_state_dict(state)  # round-trips through checkpoints
+
+
+def test_rollout_corrections_truncate_or_mask_the_importance_weights() -> None:
+    from rl.losses import rollout_correction
+
+    rollout = torch.zeros(1, 4)
+    learner = torch.log(torch.tensor([[0.25, 0.9, 1.5, 3.0]]))  # pi_learner / pi_rollout per token
+    assert torch.allclose(rollout_correction(learner, rollout, "tis", 2.0), torch.tensor([[0.25, 0.9, 1.5, 2.0]]))
+    assert torch.allclose(rollout_correction(learner, rollout, "mis", 2.0), torch.tensor([[0.0, 0.9, 1.5, 0.0]]))
+    assert torch.allclose(rollout_correction(rollout, rollout, "tis", 2.0), torch.ones(1, 4))  # no mismatch: no correction
+
+
+def test_dapo_overlong_penalty_is_soft_then_hard() -> None:
+    from rewards.shaping import overlong_penalty
+
+    ids = [[0] * n for n in (10, 12, 14, 16, 20)]
+    assert overlong_penalty([], [None] * 5, ids, max_length=16, cache_length=4) == [0.0, 0.0, -0.5, -1.0, -1.0]
+
+
+def test_kl_estimators_hand_worked() -> None:
+    from rl.losses import kl_penalty
+
+    logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.2)])
+    r = math.log(2.0)
+    assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.tensor([r, 0.0]))
+    assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.tensor([r * r / 2, 0.0]))
+    assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([0.5 - 1 + r, 0.0]))

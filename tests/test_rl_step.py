@@ -87,7 +87,7 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     a, b = _policy(straight / "checkpoints/step_000003"), _policy(resumed / "checkpoints/step_000003")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = lambda d: json.loads((d / "checkpoints/step_000003/controller_state.json").read_text())  # noqa: E731
-    assert state(straight) == state(resumed) and state(straight)["data_cursor"] == {"epoch": 0, "position": 12}
+    assert state(straight) == state(resumed) and state(straight)["data_cursor"] == {"epoch": 0, "position": 12, "draws": 0, "success": {}}
     assert _metrics(straight)[2]["reward_mean"] == _metrics(resumed)[2]["reward_mean"]
 
 
@@ -115,3 +115,32 @@ def test_python_math_job_with_partial_rollouts_trains_groups_once_they_finish(tm
     assert all(r["policy_lag_mean"] >= 0 for r in trained) and rows[-1]["policy_version"] >= 1
     data = (tmp_path / "data").glob("python_math-train-*.jsonl")
     assert "tiderl/python_math" in next(data).read_text()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_dynamic_sampling_drops_groups_without_signal_and_refills(tmp_path: Path, make_cfg) -> None:
+    """The untrained policy never answers right: every group's rewards are all 0, so DAPO's dynamic sampling drops
+    each group and draws new prompts, round after round, then skips the step; with a varying reward it keeps them."""
+    common = ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=2", "trainer.steps=1", "eval.enabled=false"]
+    train(make_cfg(*common), tmp_path / "flat")
+    (row,) = _metrics(tmp_path / "flat")
+    assert (row["dropped_groups"], row["sampling_rounds"], row["skipped_step"]) == (12.0, 3.0, 1.0)
+    cursor = json.loads((tmp_path / "flat" / "checkpoints/step_000001/controller_state.json").read_text())["data_cursor"]
+    assert cursor["position"] == 12  # 3 rounds x 4 prompts drawn
+    train(make_cfg(*common, f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]"), tmp_path / "varied")
+    (row,) = _metrics(tmp_path / "varied")
+    assert row["num_samples"] == 8 and "loss" in row  # 4 groups with signal, refilled if any was dropped
+
+
+def test_learner_with_kl_and_corrections_reports_them(tiny_policy_dir, make_cfg) -> None:
+    cfg = make_cfg("algorithm.kl_coef=0.1", "algorithm.rollout_correction=tis", "algorithm.token_mask=[-0.5, 0.5]", "algorithm.entropy_coef=0.01",
+                   "algorithm.loss=cispo", f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]")
+    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg, 0), Learner(str(tiny_policy_dir), cfg)
+    scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(4), 2)).scored
+    rewards, groups = torch.tensor([s.reward for s in scored]), torch.tensor([s.trajectory.group_id for s in scored])
+    batch = TrainBatch.from_scored(scored, grpo(rewards, groups), pad_token_id=worker.pad_token_id())
+    first = learner.train_step(batch)
+    assert first["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the learner starts at the reference
+    assert first["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and first["token_mask_fraction"] == 0.0
+    second = learner.train_step(batch)
+    assert second["kl_to_reference"] > 0 and second["token_mask_fraction"] >= 0.0
