@@ -100,30 +100,68 @@ class RewardFunction:
         self.timeout_s = timeout_s
 
     async def score(self, inputs: list[RewardInput], step: int, correct: list[bool] | None) -> Scores:
-        if self.style == "verl":
-            results = await asyncio.gather(*(self._verl_one(x) for x in inputs))
-            return Scores([v for v, _ in results], [a for _, a in results])
-        return await self._trl(inputs, step, correct)
+        if self.style == "trl":
+            return await self._trl(inputs, step, correct)
+        if self.is_async:
+            results = await asyncio.gather(*(self._verl_async_one(x) for x in inputs))
+        else:
+            results = await self._verl_sync(inputs)
+        return Scores([v for v, _ in results], [a for _, a in results])
 
     async def _call(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_async:
             return await asyncio.wait_for(self.fn(*args, **kwargs), self.timeout_s)
         return await asyncio.wait_for(_in_daemon_thread(functools.partial(self.fn, *args, **kwargs)), self.timeout_s)
 
-    async def _verl_one(self, x: RewardInput) -> tuple[float | None | Failure, bool | None]:
+    async def _verl_async_one(self, x: RewardInput) -> tuple[float | None | Failure, bool | None]:
         try:
             raw = await self._call(x.data_source, x.response_text, x.ground_truth, x.extra_info)
         except TimeoutError:
             return Failure(f"timed out after {self.timeout_s:g} s"), None
         except Exception as e:
             return Failure(f"raised {type(e).__name__}: {e}"), None
-        acc = None
-        if isinstance(raw, dict):
-            if "score" not in raw:
-                return Failure(f"returned a dict without 'score': {_short(raw)}"), None
-            acc = bool(raw["acc"]) if raw.get("acc") is not None else None
-            raw = raw["score"]
-        return _check_value(raw), acc
+        return _verl_value(raw)
+
+    async def _verl_sync(self, inputs: list[RewardInput]) -> list[tuple[float | None | Failure, bool | None]]:
+        """A sync verl function over the batch in one daemon thread, sample after sample, each within `timeout_s`.
+
+        One thread per batch rather than per sample: thread start-up and hand-over cost more than a typical
+        verifier call. A sample that overruns is failed, its thread is told to stop (it is abandoned if stuck),
+        and a fresh thread takes the remaining samples.
+        """
+        loop = asyncio.get_running_loop()
+        results: list[tuple[float | None | Failure, bool | None]] = [(None, None)] * len(inputs)
+        start = 0
+        while start < len(inputs):
+            queue: asyncio.Queue = asyncio.Queue()
+            stop = threading.Event()
+
+            def work(first: int = start, queue: asyncio.Queue = queue, stop: threading.Event = stop) -> None:
+                for j in range(first, len(inputs)):
+                    if stop.is_set():
+                        return
+                    x = inputs[j]
+                    try:
+                        outcome: tuple[bool, Any] = (True, self.fn(x.data_source, x.response_text, x.ground_truth, x.extra_info))
+                    except Exception as e:  # delivered to the loop, which fails this sample only
+                        outcome = (False, e)
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, (j, outcome))
+                    except RuntimeError:  # scoring finished without us (we were abandoned)
+                        return
+
+            threading.Thread(target=work, daemon=True, name="tiderl-reward").start()
+            while start < len(inputs):
+                try:
+                    j, (ok, value) = await asyncio.wait_for(queue.get(), self.timeout_s)
+                except TimeoutError:
+                    stop.set()
+                    results[start] = (Failure(f"timed out after {self.timeout_s:g} s"), None)
+                    start += 1
+                    break
+                results[j] = _verl_value(value) if ok else (Failure(f"raised {type(value).__name__}: {value}"), None)
+                start = j + 1
+        return results
 
     async def _trl(self, inputs: list[RewardInput], step: int, correct: list[bool] | None) -> Scores:
         try:
@@ -193,6 +231,17 @@ def _in_daemon_thread(call: Callable[[], Any]) -> asyncio.Future:
 
     threading.Thread(target=run, daemon=True, name="tiderl-reward").start()
     return future
+
+
+def _verl_value(raw: Any) -> tuple[float | None | Failure, bool | None]:
+    """A verl-style return value: a number, None, or a dict with `score` (and optionally `acc`)."""
+    acc = None
+    if isinstance(raw, dict):
+        if "score" not in raw:
+            return Failure(f"returned a dict without 'score': {_short(raw)}"), None
+        acc = bool(raw["acc"]) if raw.get("acc") is not None else None
+        raw = raw["score"]
+    return _check_value(raw), acc
 
 
 def _check_value(raw: Any) -> float | None | Failure:

@@ -42,7 +42,15 @@ class RewardScorer:
 
     def score(self, trajectories: list[Trajectory], step: int = 0) -> ScoringResult:
         """Score a batch; `step` reaches TRL-style functions as `trainer_state.global_step`."""
-        return asyncio.run(self._score(trajectories, step))
+        out: list[ScoringResult] = []
+
+        async def main() -> None:
+            # The result travels in `out`, not as the task's result: on Python 3.11, asyncio.run's SIGINT-handler
+            # check formats the finished main task with repr(result), and a batch of trajectories takes ~0.2 s to repr.
+            out.append(await self._score(trajectories, step))
+
+        asyncio.run(main())
+        return out[0]
 
     async def _score(self, trajectories: list[Trajectory], step: int) -> ScoringResult:
         counts: Counter[str] = Counter()

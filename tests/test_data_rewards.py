@@ -68,9 +68,9 @@ def test_builtin_task_splits_differ_and_cursor_walks_epochs(tmp_path, make_cfg) 
     assert not {r.extra_info["expression"] for r in held_out} & {r.extra_info["expression"] for r in train}
     sampler = PromptSampler(train, seed=0)
     first = sampler.next(60)
-    assert sampler.state_dict() == {"epoch": 0, "position": 60}
+    assert sampler.state_dict() == {"epoch": 0, "position": 60, "draws": 0, "success": {}}
     second = sampler.next(10)
-    assert sampler.state_dict() == {"epoch": 1, "position": 6}
+    assert sampler.state_dict() == {"epoch": 1, "position": 6, "draws": 0, "success": {}}
     assert len({r.index for r in first + second[:4]}) == 64  # the first epoch visits every row once
     replay = PromptSampler(train, seed=0)
     replay.load_state_dict({"epoch": 0, "position": 60})
