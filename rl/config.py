@@ -248,6 +248,9 @@ class AlgorithmConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: coef x mean token entropy is subtracted from the loss.")
     kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference policy (the job's starting weights) added to the loss; 0 = off, no reference copy kept.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1 = log ratio, k2 = half squared, k3 = exp(-x) - 1 + x).")
+    ptx_coef: float = Field(0.0, ge=0, description="PTX loss (K1.5/K2): weight of an auxiliary NLL on curated examples (algorithm.ptx_files); 0 = off.")
+    ptx_files: list[str] = Field(default_factory=list, description="JSONL files of {messages: [...]} (loss on assistant turns) or {text: ...} for the PTX loss.")
+    ptx_batch_size: int = Field(8, ge=1, description="PTX examples per learner step.")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal (no signal) and draw new prompts to refill the batch.")
     dynamic_sampling_max_rounds: int = Field(3, ge=1, description="DAPO: extra generate-and-score rounds a step may take to refill.")
     rollout_correction: Literal["none", "tis", "mis"] = Field(

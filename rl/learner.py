@@ -32,6 +32,7 @@ from rl.optim import build_optimizer
 # Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
 DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
 from rl.policy import load_policy
+from rl.ptx import PtxData
 from rl.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
 from rl.records import TrainBatch
 
@@ -47,6 +48,7 @@ class Learner:
         self.optimizer = build_optimizer(self.model, cfg.trainer)
         # the reference policy for the KL penalty: a frozen copy of the starting weights (only when used)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
+        self.ptx = PtxData(cfg.algorithm, self.tokenizer, cfg.seed, cfg.rollout.max_tokens_per_sample) if cfg.algorithm.ptx_coef > 0 else None
         self.loss_fn = LOSSES.get(cfg.algorithm.loss)
         mode = cfg.algorithm.loss_agg_mode
         self.agg_mode = DEFAULT_AGG.get(cfg.algorithm.loss, "token-mean") if mode == "auto" else mode
@@ -153,6 +155,12 @@ class Learner:
                 for key, part in (("fresh", mask - stale), ("stale", stale)):
                     sums[key] += float((delta.abs() * part).sum())
                     sums[f"{key}_tokens"] += float(part.sum())
+        if self.ptx is not None:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
+            ids, attn, ptx_mask = self.ptx.batch()
+            logp, _ = self.sequence_logprobs(ids, attn, fake_quant)
+            nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
+            (cfg.algorithm.ptx_coef * nll).backward()
+            sums["ptx"] = nll.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -171,6 +179,7 @@ class Learner:
             "token_mask_fraction": sums["masked"] / num_tokens,
             **({"rollout_is_weight_mean": sums["is_weight"]} if cfg.algorithm.rollout_correction != "none" else {}),
             **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None else {}),
+            **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),
             "policy_version": float(self.version),
             "policy_lag_mean": float(lag.float().mean()),
         }

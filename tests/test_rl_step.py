@@ -144,3 +144,22 @@ def test_learner_with_kl_and_corrections_reports_them(tiny_policy_dir, make_cfg)
     assert first["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and first["token_mask_fraction"] == 0.0
     second = learner.train_step(batch)
     assert second["kl_to_reference"] > 0 and second["token_mask_fraction"] >= 0.0
+
+
+def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_path: Path) -> None:
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("\n".join(json.dumps(x) for x in [
+        {"messages": [{"role": "user", "content": "Compute 2*3."}, {"role": "assistant", "content": "<think>easy</think>The answer is 6."}]},
+        {"text": "The answer is 42."},
+    ]) + "\n")
+    cfg = make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{ptx}]", "algorithm.ptx_batch_size=4", "trainer.lr=1e-2",
+                   "reward.functions=[{name: calculator}]")
+    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg, 0), Learner(str(tiny_policy_dir), cfg)
+    ids, mask = learner.ptx.examples[0]
+    assert 0 < sum(mask) < len(mask)  # only the assistant turn is trained on in a chat example
+    scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(2), 2)).scored
+    batch = TrainBatch.from_scored(scored, torch.zeros(len(scored)), pad_token_id=worker.pad_token_id())  # no RL signal
+    losses = [learner.train_step(batch)["ptx_loss"] for _ in range(6)]
+    assert losses[-1] < 0.8 * losses[0]
+    with pytest.raises(FileNotFoundError, match="algorithm.ptx_files"):
+        Learner(str(tiny_policy_dir), make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{tmp_path / 'nope.jsonl'}]"))
