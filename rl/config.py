@@ -102,10 +102,11 @@ class DataConfig(_Section):
     train_size: int = Field(20000, ge=1, description="Generated training prompts (built-in task).")
     eval_size: int = Field(256, ge=1, description="Held-out prompts for eval (built-in task, or a cap on eval_files).")
     shuffle: bool = Field(True, description="Reshuffle training prompts every epoch.")
-    sampling: Literal["epoch", "prioritized"] = Field(
+    sampling: Literal["epoch", "prioritized", "curriculum"] = Field(
         "epoch",
         description="epoch: every prompt once per epoch; prioritized (K1.5): draw prompts with probability proportional to "
-        "1 - their tracked success rate (unseen prompts count as 0), so solved prompts fade and hard ones return.",
+        "1 - their tracked success rate (unseen prompts count as 0), so solved prompts fade and hard ones return; "
+        "curriculum (K1.5): each epoch walks the prompts from easy to hard by `extra_info.difficulty` (a number).",
     )
     success_ema: float = Field(0.5, gt=0, le=1, description="prioritized: weight of the newest step's accuracy in a prompt's tracked success rate.")
 
@@ -196,6 +197,8 @@ class RolloutConfig(_Section):
     threads_per_worker: int = Field(1, ge=1, description="torch threads inside each rollout worker.")
     samples_per_prompt: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature.")
+    temperature_final: float | None = Field(None, gt=0, description="Temperature schedule (K2): decay linearly from `temperature` to this over `temperature_decay_steps` RL steps; null = constant.")
+    temperature_decay_steps: int = Field(1, ge=1, description="RL steps of the temperature decay.")
     max_new_tokens_per_turn: int = Field(40, ge=1, description="Token budget of one assistant turn.")
     max_tokens_per_sample: int = Field(256, ge=16, description="Budget of a whole sample (prompt + turns + observations).")
     token_budgets: dict[str, int] = Field(
@@ -246,7 +249,10 @@ class AlgorithmConfig(_Section):
         None, description="K2.5 token mask [alpha, beta]: tokens whose log(pi/pi_rollout) leaves this band get no gradient (null = off)."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: coef x mean token entropy is subtracted from the loss.")
-    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference policy (the job's starting weights) added to the loss; 0 = off, no reference copy kept.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference policy (the job's starting weights); 0 = off, no reference copy kept.")
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss", description="loss: coef x per-token KL estimate added to the loss (GRPO); reward: coef x the sample's summed log-ratio subtracted from its reward before advantages (PPO/RLOO style)."
+    )
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1 = log ratio, k2 = half squared, k3 = exp(-x) - 1 + x).")
     ptx_coef: float = Field(0.0, ge=0, description="PTX loss (K1.5/K2): weight of an auxiliary NLL on curated examples (algorithm.ptx_files); 0 = off.")
     ptx_files: list[str] = Field(default_factory=list, description="JSONL files of {messages: [...]} (loss on assistant turns) or {text: ...} for the PTX loss.")

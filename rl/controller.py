@@ -44,6 +44,7 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
         train_rows = load_split(cfg, "train", run_dir / "data")
         eval_rows = load_split(cfg, "eval", run_dir / "data") if cfg.eval.enabled else []
         sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle, cfg.data.sampling, cfg.data.success_ema)
+        sampler.check()
         learner = LearnerActor.options(num_cpus=cfg.trainer.learner_cpus).remote(str(policy_dir), cfg)
         workers = [
             RolloutWorkerActor.options(num_cpus=cfg.rollout.cpus_per_worker).remote(str(policy_dir), cfg, i)
@@ -96,7 +97,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_
             if cfg.logging.save_trajectories and result.scored:
                 save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
             if result.scored:
-                metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer)
+                metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer, rollout_temperature(cfg, step))
             else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
                 metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
             metrics.update({"failed_samples": float(result.failed), **result.metrics, **sampling_metrics, **timer.times, "time_step_s": sum(timer.times.values())})
@@ -135,7 +136,9 @@ def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward
         rows = sampler.next(missing)
         with timer("generate"):
             first_group = ((step - 1) * (rounds + 1) + round_) * want  # unique across steps and rounds
-            trajectories = generate_step_on_workers(workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget)
+            trajectories = generate_step_on_workers(
+                workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
+            )
         with timer("score"):
             fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
             result = scorer.score(trajectories, step)
@@ -159,19 +162,25 @@ def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward
     return ScoringResult(scored=kept, failed=failed, metrics=dict(counts)), extra
 
 
-def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: WeightSync, timer: StageTimer) -> dict[str, float]:
+def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: WeightSync, timer: StageTimer, temperature: float) -> dict[str, float]:
     """Advantages -> one learner update -> weights pushed to the rollout workers; returns the step's metrics."""
+    extra: dict[str, float] = {}
     with timer("advantages"):
         rewards = torch.tensor([s.reward for s in scored])
         groups = torch.tensor([s.trajectory.group_id for s in scored])
         lengths = torch.tensor([s.trajectory.response_length for s in scored])
+        batch = TrainBatch.from_scored(scored, torch.zeros(len(scored)), pad_id, temperature)
+        if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_in == "reward":  # KL to the reference as a reward penalty
+            kl = ray.get(learner.reference_kl.remote(batch))  # [batch], summed over each sample's policy tokens
+            rewards = rewards - cfg.algorithm.kl_coef * kl
+            extra["kl_reward_penalty"] = float(cfg.algorithm.kl_coef * kl.mean())
         advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std, lengths=lengths)
-        batch = TrainBatch.from_scored(scored, advantages, pad_id)
+        batch.advantages = advantages.to(torch.float32)[:, None] * batch.loss_mask
     with timer("update"):
         train_metrics = ray.get(learner.train_step.remote(batch))
     with timer("sync"):
         sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
-    return {**rollout_metrics(scored), **train_metrics}
+    return {**rollout_metrics(scored), **train_metrics, **extra, "temperature": temperature}
 
 
 def _check_resources(cfg: JobConfig) -> None:
@@ -190,6 +199,15 @@ def _check_resources(cfg: JobConfig) -> None:
                 f"the job needs {need:g} {resource}s ({detail}) but the Ray cluster has {have.get(resource, 0.0):g}: lower those, "
                 f"or give the local instance more with cluster.num_cpus (logical CPUs may exceed the cores)"
             )
+
+
+def rollout_temperature(cfg: JobConfig, step: int) -> float:
+    """The sampling temperature of RL step `step` (1-based): constant, or the linear decay of the schedule."""
+    r = cfg.rollout
+    if r.temperature_final is None:
+        return r.temperature
+    progress = min(1.0, (step - 1) / r.temperature_decay_steps)
+    return r.temperature + (r.temperature_final - r.temperature) * progress
 
 
 def _accuracy_by_row(scored) -> dict[int, float]:

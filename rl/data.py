@@ -123,7 +123,8 @@ class PromptSampler:
     K1.5): each draw picks prompt i with probability (1 - s_i) / sum_j (1 - s_j), s_i the prompt's tracked success
     rate (an exponential moving average of its groups' accuracy, `update`); unseen prompts have s = 0. When every
     prompt is solved (all weights 0) it draws uniformly. The cursor then also holds the success rates and the
-    draw counter, so a resumed job draws the same prompts.
+    draw counter, so a resumed job draws the same prompts. `curriculum` (K1.5): the epoch walk ordered from easy to
+    hard by each row's `extra_info.difficulty`.
     """
 
     rows: list[PromptRow]
@@ -140,7 +141,18 @@ class PromptSampler:
         order = list(range(len(self.rows)))
         if self.shuffle:
             random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        if self.mode == "curriculum":  # easy to hard; the shuffle above orders prompts of equal difficulty
+            order.sort(key=lambda i: float(self.rows[i].extra_info["difficulty"]))
         return order
+
+    def check(self) -> None:
+        """Fail early, naming a row, when the sampling mode needs data the rows lack."""
+        if self.mode == "curriculum":
+            for row in self.rows:
+                value = row.extra_info.get("difficulty")
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise DataError(f"data.sampling=curriculum needs a numeric extra_info.difficulty in every row; row {row.index} "
+                                    f"({row.extra_info.get('source', row.data_source)}) has {value!r}")
 
     def next(self, n: int) -> list[PromptRow]:
         if self.mode == "prioritized":

@@ -76,7 +76,7 @@ class Learner:
         return self.quant is not None and q.mode == "qat" and self.version + 1 >= q.fake_quant_start_step
 
     def sequence_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fake_quant: bool = False, entropy_grad: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fake_quant: bool = False, entropy_grad: bool = False, temperature: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprob of every token given its prefix ([b, t], position 0 is 0) and the entropy there ([b, t];
         differentiable with `entropy_grad`, for the entropy bonus).
@@ -92,7 +92,7 @@ class Learner:
         else:
             output = self.model(**kwargs)
         logits = output.logits[:, :-1].float()  # [b, t-1, vocab]
-        logp_all = torch.log_softmax(logits / self.cfg.rollout.temperature, dim=-1)
+        logp_all = torch.log_softmax(logits / (temperature or self.cfg.rollout.temperature), dim=-1)
         logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [b, t-1]
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [b, t-1]
         if not entropy_grad:
@@ -100,8 +100,30 @@ class Learner:
         pad = torch.zeros_like(logp[:, :1])
         return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
 
+    @torch.no_grad()
+    def _reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
+        assert self.reference is not None
+        logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logp = torch.log_softmax(logits / temperature, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)
+
+    def reference_kl(self, batch: TrainBatch) -> torch.Tensor:
+        """Per sample, the summed k1 estimate log(pi_rollout / pi_ref) over its policy tokens ([batch]): the KL
+        penalty `algorithm.kl_in: reward` subtracts from rewards."""
+        if self.reference is None:
+            raise ValueError("reference_kl needs algorithm.kl_coef > 0 (the learner keeps no reference policy otherwise)")
+        temperature = batch.temperature or self.cfg.rollout.temperature
+        out = []
+        for start in range(0, batch.num_sequences, self.cfg.trainer.micro_batch_size):
+            sl = slice(start, start + self.cfg.trainer.micro_batch_size)
+            ref = self._reference_logprobs(batch.input_ids[sl], batch.attention_mask[sl], temperature)
+            out.append(((batch.rollout_logprobs[sl] - ref) * batch.loss_mask[sl]).sum(-1))
+        return torch.cat(out)
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         cfg = self.cfg
+        temperature = batch.temperature or cfg.rollout.temperature
         num_tokens = float(batch.loss_mask.sum().clamp(min=1))
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution
@@ -114,7 +136,7 @@ class Learner:
             ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
             mask, old, adv = batch.loss_mask[sl, :width], batch.rollout_logprobs[sl, :width], batch.advantages[sl, :width]
             algo = cfg.algorithm
-            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0)
+            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature)
             train_mask = mask
             if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
                 train_mask = token_band_mask(logp, old, mask, algo.token_mask)
@@ -128,11 +150,8 @@ class Learner:
             if weights is not None:
                 out.loss = out.loss * weights
             loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, batch.num_sequences, cfg.rollout.max_tokens_per_sample)
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logits = self.reference(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-                    ref_logp = torch.log_softmax(ref_logits / cfg.rollout.temperature, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-                    ref_logp = torch.cat([torch.zeros_like(ref_logp[:, :1]), ref_logp], 1)
+            if self.reference is not None and algo.kl_in == "loss":
+                ref_logp = self._reference_logprobs(ids, attn, temperature)
                 kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
                 loss = loss + algo.kl_coef * kl
                 sums["kl_ref"] += kl.item()
@@ -149,7 +168,7 @@ class Learner:
                 sums["entropy"] += token_mean(entropy, mask, num_tokens).item()
                 sums["ratio"] += token_mean(out.ratio.detach(), mask, num_tokens).item()
                 if attribute:  # the same batch through the other learner mode: the quantization part of the gap
-                    other, _ = self.sequence_logprobs(ids, attn, not fake_quant)
+                    other, _ = self.sequence_logprobs(ids, attn, not fake_quant, temperature=temperature)
                     sums["quant"] += token_mean((logp.detach() - other).abs(), mask, num_tokens).item()
                 stale = (lag[sl] > 0).float()[:, None] * mask
                 for key, part in (("fresh", mask - stale), ("stale", stale)):
@@ -157,7 +176,7 @@ class Learner:
                     sums[f"{key}_tokens"] += float(part.sum())
         if self.ptx is not None:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
             ids, attn, ptx_mask = self.ptx.batch()
-            logp, _ = self.sequence_logprobs(ids, attn, fake_quant)
+            logp, _ = self.sequence_logprobs(ids, attn, fake_quant, temperature=1.0)  # PTX is plain NLL
             nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
             (cfg.algorithm.ptx_coef * nll).backward()
             sums["ptx"] = nll.item()
@@ -178,7 +197,7 @@ class Learner:
             "train_tokens": num_tokens,
             "token_mask_fraction": sums["masked"] / num_tokens,
             **({"rollout_is_weight_mean": sums["is_weight"]} if cfg.algorithm.rollout_correction != "none" else {}),
-            **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None else {}),
+            **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None and cfg.algorithm.kl_in == "loss" else {}),
             **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),
             "policy_version": float(self.version),
             "policy_lag_mean": float(lag.float().mean()),

@@ -123,13 +123,15 @@ class TrainBatch:
     rollout_logprobs: torch.Tensor  # [batch, seq] float32, 0 off the loss mask
     advantages: torch.Tensor  # [batch, seq] float32, each sequence's advantage on its policy tokens
     policy_versions: torch.Tensor  # [batch] int64
+    temperature: float | None = None
+    """The sampling temperature the batch was generated at (the learner scores at it); None: `rollout.temperature`."""
 
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids.shape[0])
 
     @staticmethod
-    def from_scored(scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int) -> TrainBatch:
+    def from_scored(scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int, temperature: float | None = None) -> TrainBatch:
         """Right-pad the trajectories; `advantages` is one scalar per trajectory ([batch])."""
         if not scored:
             raise ValueError("cannot build a TrainBatch from zero trajectories")
@@ -153,4 +155,5 @@ class TrainBatch:
             rollout_logprobs=logprobs,
             advantages=advantages.to(torch.float32)[:, None] * loss_mask,
             policy_versions=versions,
+            temperature=temperature,
         )

@@ -93,6 +93,7 @@ class AgentLoop:
         self.rollout = rollout
         self.env_cfg = env
         self.parse_tool_calls = TOOL_CALL_PARSERS[rollout.tool_call_format]
+        self.temperature = rollout.temperature
 
     def new_episodes(self, rows: list[PromptRow], samples_per_prompt: int, group_ids: list[int] | None = None) -> list[Episode]:
         """`samples_per_prompt` episodes per row; `group_ids[i]` names row i's group (default: the row index)."""
@@ -117,6 +118,7 @@ class AgentLoop:
         generator: torch.Generator,
         iteration_budget: int = 0,
         on_done: Callable[[Episode], None] | None = None,
+        temperature: float | None = None,
     ) -> None:
         """Drive `episodes` until each is done or, with `iteration_budget` > 0, paused at that many new tokens.
 
@@ -124,6 +126,7 @@ class AgentLoop:
         are closed; paused ones keep theirs open. `on_done(ep)` is called as soon as an episode ends, while the
         others go on (the worker uses it to send finished groups to reward models).
         """
+        self.temperature = temperature if temperature is not None else self.rollout.temperature
         asyncio.run(self._drive(episodes, version, greedy, generator, iteration_budget, on_done))
 
     async def _drive(
@@ -219,7 +222,7 @@ class AgentLoop:
             return
         prompts = [ep.ids for ep in batch]
         prefixes = [ep.ids[ep.turn_start :] if ep.turn_start is not None else [] for ep in batch]
-        outs = await asyncio.to_thread(self.engine.generate, prompts, budgets, self.rollout.temperature, greedy, generator, prefixes)
+        outs = await asyncio.to_thread(self.engine.generate, prompts, budgets, self.temperature, greedy, generator, prefixes)
         for ep, out, limiter in zip(batch, outs, limiters, strict=True):
             if ep.turn_start is None:
                 ep.turn_start = len(ep.ids)

@@ -71,16 +71,21 @@ class RolloutWorker:
         generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
         return self.loop.run(rows, samples_per_prompt, self.version, greedy, generator)
 
-    def generate_step(self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, iteration_budget: int) -> list[Trajectory]:
+    def generate_step(
+        self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+    ) -> list[Trajectory]:
         """One RL step's rollouts: resume the groups left open by the last step, start `rows`, and return the
-        trajectories of every group whose samples are all done. `iteration_budget` 0 = no pausing."""
+        trajectories of every group whose samples are all done. `iteration_budget` 0 = no pausing; `temperature`
+        overrides the configured one (the schedule)."""
         for gid, episodes in zip(group_ids, _chunks(self.loop.new_episodes(rows, samples_per_prompt, group_ids), samples_per_prompt), strict=True):
             if gid in self.open_groups:
                 raise ValueError(f"group id {gid} is already in flight on this worker")
             self.open_groups[gid] = episodes
         episodes = [ep for group in self.open_groups.values() for ep in group]
         on_done = self._score_group_if_done if self.reward_models else None
-        self.loop.run_episodes(episodes, self.version, greedy=False, generator=self.generator, iteration_budget=iteration_budget, on_done=on_done)
+        self.loop.run_episodes(
+            episodes, self.version, greedy=False, generator=self.generator, iteration_budget=iteration_budget, on_done=on_done, temperature=temperature
+        )
         done = [gid for gid, group in self.open_groups.items() if all(ep.done for ep in group)]
         trajectories = []
         for gid in done:
@@ -136,12 +141,14 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def generate_step_on_workers(workers: list, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int) -> list[Trajectory]:
+def generate_step_on_workers(
+    workers: list, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+) -> list[Trajectory]:
     """A training step's rollouts over the workers; group ids `first_group_id + i` stay unique across steps, so
     a group resumed from an earlier step never mixes with a new draw of the same prompt."""
     group_ids = list(range(first_group_id, first_group_id + len(rows)))
     n = len(workers)
-    futures = [w.generate_step.remote(rows[i::n], group_ids[i::n], samples_per_prompt, iteration_budget) for i, w in enumerate(workers)]
+    futures = [w.generate_step.remote(rows[i::n], group_ids[i::n], samples_per_prompt, iteration_budget, temperature) for i, w in enumerate(workers)]
     return [traj for result in ray.get(futures) for traj in result]
 
 

@@ -173,3 +173,26 @@ def test_kl_estimators_hand_worked() -> None:
     assert torch.allclose(kl_penalty(logp, ref, "k1"), torch.tensor([r, 0.0]))
     assert torch.allclose(kl_penalty(logp, ref, "k2"), torch.tensor([r * r / 2, 0.0]))
     assert torch.allclose(kl_penalty(logp, ref, "k3"), torch.tensor([0.5 - 1 + r, 0.0]))
+
+
+def test_curriculum_walks_easy_to_hard_and_names_rows_without_difficulty() -> None:
+    from rl.data import DataError, PromptSampler
+    from rl.records import PromptRow
+
+    rows = [PromptRow(i, [{"role": "user", "content": str(i)}], "t", "0", {"difficulty": d}) for i, d in enumerate([3, 1, 2, 1, 3])]
+    sampler = PromptSampler(rows, seed=0, mode="curriculum")
+    sampler.check()
+    walk = [r.extra_info["difficulty"] for r in sampler.next(10)]
+    assert walk == [1, 1, 2, 3, 3, 1, 1, 2, 3, 3]  # each epoch from easy to hard
+    rows.append(PromptRow(5, [{"role": "user", "content": "x"}], "t", "0", {}))
+    with pytest.raises(DataError, match="row 5"):
+        PromptSampler(rows, seed=0, mode="curriculum").check()
+
+
+def test_temperature_schedule_decays_linearly() -> None:
+    from rl.config import load_config
+    from rl.controller import rollout_temperature
+
+    cfg = load_config(None, ["model={}", "rollout.temperature=1.0", "rollout.temperature_final=0.6", "rollout.temperature_decay_steps=4"])
+    assert [round(rollout_temperature(cfg, s), 6) for s in range(1, 7)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.6]
+    assert rollout_temperature(load_config(None, ["model={}"]), 9) == 1.0

@@ -163,3 +163,21 @@ def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_
     assert losses[-1] < 0.8 * losses[0]
     with pytest.raises(FileNotFoundError, match="algorithm.ptx_files"):
         Learner(str(tiny_policy_dir), make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{tmp_path / 'nope.jsonl'}]"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_temperature_schedule_reaches_rollouts_and_learner(tmp_path: Path, make_cfg) -> None:
+    train(make_cfg("rollout.temperature_final=0.5", "rollout.temperature_decay_steps=2", "trainer.steps=3", "eval.enabled=false"), tmp_path)
+    rows = _metrics(tmp_path)
+    assert [r["temperature"] for r in rows] == [1.0, 0.75, 0.5]
+    # the learner scores each batch at its own temperature: rollout and learner logprobs still agree
+    assert all(r["mismatch_abs_logp"] < 1e-4 for r in rows)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_kl_in_the_reward_penalizes_drift_from_the_reference(tmp_path: Path, make_cfg) -> None:
+    train(make_cfg("algorithm.kl_coef=0.5", "algorithm.kl_in=reward", f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]",
+                   "trainer.lr=5e-3", "trainer.steps=3", "eval.enabled=false"), tmp_path)
+    rows = _metrics(tmp_path)
+    assert abs(rows[0]["kl_reward_penalty"]) < 1e-4  # step 1 samples come from the reference itself
+    assert abs(rows[2]["kl_reward_penalty"]) > 1e-3 and "kl_to_reference" not in rows[0]  # k1 per sample can be negative
