@@ -238,7 +238,7 @@ class AlgorithmConfig(_Section):
         "grpo", description="Registered advantage estimator: grpo (normalize_by_std=false: Dr.GRPO), rloo, mean_baseline (K1.5/K2), reinforce_pp, reinforce_pp_baseline."
     )
     normalize_by_std: bool = Field(True, description="GRPO: divide by the group's std (False = Dr.GRPO).")
-    loss: str = Field("ppo_clip", description="Registered policy loss: ppo_clip (DAPO clip-higher: clip_ratio_high > clip_ratio_low), gspo, cispo, k2.")
+    loss: str = Field("ppo_clip", description="Registered policy loss: ppo_clip (DAPO clip-higher: clip_ratio_high > clip_ratio_low), gspo, cispo, k2 (with advantage: mean_baseline, as Kimi).")
     loss_agg_mode: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
         "auto", description="How token losses make the batch loss; auto: token-mean, gspo: seq-mean-token-mean, k2: seq-mean-token-sum."
     )

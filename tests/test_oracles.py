@@ -171,3 +171,44 @@ def test_gspo_and_cispo_match_verl(core_algos, name: str, mode: str) -> None:
     ours = aggregate(ours_fn(new, old, adv, mask, clip_ratio_low=low, clip_ratio_high=high).loss, mask, mode, float(mask.sum()), mask.shape[0], mask.shape[1])
     grad, = torch.autograd.grad(ours, new)
     assert torch.allclose(ours, ref, atol=1e-6) and torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "level", "ours", "mode"),
+    [
+        ("grpo", "token", "ppo_clip", "seq-mean-token-mean"),
+        ("dapo", "token", "ppo_clip", "token-mean"),
+        ("dr_grpo", "token", "ppo_clip", "seq-mean-token-sum-norm"),
+        ("grpo", "sequence", "gspo", "seq-mean-token-mean"),
+        ("dapo", "sequence", "gspo", "token-mean"),
+    ],
+)
+def test_policy_losses_match_trl(trl, tiny_policy_dir, tmp_path: Path, loss_type: str, level: str, ours: str, mode: str) -> None:
+    """TRL's GRPOTrainer loss (its `loss_type` aggregations, token or sequence importance sampling = GSPO) on a batch
+    of random completions, against our losses fed the same per-token logprobs."""
+    from datasets import Dataset
+
+    from rl.losses import LOSSES
+
+    low, high, length = 0.2, 0.28, 6
+    args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, num_generations=2, per_device_train_batch_size=4, max_completion_length=length,
+                          report_to=[], beta=0.0, loss_type=loss_type, importance_sampling_level=level, epsilon=low, epsilon_high=high)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": "q"}]}] * 2)
+    trainer = trl.GRPOTrainer(model=str(tiny_policy_dir), reward_funcs=[lambda completions, **k: [0.0] * len(completions)], args=args, train_dataset=dataset)
+    trainer.current_gradient_accumulation_steps = 1
+    g = torch.Generator().manual_seed(11)
+    prompt_ids, completion_ids = torch.randint(3, 200, (4, 5), generator=g), torch.randint(3, 200, (4, length), generator=g)
+    completion_mask = torch.ones(4, length, dtype=torch.long)
+    completion_mask[1, 4:], completion_mask[3, 2:] = 0, 0
+    with torch.no_grad():
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.ones(4, 5 + length, dtype=torch.long), length)[0]
+    old = logps + (torch.rand(logps.shape, generator=g) - 0.5) * 0.6
+    advantages = torch.randn(4, generator=g)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids, "completion_mask": completion_mask,
+              "advantages": advantages, "old_per_token_logps": old, "num_items_in_batch": completion_mask.sum()}
+    with torch.no_grad():
+        ref = trainer._compute_loss(trainer.model, inputs)
+    mask = completion_mask.float()
+    out = LOSSES.get(ours)(logps, old, advantages[:, None] * mask, mask, clip_ratio_low=low, clip_ratio_high=high)
+    mine = aggregate(out.loss, mask, mode, float(mask.sum()), 4, length)
+    assert torch.allclose(mine, ref, atol=1e-5), (mine, ref)
