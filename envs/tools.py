@@ -14,6 +14,7 @@ row's prompt) and `close()` for cleanup, call `self.finish(reward)` from a tool 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class ToolEnv:
 
     def tools(self) -> dict[str, Callable[..., Any]]:
         """The bound `@tool` methods by name."""
-        return {name: getattr(self, name) for name, attr in inspect.getmembers(type(self)) if getattr(attr, _MARK, False)}
+        return {name: getattr(self, name) for name in _tool_names(type(self))}
 
     def tool_specs(self) -> list[dict[str, Any]]:
         return [_cached_spec(type(self), name, fn) for name, fn in self.tools().items()]
@@ -125,6 +126,12 @@ class ToolEnv:
         except Exception as e:  # a bug or a failure inside the tool: the model sees it, the episode goes on
             raise ToolError(f"{call.name} failed: {type(e).__name__}: {e}") from None
         return result if isinstance(result, str) else json.dumps(result)
+
+
+@functools.cache
+def _tool_names(cls: type) -> tuple[str, ...]:
+    """Names of a class's `@tool` methods, found once per class (`step` looks them up on every call)."""
+    return tuple(name for name, attr in inspect.getmembers(cls) if getattr(attr, _MARK, False))
 
 
 _SPECS: dict[tuple[type, str], dict[str, Any]] = {}

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rl.config import RewardModelConfig
+from rl.records import completion_messages
 
 DEFAULT_RUBRIC = (
     "You are a strict grader. Judge the response to the user's request for correctness first, then for clarity "
@@ -134,8 +135,10 @@ def start_reward_models(configs: list[RewardModelConfig]) -> dict[str, Any]:
     return {c.name: RewardModelActor.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus).remote(c) for c in configs}
 
 
-def reward_model_item(prompt: list[dict[str, Any]], completion: list[dict[str, Any]], group_id: int, sample_id: str) -> dict[str, Any]:
-    return {"prompt": prompt, "completion": completion, "group_id": group_id, "sample_id": sample_id}
+def reward_model_item(sample: Any) -> dict[str, Any]:
+    """What a reward model scores of a finished sample (an agent-loop `Episode` or a `Trajectory`)."""
+    prompt, completion = completion_messages(sample.messages, sample.row.messages)
+    return {"prompt": prompt, "completion": completion, "group_id": sample.group_id, "sample_id": sample.sample_id}
 
 
 def fetch_model_scores(trajectories: list, actors: dict[str, Any], score_in_workers: bool) -> None:
@@ -149,10 +152,8 @@ def fetch_model_scores(trajectories: list, actors: dict[str, Any], score_in_work
         return
     import ray.exceptions
 
-    from rl.records import completion_messages
-
     if not score_in_workers:
-        items = [reward_model_item(*completion_messages(t.messages, t.row.messages), t.group_id, t.sample_id) for t in trajectories]
+        items = [reward_model_item(t) for t in trajectories]
         refs = {name: actor.score.remote(items) for name, actor in actors.items()}
         for i, t in enumerate(trajectories):
             t.model_score_refs = {name: (ref, i) for name, ref in refs.items()}

@@ -156,8 +156,8 @@ def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward
                 kept.extend(members)
         if not cfg.algorithm.dynamic_sampling:
             break
-    keep_ids = list(dict.fromkeys(s.trajectory.group_id for s in kept))[:want]
-    kept = [s for s in kept if s.trajectory.group_id in set(keep_ids)]
+    keep_ids = set(list(dict.fromkeys(s.trajectory.group_id for s in kept))[:want])
+    kept = [s for s in kept if s.trajectory.group_id in keep_ids]
     extra = {"dropped_groups": float(dropped), "sampling_rounds": float(round_ + 1)} if cfg.algorithm.dynamic_sampling else {}
     return ScoringResult(scored=kept, failed=failed, metrics=dict(counts)), extra
 

@@ -91,22 +91,17 @@ class Learner:
             output = torch.func.functional_call(self.model, swapped, args=(), kwargs=kwargs)
         else:
             output = self.model(**kwargs)
-        logits = output.logits[:, :-1].float()  # [b, t-1, vocab]
-        logp_all = torch.log_softmax(logits / (temperature or self.cfg.rollout.temperature), dim=-1)
-        logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [b, t-1]
+        logp, logp_all = _token_logprobs(output.logits, input_ids, temperature or self.cfg.rollout.temperature)
         entropy = -(logp_all.exp() * logp_all).sum(-1)  # [b, t-1]
         if not entropy_grad:
             entropy = entropy.detach()
-        pad = torch.zeros_like(logp[:, :1])
-        return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
+        return logp, torch.cat([torch.zeros_like(entropy[:, :1]), entropy], 1)
 
     @torch.no_grad()
     def _reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
         """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
         assert self.reference is not None
-        logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits / temperature, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)
+        return _token_logprobs(self.reference(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids, temperature)[0]
 
     def reference_kl(self, batch: TrainBatch) -> torch.Tensor:
         """Per sample, the summed k1 estimate log(pi_rollout / pi_ref) over its policy tokens ([batch]): the KL
@@ -241,3 +236,10 @@ class Learner:
 
 
 LearnerActor = ray.remote(Learner)
+
+
+def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprob of every token given its prefix [b, t], position 0 is 0; log-softmax over the vocabulary [b, t-1, V])."""
+    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1), logp_all

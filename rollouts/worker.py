@@ -19,7 +19,7 @@ from envs.registry import make_env
 from rl.config import JobConfig
 from rl.policy import load_policy
 from rl.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
-from rl.records import PromptRow, Trajectory, completion_messages
+from rl.records import PromptRow, Trajectory
 from rewards.models import reward_model_item
 from rollouts.agent_loop import AgentLoop, Episode
 from rollouts.engine import Engine
@@ -101,7 +101,7 @@ class RolloutWorker:
         group = self.open_groups.get(ep.group_id, [])
         if not group or not all(member.done for member in group) or ep.group_id in self.model_refs:
             return
-        items = [reward_model_item(*completion_messages(m.messages, m.row.messages), m.group_id, m.sample_id) for m in group]
+        items = [reward_model_item(m) for m in group]
         self.model_refs[ep.group_id] = {name: actor.score.remote(items) for name, actor in self.reward_models.items()}
 
     def num_paused(self) -> int:
