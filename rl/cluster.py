@@ -1,4 +1,5 @@
-"""Connect to Ray: an existing cluster when `cluster.address` is set, otherwise a local instance on this machine."""
+"""Connect to Ray: an existing cluster when `cluster.address` is set or the job was submitted to one (Ray
+sets RAY_ADDRESS for a submitted job's driver), otherwise a local instance on this machine."""
 
 from __future__ import annotations
 
@@ -21,11 +22,18 @@ def ray_session(cfg: ClusterConfig) -> Iterator[None]:
         yield
         return
     os.environ.update(RAY_ENV)
-    if cfg.address:
-        ray.init(address=cfg.address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+    address = cluster_address(cfg)
+    if address:
+        # a submitted job already runs in its runtime environment (working dir, pip); only add our env vars
+        ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def cluster_address(cfg: ClusterConfig) -> str | None:
+    """The cluster to connect to: `cluster.address`, else Ray's own RAY_ADDRESS (set in a submitted job's driver)."""
+    return cfg.address or os.environ.get("RAY_ADDRESS") or None

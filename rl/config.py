@@ -299,8 +299,25 @@ class EvalConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    address: str | None = Field(None, description="Ray cluster address; unset = start a local Ray instance.")
+    """Where the job runs, how its actors are placed, and what `tiderl submit` ships with it."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster (GCS) address to connect to, e.g. HEAD:6379 or auto; unset = the cluster of a submitted job "
+        "(RAY_ADDRESS), else start a local Ray instance.",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the learner and rollout-worker bundles."
+    )
+    placement_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for the placement group before failing with what could not be placed.")
+    max_worker_restarts: int = Field(3, ge=0, description="Restarts of a dead rollout worker or reward-model actor per RL step before the job fails.")
+    max_learner_restarts: int = Field(2, ge=0, description="Times a failed learner is restored from the last checkpoint before the job fails.")
+    pip: list[str] = Field(default_factory=list, description="tiderl submit: pip requirements installed in the job's runtime environment.")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="tiderl submit: environment variables of the job's processes.")
+    excludes: list[str] = Field(
+        default_factory=list, description="tiderl submit: extra gitignore-style patterns left out of the uploaded working directory."
+    )
 
 
 class LoggingConfig(_Section):
