@@ -14,7 +14,9 @@ Rollout workers send finished episodes to these actors while the rest of the ste
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -23,6 +25,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rl.config import RewardModelConfig
 from rl.records import completion_messages
+
+log = logging.getLogger("tiderl")
 
 DEFAULT_RUBRIC = (
     "You are a strict grader. Judge the response to the user's request for correctness first, then for clarity "
@@ -130,9 +134,34 @@ class RewardModel:
 RewardModelActor = ray.remote(RewardModel)
 
 
-def start_reward_models(configs: list[RewardModelConfig]) -> dict[str, Any]:
-    """One actor per configured reward model, with its own CPUs/GPUs."""
-    return {c.name: RewardModelActor.options(num_cpus=c.num_cpus, num_gpus=c.num_gpus).remote(c) for c in configs}
+class RewardModelPool:
+    """The reward model actors, one per configured model, each in its placement bundle (`options(i)`), and
+    their restarts: a model actor that dies is started again and the groups it had not scored are sent again."""
+
+    def __init__(self, configs: list[RewardModelConfig], options: Callable[[int], dict[str, Any]] | None = None, max_restarts: int = 3) -> None:
+        self.configs = list(configs)
+        self.options = options or (lambda i: {"num_cpus": self.configs[i].num_cpus, "num_gpus": self.configs[i].num_gpus})
+        self.max_restarts = max_restarts
+        self.actors = {c.name: RewardModelActor.options(**self.options(i)).remote(c) for i, c in enumerate(self.configs)}
+        self.restarts = 0
+
+    def restart(self, name: str, cause: BaseException) -> Any:
+        """Replace the (dead) actor of model `name`; returns the new handle."""
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(f"reward model {name!r} died again after {self.restarts} restarts (cluster.max_worker_restarts): {cause}") from cause
+        i = next(k for k, c in enumerate(self.configs) if c.name == name)
+        log.warning("reward model %r died (%s); restarting it and scoring its samples again", name, type(cause).__name__)
+        try:
+            ray.kill(self.actors[name], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[name] = RewardModelActor.options(**self.options(i)).remote(self.configs[i])
+        self.restarts += 1
+        return self.actors[name]
+
+    def kill(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor)
 
 
 def reward_model_item(sample: Any) -> dict[str, Any]:
@@ -141,31 +170,46 @@ def reward_model_item(sample: Any) -> dict[str, Any]:
     return {"prompt": prompt, "completion": completion, "group_id": sample.group_id, "sample_id": sample.sample_id}
 
 
-def fetch_model_scores(trajectories: list, actors: dict[str, Any], score_in_workers: bool) -> None:
+def fetch_model_scores(trajectories: list, models: RewardModelPool | None, score_in_workers: bool) -> None:
     """Fill each trajectory's `model_scores` from the reward model actors.
 
     With `score_in_workers`, the workers already sent every finished group (`model_score_refs`), so this only
     collects results that are mostly ready; otherwise the whole batch is sent now (the barrier). A model that
-    fails on a batch marks those samples with the reason (a string), which the scorer counts as failures.
+    fails on a batch marks those samples with the reason (a string), which the scorer counts as failures; a model
+    actor that died is restarted and the samples it held are sent again.
     """
-    if not actors or not trajectories:
+    if models is None or not models.actors or not trajectories:
         return
     import ray.exceptions
 
     if not score_in_workers:
         items = [reward_model_item(t) for t in trajectories]
-        refs = {name: actor.score.remote(items) for name, actor in actors.items()}
+        refs = {name: actor.score.remote(items) for name, actor in models.actors.items()}
         for i, t in enumerate(trajectories):
             t.model_score_refs = {name: (ref, i) for name, ref in refs.items()}
+    holders: dict[tuple[str, Any], list] = {}  # (model, ref) -> the trajectories whose scores it carries
+    for t in trajectories:
+        for name, (ref, _) in t.model_score_refs.items():
+            holders.setdefault((name, ref), []).append(t)
     results: dict[Any, list[float | None] | str] = {}
-    for ref in {ref for t in trajectories for ref, _ in t.model_score_refs.values()}:
-        try:
-            results[ref] = ray.get(ref)
-        except ray.exceptions.RayError as e:
-            results[ref] = f"reward model failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+    for (name, ref), held in holders.items():
+        while True:
+            try:
+                results[ref] = ray.get(ref)
+                break
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+                actor = models.restart(name, e)
+                ordered = sorted(held, key=lambda t: t.model_score_refs[name][1])
+                ref_again = actor.score.remote([reward_model_item(t) for t in ordered])
+                for position, t in enumerate(ordered):
+                    t.model_score_refs[name] = (ref_again, position)
+                ref = ref_again
+            except ray.exceptions.RayError as e:
+                results[ref] = f"reward model failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+                break
     for t in trajectories:
         scores: dict[str, float | None | str] = {}
-        for name in actors:
+        for name in models.actors:
             if name not in t.model_score_refs:
                 scores[name] = "was not sent to the reward model"
                 continue

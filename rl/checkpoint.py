@@ -1,38 +1,46 @@
 """Checkpoints: `RUN_DIR/checkpoints/step_NNNNNN/` holds the policy (an HF directory), the learner's optimizer and
-RNG states, the rollout workers' sampling RNG states, and the controller's state (step, data cursor). Written into a temporary directory and renamed, so
-a checkpoint directory either is complete or does not exist; only the newest `keep` are kept."""
+RNG states, the rollout workers' sampling RNG states and paused partial rollouts, and the controller's state
+(step, data cursor).
+
+A checkpoint is written into `.tmp_step_NNNNNN/`, flushed to disk, and renamed: a directory named `step_*` is
+complete or does not exist, so a job killed while writing (preempted, OOM, Ctrl-C) leaves the previous
+checkpoint as the latest one, and the next save clears the half-written directory. Only the newest `keep` are kept.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-import ray
-
 import torch
 
 STATE_FILE = "controller_state.json"
-WORKER_RNG_FILE = "worker_rng.pt"
+WORKERS_FILE = "rollout_workers.pt"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, learner: Any, workers: list[Any], controller_state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, learner: Any, workers: Any, controller_state: dict[str, Any], keep: int) -> Path:
+    """`learner`: a LearnerGroup; `workers`: a RolloutPool."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):  # left by a job killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get(learner.save.remote(str(tmp)))
-    torch.save(ray.get([w.get_rng_state.remote() for w in workers]), tmp / WORKER_RNG_FILE)
+    learner.save(str(tmp))
+    torch.save(workers.state(), tmp / WORKERS_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **controller_state}, indent=2))
+    _sync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    _sync_dir(root)
     for old in sorted(root.glob("step_*"))[:-keep]:
         shutil.rmtree(old)
     return final
@@ -43,10 +51,28 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def restore_checkpoint(path: Path, learner: Any, workers: list[Any]) -> dict[str, Any]:
-    """Load the learner and the workers' RNG states from `path`; returns the controller state."""
-    ray.get(learner.load.remote(str(path)))
-    states = torch.load(path / WORKER_RNG_FILE)
-    if len(states) == len(workers):  # a different worker count cannot reproduce the old sampling streams anyway
-        ray.get([w.set_rng_state.remote(s) for w, s in zip(workers, states, strict=True)])
+def restore_checkpoint(path: Path, learner: Any, workers: Any) -> dict[str, Any]:
+    """Load the learners and the rollout workers' state from `path`; returns the controller state."""
+    learner.load(str(path))
+    workers.load_state(torch.load(path / WORKERS_FILE, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file under `root` and the directories: the rename must not land before the data does."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _sync_dir(Path(dirpath))
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -194,6 +194,7 @@ class RolloutConfig(_Section):
 
     num_workers: int = Field(2, ge=1, description="RolloutWorker actors.")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs reserved per rollout worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per rollout worker (the worker then generates on the GPU).")
     threads_per_worker: int = Field(1, ge=1, description="torch threads inside each rollout worker.")
     samples_per_prompt: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature.")
@@ -284,7 +285,12 @@ class TrainerConfig(_Section):
     reset_optimizer_each_step: bool = Field(False, description="K1.5: fresh optimizer state at every RL iteration (each step's batch is a new problem).")
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per learner forward/backward.")
-    learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the learner actor.")
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="Also cap a micro-batch at this many padded tokens (sequences x the longest), so long samples train in smaller micro-batches; 0 = no cap."
+    )
+    num_learners: int = Field(1, ge=1, description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a token-balanced shard of the batch.")
+    learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
+    learner_gpus: float = Field(0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU).")
     learner_threads: int = Field(2, ge=1, description="torch threads inside the learner.")
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")

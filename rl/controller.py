@@ -1,17 +1,25 @@
 """The RL job, top to bottom: generate -> score -> advantages -> update -> sync, each timed under its own name.
 
 Everything that is not the loop lives elsewhere: the policy and its warm start (`rl.warmstart`), prompt data
-(`rl.data`), rollouts (`rollouts.worker`), rewards (`rewards.scoring`), the update (`rl.learner`), weight sync
-(`rl.weights`), checkpoints (`rl.checkpoint`) and metrics (`rl.metrics`).
+(`rl.data`), actor placement (`rl.placement`), rollouts and their recovery (`rollouts.pool`), rewards
+(`rewards.scoring`, `rewards.models`), the update (`rl.learner_group`, `rl.learner`), checkpoints
+(`rl.checkpoint`) and metrics (`rl.metrics`).
+
+Faults: a rollout worker or reward model that dies is restarted by its pool within the step (no sample lost or
+counted twice); a learner that dies is restarted and the job goes back to the last checkpoint (or its start),
+restoring weights, optimizer, RNG states, data position and paused rollouts, then goes on.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
+import ray.exceptions
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,16 +30,50 @@ from rl.cluster import ray_session
 from rl.config import JobConfig, dump_config
 from rl.data import PromptSampler, load_split
 from rl.evaluation import evaluate
-from rl.learner import LearnerActor
+from rl.learner_group import LearnerGroup
 from rl.metrics import MetricsLogger, StageTimer, rollout_metrics, save_trajectories
+from rl.placement import Placement, place
 from rl.records import TrainBatch
 from rl.warmstart import prepare_policy
-from rl.weights import WeightSync
-from rewards.models import fetch_model_scores, start_reward_models
+from rewards.models import RewardModelPool, fetch_model_scores
 from rewards.scoring import RewardScorer, ScoringResult
-from rollouts.worker import RolloutWorkerActor, generate_step_on_workers
+from rollouts.pool import RolloutPool
+from rollouts.worker import RolloutWorkerActor
 
 console = Console()
+
+# A learner call that fails this way lost its actor (process killed, node gone): restore and go on.
+LEARNER_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+
+
+@dataclass
+class Actors:
+    """The job's actors, placed in one placement group."""
+
+    learner: LearnerGroup
+    workers: RolloutPool
+    reward_models: RewardModelPool
+    placement: Placement
+    policy_dir: str
+
+    @staticmethod
+    def start(cfg: JobConfig, policy_dir: Path, placement: Placement) -> Actors:
+        learner = LearnerGroup(str(policy_dir), cfg, placement)
+        start_worker = lambda i: RolloutWorkerActor.options(**placement.options("rollout", i)).remote(str(policy_dir), cfg, i)  # noqa: E731
+        workers = RolloutPool(start_worker, cfg.rollout.num_workers, cfg.cluster.max_worker_restarts)
+        reward_models = RewardModelPool(cfg.reward.models, lambda i: placement.options("reward_model", i), cfg.cluster.max_worker_restarts)
+        if reward_models.actors and cfg.reward.models_async:
+            workers.set_reward_models(reward_models.actors)
+        return Actors(learner, workers, reward_models, placement, str(policy_dir))
+
+    def restart_learner(self, cfg: JobConfig) -> None:
+        self.learner.kill()
+        self.learner = LearnerGroup(self.policy_dir, cfg, self.placement)
+
+    def kill(self) -> None:
+        for part in (self.learner, self.workers, self.reward_models):
+            part.kill()
+        self.placement.remove()
 
 
 def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
@@ -40,86 +82,107 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     policy_dir = prepare_policy(cfg, log=console.print)
     with ray_session(cfg.cluster):
-        _check_resources(cfg)
         train_rows = load_split(cfg, "train", run_dir / "data")
         eval_rows = load_split(cfg, "eval", run_dir / "data") if cfg.eval.enabled else []
         sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle, cfg.data.sampling, cfg.data.success_ema)
         sampler.check()
-        learner = LearnerActor.options(num_cpus=cfg.trainer.learner_cpus).remote(str(policy_dir), cfg)
-        workers = [
-            RolloutWorkerActor.options(num_cpus=cfg.rollout.cpus_per_worker).remote(str(policy_dir), cfg, i)
-            for i in range(cfg.rollout.num_workers)
-        ]
-        reward_models = start_reward_models(cfg.reward.models)
-        if reward_models and cfg.reward.models_async:
-            ray.get([w.set_reward_models.remote(reward_models) for w in workers])
+        actors = Actors.start(cfg, policy_dir, place(cfg))
         try:
-            return _loop(cfg, run_dir, resume, learner, workers, reward_models, sampler, eval_rows)
+            return _loop(cfg, run_dir, resume, actors, sampler, eval_rows)
         finally:
-            for actor in [learner, *workers, *reward_models.values()]:
-                ray.kill(actor)
+            actors.kill()
 
 
-def _loop(cfg: JobConfig, run_dir: Path, resume: bool, learner, workers, reward_models: dict, sampler: PromptSampler, eval_rows) -> dict:
+def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: PromptSampler, eval_rows) -> dict:
     scorer = RewardScorer(cfg.reward)
     advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
-    sync = WeightSync(workers)
-    pad_id = ray.get(workers[0].pad_token_id.remote())
-    first_step = 1
+    pad_id = actors.workers.pad_token_id()
+    logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
+    start = {"step": 0, "data_cursor": sampler.state_dict(), "workers": actors.workers.state()}  # where a learner lost before any checkpoint goes back to
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting from step 1")
-    if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, learner, workers)
-        sampler.load_state_dict(state["data_cursor"])
-        first_step = state["step"] + 1
-        console.print(f"resuming from {checkpoint} (step {state['step']})")
-        if cfg.rollout.partial_rollout_budget:
-            console.print("[yellow]partial rollouts paused before the checkpoint are not saved in it yet; their prompts are dropped")
-    sync.publish(learner.get_weights.remote(), ray.get(learner.get_version.remote()))
+    step = _restore(cfg, checkpoint, actors, sampler, logger, start) + 1 if checkpoint is not None else 1
+    if checkpoint is None:
+        actors.workers.publish(actors.learner.get_weights(), actors.learner.get_version())
     if cfg.quant.enabled:
-        _report_sync_payload(run_dir, ray.get(learner.weight_sync_bytes.remote()))
+        _report_sync_payload(run_dir, actors.learner.weight_sync_bytes())
 
     eval_path = run_dir / "eval.json"
     evals: dict = json.loads(eval_path.read_text()) if checkpoint is not None and eval_path.is_file() else {}
     if cfg.eval.enabled and "before" not in evals:
-        evals["before"] = evaluate(workers, scorer, eval_rows, cfg)
+        evals["before"] = evaluate(actors.workers, scorer, eval_rows, cfg)
         eval_path.write_text(json.dumps(evals, indent=2))
         console.print(f"eval before RL: {_accuracies(evals['before'])}")
 
-    logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
+    learner_restarts = 0
     columns = [TextColumn("RL step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not cfg.logging.progress) as progress:
-        bar = progress.add_task("rl", total=cfg.trainer.steps, completed=first_step - 1, status="")
-        for step in range(first_step, cfg.trainer.steps + 1):
-            timer = StageTimer()
-            result, sampling_metrics = _rollouts(cfg, step, sampler, workers, reward_models, scorer, timer)
-            if cfg.logging.save_trajectories and result.scored:
-                save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
-            if result.scored:
-                metrics = _learn(cfg, result.scored, advantage_fn, pad_id, learner, sync, timer, rollout_temperature(cfg, step))
-            else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
-                metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
-            metrics.update({"failed_samples": float(result.failed), **result.metrics, **sampling_metrics, **timer.times, "time_step_s": sum(timer.times.values())})
-            if cfg.rollout.partial_rollout_budget:
-                metrics["paused_samples"] = float(sum(ray.get([w.num_paused.remote() for w in workers])))
-            if cfg.eval.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
-                metrics.update({f"eval/{k}": v for k, v in evaluate(workers, scorer, eval_rows, cfg).items()})
+        bar = progress.add_task("rl", total=cfg.trainer.steps, completed=step - 1, status="")
+        while step <= cfg.trainer.steps:
+            try:
+                metrics = _step(cfg, step, run_dir, actors, sampler, scorer, advantage_fn, pad_id, eval_rows)
+                if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
+                    save_checkpoint(run_dir, step, actors.learner, actors.workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
+            except LEARNER_LOST as e:
+                learner_restarts += 1
+                if learner_restarts > cfg.cluster.max_learner_restarts:
+                    raise RuntimeError(f"the learner died {learner_restarts} times (cluster.max_learner_restarts = {cfg.cluster.max_learner_restarts})") from e
+                checkpoint = latest_checkpoint(run_dir)
+                console.print(f"[yellow]learner lost at step {step} ({type(e).__name__}); restarting it from {checkpoint or 'the start of the job'}")
+                actors.restart_learner(cfg)
+                step = _restore(cfg, checkpoint, actors, sampler, logger, start) + 1
+                progress.update(bar, completed=step - 1)
+                continue
+            metrics |= {"worker_restarts": float(actors.workers.restarts), "reward_model_restarts": float(actors.reward_models.restarts), "learner_restarts": float(learner_restarts)}
             logger.log(step, metrics)
-            progress.update(bar, advance=1, status=_status(metrics))
-            if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                save_checkpoint(run_dir, step, learner, workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
+            progress.update(bar, completed=step, status=_status(metrics))
+            step += 1
     logger.close()
 
     if cfg.eval.enabled:
-        evals["after"] = evaluate(workers, scorer, eval_rows, cfg)
+        evals["after"] = evaluate(actors.workers, scorer, eval_rows, cfg)
         eval_path.write_text(json.dumps(evals, indent=2))
         console.print(f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}")
     console.print(f"run directory: {run_dir}")
     return evals
 
 
-def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward_models: dict, scorer: RewardScorer, timer: StageTimer) -> tuple[ScoringResult, dict[str, float]]:
+def _step(cfg: JobConfig, step: int, run_dir: Path, actors: Actors, sampler: PromptSampler, scorer: RewardScorer, advantage_fn, pad_id: int, eval_rows) -> dict[str, float]:
+    """One RL step; returns its metrics."""
+    timer = StageTimer()
+    result, sampling_metrics = _rollouts(cfg, step, sampler, actors, scorer, timer)
+    if cfg.logging.save_trajectories and result.scored:
+        save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
+    if result.scored:
+        metrics = _learn(cfg, result.scored, advantage_fn, pad_id, actors, timer, rollout_temperature(cfg, step))
+    else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
+        metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
+    metrics.update({"failed_samples": float(result.failed), **result.metrics, **sampling_metrics, **timer.times, "time_step_s": sum(timer.times.values())})
+    if cfg.rollout.partial_rollout_budget:
+        metrics["paused_samples"] = float(actors.workers.num_paused())
+    if cfg.eval.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
+        metrics.update({f"eval/{k}": v for k, v in evaluate(actors.workers, scorer, eval_rows, cfg).items()})
+    return metrics
+
+
+def _restore(cfg: JobConfig, checkpoint: Path | None, actors: Actors, sampler: PromptSampler, logger: MetricsLogger, start: dict[str, Any]) -> int:
+    """Bring learners, rollout workers, data cursor and metrics log back to `checkpoint` (None: the job's start);
+    returns its step."""
+    actors.workers.drop_in_flight()
+    if checkpoint is None:
+        actors.workers.load_state(start["workers"])
+        state = start
+    else:
+        state = restore_checkpoint(checkpoint, actors.learner, actors.workers)
+        console.print(f"resuming from {checkpoint} (step {state['step']})")
+    sampler.load_state_dict(state["data_cursor"])
+    logger.rewind(state["step"])
+    actors.workers.publish(actors.learner.get_weights(), actors.learner.get_version())
+    return state["step"]
+
+
+def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, actors: Actors, scorer: RewardScorer, timer: StageTimer) -> tuple[ScoringResult, dict[str, float]]:
     """Generate and score one step's batch.
 
     With `algorithm.dynamic_sampling` (DAPO), groups whose samples all got the same reward (no learning signal)
@@ -136,11 +199,11 @@ def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward
         rows = sampler.next(missing)
         with timer("generate"):
             first_group = ((step - 1) * (rounds + 1) + round_) * want  # unique across steps and rounds
-            trajectories = generate_step_on_workers(
-                workers, rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
+            trajectories = actors.workers.generate_step(
+                rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
             )
         with timer("score"):
-            fetch_model_scores(trajectories, reward_models, cfg.reward.models_async)
+            fetch_model_scores(trajectories, actors.reward_models, cfg.reward.models_async)
             result = scorer.score(trajectories, step)
         if cfg.data.sampling == "prioritized":
             sampler.update(_accuracy_by_row(result.scored))
@@ -162,7 +225,7 @@ def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, workers, reward
     return ScoringResult(scored=kept, failed=failed, metrics=dict(counts)), extra
 
 
-def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: WeightSync, timer: StageTimer, temperature: float) -> dict[str, float]:
+def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, actors: Actors, timer: StageTimer, temperature: float) -> dict[str, float]:
     """Advantages -> one learner update -> weights pushed to the rollout workers; returns the step's metrics."""
     extra: dict[str, float] = {}
     with timer("advantages"):
@@ -171,34 +234,16 @@ def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, learner, sync: Wei
         lengths = torch.tensor([s.trajectory.response_length for s in scored])
         batch = TrainBatch.from_scored(scored, torch.zeros(len(scored)), pad_id, temperature)
         if cfg.algorithm.kl_coef > 0 and cfg.algorithm.kl_in == "reward":  # KL to the reference as a reward penalty
-            kl = ray.get(learner.reference_kl.remote(batch))  # [batch], summed over each sample's policy tokens
+            kl = actors.learner.reference_kl(batch)  # [batch], summed over each sample's policy tokens
             rewards = rewards - cfg.algorithm.kl_coef * kl
             extra["kl_reward_penalty"] = float(cfg.algorithm.kl_coef * kl.mean())
         advantages = advantage_fn(rewards, groups, normalize_by_std=cfg.algorithm.normalize_by_std, lengths=lengths)
         batch.advantages = advantages.to(torch.float32)[:, None] * batch.loss_mask
     with timer("update"):
-        train_metrics = ray.get(learner.train_step.remote(batch))
+        train_metrics = actors.learner.train_step(batch)
     with timer("sync"):
-        sync.publish(learner.get_weights.remote(), int(train_metrics["policy_version"]))
+        actors.workers.publish(actors.learner.get_weights(), int(train_metrics["policy_version"]))
     return {**rollout_metrics(scored), **train_metrics, **extra, "temperature": temperature}
-
-
-def _check_resources(cfg: JobConfig) -> None:
-    """Fail before starting actors that could never all be placed (Ray would wait for them forever)."""
-    needs = {
-        "CPU": {"trainer.learner_cpus": cfg.trainer.learner_cpus, "rollout.cpus_per_worker x num_workers": cfg.rollout.cpus_per_worker * cfg.rollout.num_workers,
-                **{f"reward.models[{m.name}].num_cpus": m.num_cpus for m in cfg.reward.models}},
-        "GPU": {f"reward.models[{m.name}].num_gpus": m.num_gpus for m in cfg.reward.models if m.num_gpus},
-    }
-    have = ray.cluster_resources()
-    for resource, parts in needs.items():
-        need = sum(parts.values())
-        if need > have.get(resource, 0.0) + 1e-9:
-            detail = ", ".join(f"{k} {v:g}" for k, v in parts.items())
-            raise RuntimeError(
-                f"the job needs {need:g} {resource}s ({detail}) but the Ray cluster has {have.get(resource, 0.0):g}: lower those, "
-                f"or give the local instance more with cluster.num_cpus (logical CPUs may exceed the cores)"
-            )
 
 
 def rollout_temperature(cfg: JobConfig, step: int) -> float:

@@ -6,15 +6,15 @@ from rl.config import JobConfig
 from rl.metrics import rollout_metrics
 from rl.records import PromptRow
 from rewards.scoring import RewardScorer
-from rollouts.worker import generate_on_workers
+from rollouts.pool import RolloutPool
 
 
-def evaluate(workers: list, scorer: RewardScorer, rows: list[PromptRow], cfg: JobConfig) -> dict[str, float]:
+def evaluate(workers: RolloutPool, scorer: RewardScorer, rows: list[PromptRow], cfg: JobConfig) -> dict[str, float]:
     """One greedy sample per prompt (`accuracy`, ...) and, if enabled, one sampled one (`accuracy_sampled`, ...)."""
-    greedy = scorer.score(generate_on_workers(workers, rows, 1, greedy=True, seed=cfg.seed))
+    greedy = scorer.score(workers.generate(rows, 1, greedy=True, seed=cfg.seed))
     out = {**rollout_metrics(greedy.scored), "failed_samples": float(greedy.failed), "num_prompts": float(len(rows))}
     if cfg.eval.sampled:
-        sampled = scorer.score(generate_on_workers(workers, rows, 1, greedy=False, seed=cfg.seed))
+        sampled = scorer.score(workers.generate(rows, 1, greedy=False, seed=cfg.seed))
         out.update(rollout_metrics(sampled.scored, prefix="sampled_"))
         out["accuracy_sampled"] = out.pop("sampled_accuracy")
     return out

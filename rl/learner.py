@@ -25,6 +25,7 @@ import ray
 import torch
 import transformers
 
+from rl import distributed
 from rl.config import JobConfig
 from rl.losses import LOSSES, aggregate, kl_penalty, rollout_correction, token_band_mask, token_mean
 from rl.optim import build_optimizer
@@ -44,7 +45,9 @@ class Learner:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
-        self.model.train()
+        # a learner given GPUs (trainer.learner_gpus) trains there; batches arrive on the CPU and move per step
+        self.device = torch.device("cuda" if cfg.trainer.learner_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).train()
         self.optimizer = build_optimizer(self.model, cfg.trainer)
         # the reference policy for the KL penalty: a frozen copy of the starting weights (only when used)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
@@ -55,15 +58,37 @@ class Learner:
         self.version = 0
         self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
         self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
+        self.rank = 0
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the process group's rendezvous (called on rank 0 only)."""
+        return distributed.free_address()
+
+    def init_distributed(self, rank: int, world_size: int, address: str, port: int) -> int:
+        """Join the data-parallel learner group (gloo on CPU, NCCL on GPU); returns the rank."""
+        backend = "nccl" if torch.cuda.is_available() and next(self.model.parameters()).is_cuda else "gloo"
+        distributed.init_process_group(rank, world_size, address, port, backend)
+        self.rank = rank
+        return rank
+
+    def parameters_digest(self) -> str:
+        """A hash of every parameter's bytes: equal across data-parallel learners after every step."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def get_version(self) -> int:
         return self.version
 
     def get_weights(self) -> WeightPayload:
         """The weight-sync payload: the state dict, with the quantization targets packed as INT4 when enabled."""
-        state = self.model.state_dict()
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}  # the object store carries CPU tensors
         if self.quant is None:
-            return {k: v.detach().clone() for k, v in state.items()}
+            return {k: v.clone() for k, v in state.items()}
         return pack_state_dict(state, self.quant, self.quant_targets)
 
     def weight_sync_bytes(self) -> dict[str, int]:
@@ -109,24 +134,30 @@ class Learner:
         if self.reference is None:
             raise ValueError("reference_kl needs algorithm.kl_coef > 0 (the learner keeps no reference policy otherwise)")
         temperature = batch.temperature or self.cfg.rollout.temperature
+        batch = batch.to(self.device)
         out = []
         for start in range(0, batch.num_sequences, self.cfg.trainer.micro_batch_size):
             sl = slice(start, start + self.cfg.trainer.micro_batch_size)
             ref = self._reference_logprobs(batch.input_ids[sl], batch.attention_mask[sl], temperature)
             out.append(((batch.rollout_logprobs[sl] - ref) * batch.loss_mask[sl]).sum(-1))
-        return torch.cat(out)
+        return torch.cat(out).cpu()
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One update on `batch` (with data-parallel learners: this rank's shard; every sum below is then over the
+        whole batch, so each rank's loss is its share of the single-learner loss and the gradients add up)."""
         cfg = self.cfg
         temperature = batch.temperature or cfg.rollout.temperature
-        num_tokens = float(batch.loss_mask.sum().clamp(min=1))
+        batch = batch.to(self.device)
+        lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
+        totals = distributed.all_reduce_sums(
+            {"tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum())}
+        )
+        num_tokens, num_sequences = max(totals["tokens"], 1.0), int(totals["sequences"])
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution
-        lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
         sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0, "is_weight": 0.0, "kl_ref": 0.0}
-        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0}
-        for start in range(0, batch.num_sequences, cfg.trainer.micro_batch_size):
-            sl = slice(start, start + cfg.trainer.micro_batch_size)
+        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0}
+        for sl in micro_batches(batch.attention_mask, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens):
             width = int(batch.attention_mask[sl].sum(1).max())  # trim right padding of this micro-batch
             ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
             mask, old, adv = batch.loss_mask[sl, :width], batch.rollout_logprobs[sl, :width], batch.advantages[sl, :width]
@@ -144,7 +175,7 @@ class Learner:
             out = self.loss_fn(logp, ratio_base, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
             if weights is not None:
                 out.loss = out.loss * weights
-            loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, batch.num_sequences, cfg.rollout.max_tokens_per_sample)
+            loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.rollout.max_tokens_per_sample)
             if self.reference is not None and algo.kl_in == "loss":
                 ref_logp = self._reference_logprobs(ids, attn, temperature)
                 kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
@@ -169,12 +200,14 @@ class Learner:
                 for key, part in (("fresh", mask - stale), ("stale", stale)):
                     sums[key] += float((delta.abs() * part).sum())
                     sums[f"{key}_tokens"] += float(part.sum())
-        if self.ptx is not None:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
-            ids, attn, ptx_mask = self.ptx.batch()
+        if self.ptx is not None and self.rank == 0:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
+            ids, attn, ptx_mask = (t.to(self.device) for t in self.ptx.batch())
             logp, _ = self.sequence_logprobs(ids, attn, fake_quant, temperature=1.0)  # PTX is plain NLL
             nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
             (cfg.algorithm.ptx_coef * nll).backward()
             sums["ptx"] = nll.item()
+        distributed.all_reduce_gradients(list(self.model.parameters()))
+        sums = distributed.all_reduce_sums(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -195,7 +228,7 @@ class Learner:
             **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None and cfg.algorithm.kl_in == "loss" else {}),
             **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),
             "policy_version": float(self.version),
-            "policy_lag_mean": float(lag.float().mean()),
+            "policy_lag_mean": totals["lag"] / max(num_sequences, 1),
         }
         for key in ("fresh", "stale"):
             if sums[f"{key}_tokens"]:
@@ -216,6 +249,7 @@ class Learner:
                 "optimizer": self.optimizer.state_dict(),
                 "version": self.version,
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
                 "numpy_rng": np.random.get_state(),
                 "python_rng": random.getstate(),
             },
@@ -230,12 +264,32 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = state["version"]
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         return self.version
 
 
 LearnerActor = ray.remote(Learner)
+
+
+def micro_batches(attention_mask: torch.Tensor, max_sequences: int, max_tokens: int = 0) -> list[slice]:
+    """Consecutive micro-batches of at most `max_sequences` sequences and, with `max_tokens`, at most that many
+    padded tokens (sequences x the longest one), so long samples go through in smaller micro-batches than short
+    ones; a sequence longer than `max_tokens` gets a micro-batch of its own."""
+    lengths = attention_mask.sum(1).tolist()
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest_with = max(longest, int(n))
+        count = i - start + 1
+        if i > start and (count > max_sequences or (max_tokens and count * longest_with > max_tokens)):
+            out.append(slice(start, i))
+            start, longest_with = i, int(n)
+        longest = longest_with
+    if lengths:
+        out.append(slice(start, len(lengths)))
+    return out
 
 
 def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,15 @@ class MetricsLogger:
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def rewind(self, step: int) -> None:
+        """Forget the steps after `step` (a resume or a restore goes back to a checkpoint and logs them again)."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

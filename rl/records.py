@@ -7,6 +7,7 @@ a step's worth into one padded `TrainBatch` for the learner. Nothing downstream 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +130,27 @@ class TrainBatch:
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The batch with its tensors on `device` (itself when already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def select(self, rows: slice) -> TrainBatch:
+        """The sequences `rows` (a contiguous range) as a batch of their own."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def shard(self, n: int) -> list[TrainBatch]:
+        """`n` contiguous shards with about equal numbers of real tokens (data-parallel learners); a shard may be
+        empty when there are fewer sequences than shards."""
+        before = [0.0] + self.attention_mask.sum(1).to(torch.float64).cumsum(0).tolist()  # tokens before sequence i
+        total = before[-1]
+        # shard k ends at the sequence boundary nearest to k/n of the tokens
+        cuts = [0] + [min(range(len(before)), key=lambda i, t=total * k / n: abs(before[i] - t)) for k in range(1, n)] + [self.num_sequences]
+        for k in range(1, len(cuts)):
+            cuts[k] = max(cuts[k], cuts[k - 1])
+        return [self.select(slice(cuts[k], cuts[k + 1])) for k in range(n)]
 
     @staticmethod
     def from_scored(scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int, temperature: float | None = None) -> TrainBatch:

@@ -175,6 +175,14 @@ class AgentLoop:
             closing = [ep for ep in live if ep.started and (ep.done or crashed)]
             await asyncio.gather(*(ep.env.close() for ep in closing), return_exceptions=True)
 
+    def close_envs(self, episodes: list[Episode]) -> None:
+        """Close the environments of episodes dropped unfinished (paused ones given up on a restore)."""
+
+        async def close() -> None:
+            await asyncio.gather(*(ep.env.close() for ep in episodes if ep.started and not ep.done), return_exceptions=True)
+
+        asyncio.run(close())
+
     async def _reset(self, ep: Episode) -> None:
         ep.started = True
         try:

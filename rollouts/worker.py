@@ -11,7 +11,10 @@ them first in the next `generate` call; it returns only whole groups, so group a
 
 from __future__ import annotations
 
+import logging
+
 import ray
+from ray import cloudpickle
 import torch
 import transformers
 
@@ -26,6 +29,8 @@ from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
 from rollouts.renderer import Renderer
 
+log = logging.getLogger("tiderl")
+
 
 class RolloutWorker:
     def __init__(self, policy_dir: str, cfg: JobConfig, worker_index: int) -> None:
@@ -33,6 +38,8 @@ class RolloutWorker:
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         self.cfg = cfg
         self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
+        if cfg.rollout.gpus_per_worker > 0 and torch.cuda.is_available():  # a worker given GPUs generates there
+            self.model.to("cuda")
         self.int4_targets: set[str] = set()
         if cfg.quant.enabled:
             spec = QuantSpec.from_config(cfg.quant)
@@ -104,6 +111,37 @@ class RolloutWorker:
         items = [reward_model_item(m) for m in group]
         self.model_refs[ep.group_id] = {name: actor.score.remote(items) for name, actor in self.reward_models.items()}
 
+    def export_paused(self) -> list[tuple[int, PromptRow, bytes | None]]:
+        """The groups left open (partial rollouts), for a checkpoint: (group id, prompt row, the pickled episodes
+        with their environments, or None when an environment does not pickle: the group then starts again)."""
+        out = []
+        for gid, episodes in self.open_groups.items():
+            try:
+                blob: bytes | None = cloudpickle.dumps(episodes)
+            except Exception as e:  # an environment holding a process, socket or lock
+                log.warning("paused group %d does not pickle (%s: %s); a resume starts it again", gid, type(e).__name__, e)
+                blob = None
+            out.append((gid, episodes[0].row, blob))
+        return out
+
+    def adopt_groups(self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, blobs: list[bytes | None]) -> int:
+        """Take over open groups (a resumed checkpoint, or a dead worker's): their pickled episodes, or fresh
+        episodes for the prompt when there are none; the next `generate_step` continues them."""
+        blobs = blobs or [None] * len(rows)
+        for row, gid, blob in zip(rows, group_ids, blobs, strict=True):
+            if gid in self.open_groups:
+                raise ValueError(f"group id {gid} is already in flight on this worker")
+            self.open_groups[gid] = cloudpickle.loads(blob) if blob is not None else self.loop.new_episodes([row], samples_per_prompt, [gid])
+        return len(self.open_groups)
+
+    def drop_open_groups(self) -> int:
+        """Close and forget the open groups (their environments too); returns how many there were."""
+        n = len(self.open_groups)
+        self.loop.close_envs([ep for episodes in self.open_groups.values() for ep in episodes])
+        self.open_groups.clear()
+        self.model_refs.clear()
+        return n
+
     def num_paused(self) -> int:
         """Samples paused mid-rollout, waiting for the next step."""
         return sum(not ep.done for group in self.open_groups.values() for ep in group)
@@ -139,25 +177,3 @@ def int4_kernel_settings(cfg: JobConfig) -> tuple[torch.dtype, int | None]:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def generate_step_on_workers(
-    workers: list, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
-) -> list[Trajectory]:
-    """A training step's rollouts over the workers; group ids `first_group_id + i` stay unique across steps, so
-    a group resumed from an earlier step never mixes with a new draw of the same prompt."""
-    group_ids = list(range(first_group_id, first_group_id + len(rows)))
-    n = len(workers)
-    futures = [w.generate_step.remote(rows[i::n], group_ids[i::n], samples_per_prompt, iteration_budget, temperature) for i, w in enumerate(workers)]
-    return [traj for result in ray.get(futures) for traj in result]
-
-
-def generate_on_workers(workers: list, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
-    """Spread prompt rows over the workers (all samples of a prompt stay on one worker) and gather the results."""
-    chunks = [rows[i :: len(workers)] for i in range(len(workers))]
-    futures = [
-        w.generate.remote(chunk, samples_per_prompt, greedy, None if seed is None else seed + i)
-        for i, (w, chunk) in enumerate(zip(workers, chunks, strict=True))
-        if chunk
-    ]
-    return [traj for result in ray.get(futures) for traj in result]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from envs.calculator import CALC_TOOL, CalculatorEnv
@@ -19,7 +18,8 @@ from rewards.scoring import RewardScorer
 from rollouts.agent_loop import AgentLoop
 from rollouts.engine import Engine, _LoopDetector
 from rollouts.renderer import Renderer
-from rollouts.worker import RolloutWorkerActor, generate_step_on_workers
+from rollouts.pool import RolloutPool
+from rollouts.worker import RolloutWorkerActor
 
 
 def calculator_rows(n: int) -> list[PromptRow]:
@@ -169,26 +169,27 @@ def test_64_concurrent_environments_with_random_latencies_on_one_worker(tool_pol
     env_file = tmp_path / "slow_env.py"
     env_file.write_text(SLOW_ENV.format(ms=100))
     cfg = make_cfg(f"model.path={tool_policy_dir}", f"env.name={env_file}:SlowCalculator", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    worker = RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, 0)
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, i), 1)
     rows = calculator_rows(16)
-    trajectories = generate_step_on_workers([worker], rows, first_group_id=100, samples_per_prompt=4, iteration_budget=0)
+    trajectories = pool.generate_step(rows, first_group_id=100, samples_per_prompt=4, iteration_budget=0)
     assert len(trajectories) == 64 and len({t.sample_id for t in trajectories}) == 64
     assert sorted({t.group_id for t in trajectories}) == list(range(100, 116))
     assert all(t.status in (TrajectoryStatus.FINISHED, TrajectoryStatus.TRUNCATED) and t.error is None for t in trajectories)
-    assert sum(t.num_tool_calls > 0 for t in trajectories) >= 32 and ray.get(worker.num_paused.remote()) == 0
-    ray.kill(worker)
+    assert sum(t.num_tool_calls > 0 for t in trajectories) >= 32 and pool.num_paused() == 0
+    pool.kill()
 
 
 def test_worker_returns_only_whole_groups_and_resumes_the_rest(tool_policy_dir, make_cfg, ray_local) -> None:
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=2")
-    worker = RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, 0)
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, i), 1)
     rows = calculator_rows(3)
-    first = generate_step_on_workers([worker], rows, 0, 2, iteration_budget=4)
-    assert first == [] and ray.get(worker.num_paused.remote()) == 6  # no sample ends within 4 tokens
+    first = pool.generate_step(rows, 0, 2, iteration_budget=4)
+    assert first == [] and pool.num_paused() == 6 and pool.in_flight == [{0: rows[0], 1: rows[1], 2: rows[2]}]  # no sample ends within 4 tokens
     later, steps = [], 0
-    while ray.get(worker.num_paused.remote()):
+    while pool.num_paused():
         steps += 1
-        later += generate_step_on_workers([worker], [], 0, 2, iteration_budget=4)
+        later += pool.generate_step([], 0, 2, iteration_budget=4)
     assert steps >= 3 and len(later) == 6 and sorted(t.sample_id for t in later) == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
     assert all([v for *_, v in t.segments] == [0] for t in later)  # no weight sync in between: one version
-    ray.kill(worker)
+    assert pool.in_flight == [{}]
+    pool.kill()

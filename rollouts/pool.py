@@ -1,0 +1,220 @@
+"""The rollout workers as the controller sees them: weight pushes, a step's rollouts spread over the workers,
+and recovery when a worker dies.
+
+The pool remembers which prompt groups each worker has in flight (this step's, and with partial rollouts the
+ones paused from earlier steps). When a worker dies (its process killed, its node lost), the pool starts a new
+one in the same placement bundle, gives it the current weights and reward models, and re-issues every group the
+dead one had in flight, from scratch under the same group ids: the dead worker's samples never reached the
+controller, so none is counted twice, and every group comes back whole, so none is lost.
+
+Ray's own actor restarts (`max_restarts`) would rerun the constructor with the starting weights and fail the
+in-flight call anyway; recovery needs the job's state (weights version, groups in flight), so it lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from rl.records import PromptRow, Trajectory
+
+log = logging.getLogger("tiderl")
+
+# What "the worker is gone" looks like from the caller: the actor died (killed, crashed, node lost) or is unreachable.
+WORKER_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+
+
+class WorkerLostError(RuntimeError):
+    """Rollout workers kept dying: more restarts than `cluster.max_worker_restarts` in one call."""
+
+
+class RolloutPool:
+    def __init__(self, start: Callable[[int], Any], size: int, max_restarts: int = 3) -> None:
+        """`start(i)` creates worker `i` (an actor handle); `max_restarts` bounds restarts per call."""
+        self.start = start
+        self.max_restarts = max_restarts
+        self.workers = [start(i) for i in range(size)]
+        self.in_flight: list[dict[int, PromptRow]] = [{} for _ in range(size)]
+        self.samples_per_prompt: int | None = None
+        self.weights: tuple[Any, int] | None = None
+        self.reward_models: dict[str, Any] = {}
+        self.restarts = 0  # over the job
+        self.version: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    # -- weights and reward models -------------------------------------------------------------------------------
+    def publish(self, weights: Any, version: int) -> None:
+        """Have every worker load `weights` (a payload or an ObjectRef to one, put in the object store once) as
+        policy `version`; kept, so a restarted worker starts from them."""
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        self.weights = (ref, version)
+        loaded = self._on_all(lambda w: w.load_weights.remote(ref, version))
+        if any(v != version for v in loaded):
+            raise RuntimeError(f"weight sync: workers report versions {loaded}, expected {version}")
+        self.version = version
+
+    def set_reward_models(self, handles: dict[str, Any]) -> None:
+        """Reward model actors the workers send finished groups to (`reward.models_async`)."""
+        self.reward_models = dict(handles)
+        self._on_all(lambda w: w.set_reward_models.remote(self.reward_models))
+
+    # -- rollouts -------------------------------------------------------------------------------------------------
+    def generate_step(
+        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+    ) -> list[Trajectory]:
+        """A training step's rollouts: row i becomes group `first_group_id + i` on worker i mod n; returns the
+        trajectories of every group that finished (in worker order), re-issuing the groups of workers that die."""
+        self.samples_per_prompt = samples_per_prompt
+        n = len(self.workers)
+        group_ids = list(range(first_group_id, first_group_id + len(rows)))
+        calls: dict[int, tuple[list[PromptRow], list[int]]] = {}
+        for i in range(n):
+            mine_rows, mine_ids = rows[i::n], group_ids[i::n]
+            self.in_flight[i].update(zip(mine_ids, mine_rows, strict=True))
+            calls[i] = (mine_rows, mine_ids)
+
+        def call(i: int, reissue: bool) -> ray.ObjectRef:
+            rows_i, ids_i = (list(self.in_flight[i].values()), list(self.in_flight[i])) if reissue else calls[i]
+            return self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
+
+        results = self._run(call)
+        out: list[Trajectory] = []
+        for i in range(n):
+            for gid in {t.group_id for t in results[i]}:
+                self.in_flight[i].pop(gid, None)
+            out.extend(results[i])
+        return out
+
+    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
+        """Every sample to its end (evaluation): rows spread over the workers, all samples of a prompt on one;
+        with `seed`, worker i samples from seed + i, so a re-run on a restarted worker gives the same samples."""
+        chunks = [rows[i :: len(self.workers)] for i in range(len(self.workers))]
+
+        def call(i: int, reissue: bool) -> ray.ObjectRef | None:
+            if not chunks[i]:
+                return None
+            return self.workers[i].generate.remote(chunks[i], samples_per_prompt, greedy, None if seed is None else seed + i)
+
+        results = self._run(call)
+        return [t for i in range(len(self.workers)) for t in results[i]]
+
+    def _run(self, call: Callable[[int, bool], ray.ObjectRef | None]) -> dict[int, list]:
+        """Call every worker (`call(i, reissue)`), restarting and re-calling (reissue=True) the ones that die."""
+        pending = {ref: i for i in range(len(self.workers)) if (ref := call(i, False)) is not None}
+        results: dict[int, list] = {i: [] for i in range(len(self.workers))}
+        restarts = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except WORKER_LOST as e:
+                restarts += 1
+                if restarts > self.max_restarts:
+                    raise WorkerLostError(
+                        f"rollout workers died {restarts} times in one step (cluster.max_worker_restarts = {self.max_restarts}); last: {_reason(e)}"
+                    ) from e
+                self._restart(i, e)
+                ref = call(i, True)
+                if ref is not None:
+                    pending[ref] = i
+        return results
+
+    def _restart(self, i: int, cause: BaseException) -> None:
+        groups = len(self.in_flight[i])
+        log.warning("rollout worker %d died (%s); restarting it and re-issuing its %d prompt groups", i, _reason(cause), groups)
+        try:
+            ray.kill(self.workers[i], no_restart=True)
+        except Exception:  # already gone
+            pass
+        worker = self.start(i)
+        if self.weights is not None:
+            ray.get(worker.load_weights.remote(*self.weights))
+        if self.reward_models:
+            ray.get(worker.set_reward_models.remote(self.reward_models))
+        self.workers[i] = worker
+        self.restarts += 1
+
+    def _on_all(self, method: Callable[[Any], ray.ObjectRef]) -> list:
+        """Call `method` on every worker, restarting dead ones (their in-flight groups stay for the next step)."""
+        out = []
+        for i in range(len(self.workers)):
+            for attempt in range(self.max_restarts + 1):
+                try:
+                    out.append(ray.get(method(self.workers[i])))
+                    break
+                except WORKER_LOST as e:
+                    if attempt == self.max_restarts:
+                        raise WorkerLostError(f"rollout worker {i} keeps dying: {_reason(e)}") from e
+                    self._restart(i, e)
+                    self._requeue_lost(i)
+        return out
+
+    def _requeue_lost(self, i: int) -> None:
+        """After a restart outside a step, the new worker has none of the old one's paused groups: start them
+        again there (fresh episodes), so the next step resumes them as usual."""
+        if self.in_flight[i] and self.samples_per_prompt:
+            ray.get(self.workers[i].adopt_groups.remote(list(self.in_flight[i].values()), list(self.in_flight[i]), self.samples_per_prompt, []))
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def drop_in_flight(self) -> None:
+        """Forget every group in flight (going back to a checkpoint, which holds its own paused groups)."""
+        self._on_all(lambda w: w.drop_open_groups.remote())
+        self.in_flight = [{} for _ in self.workers]
+
+    def num_paused(self) -> int:
+        return sum(self._on_all(lambda w: w.num_paused.remote()))
+
+    def pad_token_id(self) -> int:
+        return ray.get(self.workers[0].pad_token_id.remote())
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the workers: sampling RNG states and the paused groups (with their
+        episodes when they pickle, environment included; else their prompt, to start again on resume)."""
+        return {
+            "rng": self._on_all(lambda w: w.get_rng_state.remote()),
+            "paused": self._on_all(lambda w: w.export_paused.remote()),
+            "samples_per_prompt": self.samples_per_prompt,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> int:
+        """Restore `state()`: RNG states when the worker count matches (otherwise the old sampling streams
+        cannot be reproduced anyway), paused groups spread over the workers. Returns the groups restored."""
+        if len(state["rng"]) == len(self.workers):
+            for w, rng in zip(self.workers, state["rng"], strict=True):
+                ray.get(w.set_rng_state.remote(rng))
+        groups = [g for per_worker in state["paused"] for g in per_worker]
+        self.samples_per_prompt = state.get("samples_per_prompt") or self.samples_per_prompt
+        self.in_flight = [{} for _ in self.workers]
+        for k, (gid, row, _blob) in enumerate(groups):
+            i = k % len(self.workers) if len(state["paused"]) != len(self.workers) else _owner(state["paused"], k)
+            self.in_flight[i][gid] = row
+        for i, w in enumerate(self.workers):
+            mine = [g for k, g in enumerate(groups) if g[0] in self.in_flight[i]]
+            if mine:
+                ray.get(w.adopt_groups.remote([g[1] for g in mine], [g[0] for g in mine], self.samples_per_prompt, [g[2] for g in mine]))
+        return len(groups)
+
+    def kill(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+def _owner(per_worker: list[list], k: int) -> int:
+    """Index of the worker list that holds the k-th group of the flattened `per_worker`."""
+    for i, groups in enumerate(per_worker):
+        if k < len(groups):
+            return i
+        k -= len(groups)
+    raise IndexError(k)
+
+
+def _reason(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
