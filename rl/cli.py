@@ -150,9 +150,15 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("job", "status", "started", "ended", "run directory", "message")
+    table = Table()  # ids never cut (people copy them); long paths and messages fold instead of ending in "…"
+    table.add_column("job", no_wrap=True, min_width=max((len(j.submission_id) for j in jobs), default=3))
+    table.add_column("status", no_wrap=True)
+    table.add_column("started")
+    table.add_column("ended")
+    table.add_column("run directory", overflow="fold")
+    table.add_column("message", overflow="fold")
     for j in jobs:
-        table.add_row(j.submission_id, str(j.status), _clock(j.start_time), _clock(j.end_time), (j.metadata or {}).get("tiderl_run_dir", ""), (j.message or "")[:60])
+        table.add_row(j.submission_id, str(j.status), _clock(j.start_time), _clock(j.end_time), (j.metadata or {}).get("tiderl_run_dir", ""), j.message or "")
     Console().print(table if jobs else f"no jobs on {client.address}")
 
 

@@ -393,7 +393,7 @@ class JobsClient:
             yield
         except AuthenticationError as e:
             raise JobsError(_auth_message(self.address, str(e))) from None
-        except (ConnectionError, requests.RequestException, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (ConnectionError, requests.RequestException, aiohttp.ClientError, TimeoutError) as e:
             raise JobsError(
                 f"cannot reach the Ray Jobs API at {self.address} ({type(e).__name__}): is the cluster up, and is this "
                 "its dashboard address (http://HEAD:8265 by default, not the GCS port 6379)?"
