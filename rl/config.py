@@ -317,6 +317,11 @@ class ClusterConfig(_Section):
         "PACK", description="Ray placement-group strategy for the learner and rollout-worker bundles."
     )
     placement_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for the placement group before failing with what could not be placed.")
+    weight_sync: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="How weights reach the rollout workers each step: object_store (put once, every worker pulls; one node, CPU workers) "
+        "or collective (learner rank 0 broadcasts one buffer: NCCL when learners and workers have GPUs, else gloo).",
+    )
     max_worker_restarts: int = Field(3, ge=0, description="Restarts of a dead rollout worker or reward-model actor per RL step before the job fails.")
     max_learner_restarts: int = Field(2, ge=0, description="Times a failed learner is restored from the last checkpoint before the job fails.")
     pip: list[str] = Field(default_factory=list, description="tiderl submit: pip requirements installed in the job's runtime environment.")

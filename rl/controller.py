@@ -66,6 +66,14 @@ class Actors:
             workers.set_reward_models(reward_models.actors)
         return Actors(learner, workers, reward_models, placement, str(policy_dir))
 
+    def sync_weights(self, cfg: JobConfig, version: int) -> None:
+        """Push the learners' weights (rank 0's) to every rollout worker as policy `version`."""
+        if cfg.cluster.weight_sync == "collective":
+            backend = "nccl" if cfg.trainer.learner_gpus > 0 and cfg.rollout.gpus_per_worker > 0 else "gloo"
+            self.workers.broadcast_from(self.learner.actors[0], version, backend)
+        else:
+            self.workers.publish(self.learner.get_weights(), version)
+
     def restart_learner(self, cfg: JobConfig) -> None:
         self.learner.kill()
         self.learner = LearnerGroup(self.policy_dir, cfg, self.placement)
@@ -104,7 +112,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting from step 1")
     step = _restore(cfg, checkpoint, actors, sampler, logger, start) + 1 if checkpoint is not None else 1
     if checkpoint is None:
-        actors.workers.publish(actors.learner.get_weights(), actors.learner.get_version())
+        actors.sync_weights(cfg, actors.learner.get_version())
     if cfg.quant.enabled:
         _report_sync_payload(run_dir, actors.learner.weight_sync_bytes())
 
@@ -178,7 +186,7 @@ def _restore(cfg: JobConfig, checkpoint: Path | None, actors: Actors, sampler: P
         console.print(f"resuming from {checkpoint} (step {state['step']})")
     sampler.load_state_dict(state["data_cursor"])
     logger.rewind(state["step"])
-    actors.workers.publish(actors.learner.get_weights(), actors.learner.get_version())
+    actors.sync_weights(cfg, actors.learner.get_version())
     return state["step"]
 
 
@@ -242,7 +250,7 @@ def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, actors: Actors, ti
     with timer("update"):
         train_metrics = actors.learner.train_step(batch)
     with timer("sync"):
-        actors.workers.publish(actors.learner.get_weights(), int(train_metrics["policy_version"]))
+        actors.sync_weights(cfg, int(train_metrics["policy_version"]))
     return {**rollout_metrics(scored), **train_metrics, **extra, "temperature": temperature}
 
 

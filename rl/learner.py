@@ -26,6 +26,7 @@ import torch
 import transformers
 
 from rl import distributed
+from rl.collective import BroadcastMember, flatten
 from rl.config import JobConfig
 from rl.losses import LOSSES, aggregate, kl_penalty, rollout_correction, token_band_mask, token_mean
 from rl.optim import build_optimizer
@@ -38,7 +39,7 @@ from rl.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, p
 from rl.records import TrainBatch
 
 
-class Learner:
+class Learner(BroadcastMember):
     def __init__(self, policy_dir: str, cfg: JobConfig) -> None:
         torch.set_num_threads(cfg.trainer.learner_threads)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
@@ -90,6 +91,20 @@ class Learner:
         if self.quant is None:
             return {k: v.clone() for k, v in state.items()}
         return pack_state_dict(state, self.quant, self.quant_targets)
+
+    def prepare_broadcast(self) -> list:
+        """Collective weight sync, part 1: pack the payload into one buffer; returns its manifest (the
+        receivers allocate from it)."""
+        manifest, self._outgoing = flatten(self.get_weights(), self.broadcast_group.device if self.broadcast_group else "cpu")
+        return manifest
+
+    def send_broadcast(self) -> int:
+        """Collective weight sync, part 2: broadcast the buffer (blocks until every worker received it)."""
+        if self.broadcast_group is None:
+            raise RuntimeError("send_broadcast before join_broadcast")
+        self.broadcast_group.broadcast(self._outgoing)
+        n, self._outgoing = int(self._outgoing.numel()), None
+        return n
 
     def weight_sync_bytes(self) -> dict[str, int]:
         """Bytes of one weight-sync payload (INT4 part, the bf16 size of the same weights, the dense rest)."""

@@ -44,6 +44,9 @@ class RolloutPool:
         self.reward_models: dict[str, Any] = {}
         self.restarts = 0  # over the job
         self.version: int | None = None
+        self.source: Any = None  # collective weight sync: the learner actor the weights come from
+        self.group_source: Any = None  # ... and the one the current broadcast group was formed with
+        self.group_stale = False
 
     def __len__(self) -> int:
         return len(self.workers)
@@ -53,11 +56,46 @@ class RolloutPool:
         """Have every worker load `weights` (a payload or an ObjectRef to one, put in the object store once) as
         policy `version`; kept, so a restarted worker starts from them."""
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
-        self.weights = (ref, version)
+        self.weights, self.source = (ref, version), None
         loaded = self._on_all(lambda w: w.load_weights.remote(ref, version))
         if any(v != version for v in loaded):
             raise RuntimeError(f"weight sync: workers report versions {loaded}, expected {version}")
         self.version = version
+
+    def broadcast_from(self, source: Any, version: int, backend: str) -> None:
+        """Collective weight sync (`cluster.weight_sync: collective`): `source` (learner rank 0) broadcasts its
+        payload to every worker in one collective. The group is formed on first use and formed again when a
+        member was replaced; if a worker dies during the broadcast it is restarted with the weights through the
+        object store and the group is formed again at the next push."""
+        if self.group_source is not source or self.group_stale:
+            self._form_group(source, backend)
+        manifest = ray.get(source.prepare_broadcast.remote())
+        refs = [source.send_broadcast.remote()] + [w.receive_weights.remote(manifest, version) for w in self.workers]
+        self.source, self.weights, self.version = source, None, version
+        try:
+            ray.get(refs[0])
+        except ray.exceptions.RayTaskError:
+            pass  # the send failed because a receiver died mid-broadcast (found below); a dead learner raises ActorDiedError
+        try:
+            loaded = ray.get(refs[1:])
+        except WORKER_LOST:
+            self.group_stale = True
+            self._on_all(lambda w: w.load_weights.remote(source.get_weights.remote(), version))  # restarts the dead, reloads all
+            return
+        if any(v != version for v in loaded):
+            raise RuntimeError(f"weight broadcast: workers report versions {loaded}, expected {version}")
+
+    def _form_group(self, source: Any, backend: str) -> None:
+        members = [source, *self.workers]
+        if self.group_source is not None:
+            for member in [self.group_source, *self.workers]:
+                try:
+                    ray.get(member.leave_broadcast.remote())
+                except ray.exceptions.RayError:  # a dead member has nothing to leave
+                    pass
+        address, port = ray.get(source.address.remote())
+        ray.get([m.join_broadcast.remote(rank, len(members), address, port, backend) for rank, m in enumerate(members)])
+        self.group_source, self.group_stale = source, False
 
     def set_reward_models(self, handles: dict[str, Any]) -> None:
         """Reward model actors the workers send finished groups to (`reward.models_async`)."""
@@ -136,6 +174,9 @@ class RolloutPool:
         worker = self.start(i)
         if self.weights is not None:
             ray.get(worker.load_weights.remote(*self.weights))
+        elif self.source is not None:  # collective sync: the new worker is not in the group; fetch through the object store
+            ray.get(worker.load_weights.remote(self.source.get_weights.remote(), self.version))
+            self.group_stale = True
         if self.reward_models:
             ray.get(worker.set_reward_models.remote(self.reward_models))
         self.workers[i] = worker

@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from envs.registry import make_env
+from rl.collective import BroadcastMember, Manifest, buffer_size, unflatten
 from rl.config import JobConfig
 from rl.policy import load_policy
 from rl.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
@@ -32,7 +33,7 @@ from rollouts.renderer import Renderer
 log = logging.getLogger("tiderl")
 
 
-class RolloutWorker:
+class RolloutWorker(BroadcastMember):
     def __init__(self, policy_dir: str, cfg: JobConfig, worker_index: int) -> None:
         torch.set_num_threads(cfg.rollout.threads_per_worker)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
@@ -72,6 +73,13 @@ class RolloutWorker:
         load_packed(self.model, weights)
         self.version = version
         return version
+
+    def receive_weights(self, manifest: Manifest, version: int) -> int:
+        """Collective weight sync: receive learner rank 0's broadcast buffer and install it as `version`."""
+        if self.broadcast_group is None:
+            raise RuntimeError("receive_weights before join_broadcast")
+        buffer = torch.empty(buffer_size(manifest), dtype=torch.uint8, device=self.broadcast_group.device)
+        return self.load_weights(unflatten(manifest, self.broadcast_group.broadcast(buffer)), version)
 
     def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
         """Every sample to its end. With `seed`, from a fresh generator (evals: repeatable, the training stream untouched)."""
