@@ -322,6 +322,10 @@ class ClusterConfig(_Section):
         description="How weights reach the rollout workers each step: object_store (put once, every worker pulls; one node, CPU workers) "
         "or collective (learner rank 0 broadcasts one buffer: NCCL when learners and workers have GPUs, else gloo).",
     )
+    ship_max_mb: float = Field(
+        2048.0, ge=0, description="The driver ships the policy directory to actors through the object store when it is at most this big "
+        "(nodes without a shared filesystem); a bigger one must be at the same path on every node.",
+    )
     max_worker_restarts: int = Field(3, ge=0, description="Restarts of a dead rollout worker or reward-model actor per RL step before the job fails.")
     max_learner_restarts: int = Field(2, ge=0, description="Times a failed learner is restored from the last checkpoint before the job fails.")
     pip: list[str] = Field(default_factory=list, description="tiderl submit: pip requirements installed in the job's runtime environment.")

@@ -34,6 +34,7 @@ from rl.learner_group import LearnerGroup
 from rl.metrics import MetricsLogger, StageTimer, rollout_metrics, save_trajectories
 from rl.placement import Placement, place
 from rl.records import TrainBatch
+from rl.shipping import ShippedDir, ship_dir
 from rl.warmstart import prepare_policy
 from rewards.models import RewardModelPool, fetch_model_scores
 from rewards.scoring import RewardScorer, ScoringResult
@@ -54,17 +55,18 @@ class Actors:
     workers: RolloutPool
     reward_models: RewardModelPool
     placement: Placement
-    policy_dir: str
+    policy: ShippedDir
 
     @staticmethod
     def start(cfg: JobConfig, policy_dir: Path, placement: Placement) -> Actors:
-        learner = LearnerGroup(str(policy_dir), cfg, placement)
-        start_worker = lambda i: RolloutWorkerActor.options(**placement.options("rollout", i)).remote(str(policy_dir), cfg, i)  # noqa: E731
+        policy = ship_dir(policy_dir, int(cfg.cluster.ship_max_mb * 2**20))  # actors on nodes without the driver's disk
+        learner = LearnerGroup(policy, cfg, placement)
+        start_worker = lambda i: RolloutWorkerActor.options(**placement.options("rollout", i)).remote(policy, cfg, i)  # noqa: E731
         workers = RolloutPool(start_worker, cfg.rollout.num_workers, cfg.cluster.max_worker_restarts)
         reward_models = RewardModelPool(cfg.reward.models, lambda i: placement.options("reward_model", i), cfg.cluster.max_worker_restarts)
         if reward_models.actors and cfg.reward.models_async:
             workers.set_reward_models(reward_models.actors)
-        return Actors(learner, workers, reward_models, placement, str(policy_dir))
+        return Actors(learner, workers, reward_models, placement, policy)
 
     def sync_weights(self, cfg: JobConfig, version: int) -> None:
         """Push the learners' weights (rank 0's) to every rollout worker as policy `version`."""
@@ -76,7 +78,7 @@ class Actors:
 
     def restart_learner(self, cfg: JobConfig) -> None:
         self.learner.kill()
-        self.learner = LearnerGroup(self.policy_dir, cfg, self.placement)
+        self.learner = LearnerGroup(self.policy, cfg, self.placement)
 
     def kill(self) -> None:
         for part in (self.learner, self.workers, self.reward_models):

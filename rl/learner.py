@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,17 @@ from rl.policy import load_policy
 from rl.ptx import PtxData
 from rl.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
 from rl.records import TrainBatch
+from rl.shipping import ShippedDir, open_dir, read_tree, write_tree
+from rl.warmstart import shipped_cache
 
 
 class Learner(BroadcastMember):
-    def __init__(self, policy_dir: str, cfg: JobConfig) -> None:
+    def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig) -> None:
         torch.set_num_threads(cfg.trainer.learner_threads)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
+        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg)), cfg.model)
         # a learner given GPUs (trainer.learner_gpus) trains there; batches arrive on the CPU and move per step
         self.device = torch.device("cuda" if cfg.trainer.learner_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.model.to(self.device).train()
@@ -270,6 +273,19 @@ class Learner(BroadcastMember):
             },
             out / "learner_state.pt",
         )
+
+    def checkpoint_files(self) -> dict[str, bytes]:
+        """What `save` writes, as bytes: the driver writes the checkpoint, so the run directory needs no
+        filesystem shared with the learner's node."""
+        with tempfile.TemporaryDirectory(prefix="tiderl-ckpt-") as tmp:
+            self.save(tmp)
+            return read_tree(Path(tmp))
+
+    def load_files(self, files: dict[str, bytes]) -> int:
+        """`load` from the bytes `checkpoint_files` returned."""
+        with tempfile.TemporaryDirectory(prefix="tiderl-ckpt-") as tmp:
+            write_tree(files, Path(tmp))
+            return self.load(tmp)
 
     def load(self, path: str) -> int:
         """Restore what `save` wrote; returns the policy version."""

@@ -8,6 +8,7 @@ source of weights and checkpoints; every rank loads a checkpoint.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -17,12 +18,14 @@ from rl.config import JobConfig
 from rl.learner import LearnerActor
 from rl.placement import Placement
 from rl.records import TrainBatch
+from rl.shipping import ShippedDir, read_tree, write_tree
 
+CHECKPOINT_PARTS = ("policy", "learner_state.pt")  # what a learner writes into a checkpoint
 LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
 
 class LearnerGroup:
-    def __init__(self, policy_dir: str, cfg: JobConfig, placement: Placement) -> None:
+    def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig, placement: Placement) -> None:
         self.cfg = cfg
         n = cfg.trainer.num_learners
         self.actors = [LearnerActor.options(**placement.options("learner", i)).remote(policy_dir, cfg) for i in range(n)]
@@ -58,10 +61,13 @@ class LearnerGroup:
         return ray.get([a.parameters_digest.remote() for a in self.actors])
 
     def save(self, path: str) -> None:
-        ray.get(self.actors[0].save.remote(path))
+        """Rank 0's policy, optimizer and RNG states into `path`, written here (on the driver's node)."""
+        write_tree(ray.get(self.actors[0].checkpoint_files.remote()), Path(path))
 
     def load(self, path: str) -> int:
-        versions = self._get_all([a.load.remote(path) for a in self.actors])
+        """Every learner from the checkpoint at `path` (read here, sent through the object store)."""
+        files = ray.put(read_tree(Path(path), only=CHECKPOINT_PARTS))
+        versions = self._get_all([a.load_files.remote(files) for a in self.actors])
         return versions[0]
 
     def _get_all(self, refs: list[ray.ObjectRef]) -> list:

@@ -37,6 +37,11 @@ def cache_root(cfg: JobConfig) -> Path:
     return Path(os.environ.get("TIDERL_CACHE", Path.home() / ".cache" / "tiderl")).expanduser()
 
 
+def shipped_cache(cfg: JobConfig) -> Path:
+    """Where an actor on a node without the driver's disk unpacks the shipped policy (rl.shipping)."""
+    return cache_root(cfg) / "shipped"
+
+
 def policy_key(cfg: JobConfig) -> str:
     shape = {
         "format": CACHE_FORMAT,

@@ -29,16 +29,18 @@ from rollouts.agent_loop import AgentLoop, Episode
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
 from rollouts.renderer import Renderer
+from rl.shipping import ShippedDir, open_dir
+from rl.warmstart import shipped_cache
 
 log = logging.getLogger("tiderl")
 
 
 class RolloutWorker(BroadcastMember):
-    def __init__(self, policy_dir: str, cfg: JobConfig, worker_index: int) -> None:
+    def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig, worker_index: int) -> None:
         torch.set_num_threads(cfg.rollout.threads_per_worker)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         self.cfg = cfg
-        self.model, self.tokenizer = load_policy(policy_dir, cfg.model)
+        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg)), cfg.model)
         if cfg.rollout.gpus_per_worker > 0 and torch.cuda.is_available():  # a worker given GPUs generates there
             self.model.to("cuda")
         self.int4_targets: set[str] = set()

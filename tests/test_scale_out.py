@@ -162,3 +162,18 @@ def test_collective_weight_sync_over_gloo_matches_the_object_store_path(tmp_path
     for a, b in zip(rows["store"], rows["collective"], strict=True):
         assert (a["reward_mean"], a["loss"], a["grad_norm"]) == (b["reward_mean"], b["loss"], b["grad_norm"])
         assert b["mismatch_abs_logp"] < 1e-4  # the workers run exactly what the learner trained
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_policy_dir_missing_on_a_node_is_unpacked_from_the_object_store(tiny_policy_dir, tmp_path: Path) -> None:
+    from rl.shipping import ShippedDir, open_dir, read_tree, ship_dir
+
+    shipped = ship_dir(tiny_policy_dir, 2**30)
+    assert shipped.files is not None and open_dir(shipped, tmp_path) == str(tiny_policy_dir)  # this node sees the path
+    elsewhere = ShippedDir("/nonexistent/policy", shipped.files, shipped.digest)  # as a node without the driver's disk sees it
+    local = Path(open_dir(elsewhere, tmp_path / "cache"))
+    assert local == tmp_path / "cache" / shipped.digest and read_tree(local) == read_tree(tiny_policy_dir)
+    assert open_dir(elsewhere, tmp_path / "cache") == str(local)  # unpacked once per node
+    with pytest.raises(FileNotFoundError, match="too big to ship"):
+        open_dir(ShippedDir("/nonexistent/policy"), tmp_path / "cache")
+    assert ship_dir(tiny_policy_dir, 10).files is None
