@@ -46,6 +46,7 @@ def test_paused_groups_move_to_new_workers_and_finish_token_for_token(tool_polic
     original.kill(), copy.kill()
 
 
+@pytest.mark.slow  # ~70 s; the mechanism is pinned by the test above, this is the whole job around it
 def test_resume_with_paused_rollouts_in_the_checkpoint_is_exact(tool_policy_dir, tmp_path: Path, make_cfg) -> None:
     overrides = [f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.partial_rollout_budget=14", "trainer.checkpoint_every=1",
                  "trainer.keep_checkpoints=5", "eval.enabled=false", "reward.functions=[{name: calculator}]"]
