@@ -35,5 +35,7 @@ def ray_session(cfg: ClusterConfig) -> Iterator[None]:
 
 
 def cluster_address(cfg: ClusterConfig) -> str | None:
-    """The cluster to connect to: `cluster.address`, else Ray's own RAY_ADDRESS (set in a submitted job's driver)."""
-    return cfg.address or os.environ.get("RAY_ADDRESS") or None
+    """The cluster to connect to: `cluster.address`, else Ray's own RAY_ADDRESS (set in a submitted job's driver;
+    an http:// one names a Jobs API server, which `tiderl submit` uses, not a cluster to join)."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    return cfg.address or (env if env and not env.startswith(("http://", "https://")) else None)
