@@ -314,7 +314,7 @@ class ClusterConfig(_Section):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for the learner and rollout-worker bundles."
+        "PACK", description="Ray placement-group strategy for the job's bundles (one per learner, rollout worker and reward model)."
     )
     placement_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for the placement group before failing with what could not be placed.")
     weight_sync: Literal["object_store", "collective"] = Field(
