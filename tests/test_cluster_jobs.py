@@ -1,10 +1,13 @@
-"""`tiderl submit / status / logs / stop` against a real two-node Ray cluster started on this machine, and the
-submission planning (paths, run directory, entrypoint, auth token) without one.
+"""`tiderl submit / status / logs / stop` against a real two-node Ray cluster started on this machine, a job's
+driver killed while writing a checkpoint and resumed, and the submission planning (paths, run directory,
+entrypoint, auth token) without a cluster.
 
 The cluster is Ray 2.60 in token-auth mode, as a head started with default settings becomes when a token exists
 (here: RAY_AUTH_TOKEN_PATH, so the test never touches ~/.ray). It runs beside the test session's own local Ray
 (`ray_local`): its own temp dirs and ports, and teardown kills exactly its processes (`ray stop` would kill every
-Ray of the user)."""
+Ray of the user). Where `unshare` can make a mount namespace (root), the worker node runs in its own, with an
+empty tmpfs over the session's temp root: it sees neither the drivers' run directories nor their policy cache,
+as a node without a shared filesystem."""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,10 +58,12 @@ def _clean_env(**extra: str) -> dict[str, str]:
 @dataclass
 class Cluster:
     address: str  # Jobs API (dashboard)
+    gcs: str  # what a driver connects to (cluster.address)
     token: str
     token_file: Path
-    nodes: list[subprocess.Popen]
+    nodes: list[subprocess.Popen]  # head, worker
     root: Path
+    hidden: Path | None  # hidden from the worker node (None: unshare unusable here, the nodes share every path)
 
     def env(self, **extra: str) -> dict[str, str]:
         """A client that finds the token the way users' machines do (here RAY_AUTH_TOKEN_PATH), RAY_AUTH_MODE unset."""
@@ -77,9 +84,23 @@ class Cluster:
         return [n["node_id"] for n in rows if n["state"] == "ALIVE"]
 
     def job_actors(self, submission_id: str) -> list[dict]:
-        driver_job = self.api(f"/api/jobs/{submission_id}")["driver_info"]["id"]
-        query = {"limit": 100, "filter_keys": "job_id", "filter_predicates": "=", "filter_values": driver_job}
+        return self.actors_of(self.api(f"/api/jobs/{submission_id}")["driver_info"]["id"])
+
+    def driver_job(self, pid: int) -> str:
+        """The Ray job id of the driver process `pid` (a driver started by hand, not submitted)."""
+        for job in self.api("/api/jobs/"):
+            if job["type"] == "DRIVER" and int(job["driver_info"]["pid"]) == pid:
+                return job["driver_info"]["id"]
+        raise LookupError(f"no driver with pid {pid} on the cluster")
+
+    def actors_of(self, job_id: str) -> list[dict]:
+        query = {"limit": 100, "filter_keys": "job_id", "filter_predicates": "=", "filter_values": job_id}
         return self.api("/api/v0/actors", **query)["data"]["result"]["result"]
+
+    def released(self, job_id: str) -> bool:
+        """Every actor of the job dead and its placement group removed: its CPUs are free for the next driver."""
+        groups = [g for g in self.api("/api/v0/placement_groups", limit=100)["data"]["result"]["result"] if g["creator_job_id"] == job_id]
+        return all(a["state"] == "DEAD" for a in self.actors_of(job_id)) and all(g["state"] == "REMOVED" for g in groups)
 
     def wait_status(self, submission_id: str, wanted: set[str], timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
@@ -90,11 +111,22 @@ class Cluster:
             time.sleep(0.5)
 
 
-def _start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    # --block keeps `ray start` in the foreground as the parent of the node's processes; its own session, so a
-    # Ctrl-C in the terminal does not reach it
+def _start_node(args: list[str], env: dict[str, str], log: Path, hide: Path | None = None) -> subprocess.Popen:
+    """`ray start --block` (in the foreground as the parent of the node's processes); its own session, so a
+    Ctrl-C in the terminal does not reach it. With `hide`, in its own mount namespace with an empty tmpfs over
+    `hide` (unshare and sh exec, so the pid is still `ray start`'s; the tmpfs goes with the node's last process)."""
+    cmd = [str(BIN / "ray"), "start", "--block", *args]
     with log.open("w") as out:
-        return subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(_hiding(hide, cmd) if hide else cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _hiding(path: Path, cmd: list[str]) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tiderl-hidden "$0" && exec "$@"', str(path), *cmd]
+
+
+def _can_hide(path: Path) -> bool:
+    """Whether this user may mount in a mount namespace of its own (root, or CAP_SYS_ADMIN)."""
+    return bool(shutil.which("unshare")) and subprocess.run(_hiding(path, ["true"]), check=False, capture_output=True).returncode == 0
 
 
 def _kill_tree(procs: list[subprocess.Popen]) -> list[int]:
@@ -128,7 +160,7 @@ def _kill_tree(procs: list[subprocess.Popen]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory: pytest.TempPathFactory):
     # short paths: Ray's unix sockets live under the temp dir (108-byte limit)
     root = Path(tempfile.mkdtemp(prefix="tiderl-ray-", dir="/tmp"))
     token = uuid.uuid4().hex + uuid.uuid4().hex
@@ -144,7 +176,8 @@ def cluster():
         _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file)), root / "head.log",
     )
     nodes = [head]
-    c = Cluster(f"http://127.0.0.1:{dash_port}", token, token_file, nodes, root)
+    hidden = tmp_path_factory.getbasetemp() if _can_hide(tmp_path_factory.getbasetemp()) else None  # every tmp_path and the cache_dir
+    c = Cluster(f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", token, token_file, nodes, root, hidden)
     try:
         _wait(lambda: _answers(c), 60, head, root / "head.log")
         # a worker node does not turn token mode on by itself in Ray 2.60 (it would be refused by the GCS).
@@ -153,7 +186,7 @@ def cluster():
         worker = _start_node(
             ["--address", f"127.0.0.1:{gcs_port}", "--dashboard-agent-listen-port", str(worker_agent),
              "--temp-dir", str(root / "worker"), *common],
-            _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file), RAY_AUTH_MODE="token"), root / "worker.log",
+            _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file), RAY_AUTH_MODE="token"), root / "worker.log", hide=hidden,
         )
         nodes.append(worker)
         _wait(lambda: len(c.alive_nodes()) == 2, 60, worker, root / "worker.log")
@@ -297,6 +330,114 @@ def test_token_auth(cluster: Cluster, tmp_path: Path):
     _assert_clean_error(nothing, "requires an authentication token", "no token was found here")
     wrong = cluster.tiderl("logs", "x", "--address", cluster.address, env=_clean_env(RAY_AUTH_TOKEN="not-the-token"))
     _assert_clean_error(wrong, "rejected the authentication token from RAY_AUTH_TOKEN")
+
+
+# ------------------------------------------------------------------------------------------ a driver on this machine
+
+# one checkpoint per step, actors spread over both nodes (1 learner + 1 rollout worker: one bundle per node)
+DRIVER_OVERRIDES = [
+    *JOB_OVERRIDES, "trainer.steps=5", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10", "cluster.placement_strategy=STRICT_SPREAD",
+]
+CHECKPOINT_PARTS = {"policy", "learner_state.pt", "rollout_workers.pt", "controller_state.json"}
+
+
+@contextmanager
+def _driver(cluster: Cluster, cache_dir: Path, run: Path, log: Path, *, resume: bool = False) -> Iterator[subprocess.Popen]:
+    """`tiderl train` run here, connected to the cluster as its driver, in its own process group: killed whole
+    when the test ends first."""
+    cmd = [
+        sys.executable, "-m", "rl.cli", "train", "configs/calculator.yaml", *DRIVER_OVERRIDES, f"warm_start.cache_dir={cache_dir}",
+        f"cluster.address={cluster.gcs}", "--resume" if resume else "--run-dir", str(run),
+    ]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=cluster.env(RAY_AUTH_MODE="token"), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 0, f"the driver {'ran past the time limit' if code is None else f'exited with {code}'}:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def straight_run(cluster: Cluster, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The 5-step job run to its end without interruption; (its run directory, its Ray job id)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    with _driver(cluster, cache_dir, run, run.parent / "driver.log") as proc:
+        _finish(proc, run.parent / "driver.log")
+    return run, cluster.driver_job(proc.pid)
+
+
+def test_a_node_without_the_drivers_files_runs_actors_from_the_shipped_policy(cluster: Cluster, cache_dir: Path, straight_run):
+    if cluster.hidden is None:
+        pytest.skip("unshare cannot make a mount namespace here: the worker node sees every path the driver does")
+    run, job = straight_run
+    is_head = {n["node_id"]: n["is_head_node"] for n in cluster.api("/api/v0/nodes", limit=10)["data"]["result"]["result"]}
+    placed = {a["class_name"]: is_head[a["node_id"]] for a in cluster.actors_of(job)}
+    assert placed.keys() == {"Learner", "RolloutWorker"} and sorted(placed.values()) == [False, True], placed  # one on each node
+    # the worker node's own view of the filesystem (its mount namespace, through /proc): no run directory, no
+    # policy cache, only the policy files it unpacked from the object store
+    view = Path(f"/proc/{cluster.nodes[1].pid}/root")
+    assert run.is_dir() and not (view / run.relative_to("/")).exists() and (cache_dir / "policies").is_dir()
+    shipped = list((view / cache_dir.relative_to("/") / "shipped").iterdir())
+    assert [p.name for p in (view / cache_dir.relative_to("/")).iterdir()] == ["shipped"]
+    assert len(shipped) == 1 and (shipped[0] / "model.safetensors").is_file() and (shipped[0] / "config.json").is_file()
+    # every checkpoint, written by the driver alone, whole
+    steps = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in steps] == [f"step_{i:06d}" for i in range(1, 6)]
+    assert all({c.name for c in p.iterdir()} == CHECKPOINT_PARTS for p in steps)
+
+
+def test_a_driver_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted_result(
+    cluster: Cluster, cache_dir: Path, straight_run, tmp_path: Path
+):
+    import torch
+
+    from rl.checkpoint import latest_checkpoint
+    from tests.test_faults import _final_state
+
+    run, log = tmp_path / "run", tmp_path / "driver.log"
+    with _driver(cluster, cache_dir, run, log) as proc:
+        writing, deadline = None, time.monotonic() + 180
+        while writing is None:  # SIGKILL the moment checkpoint 3 (or, window missed, 4) is being written
+            for step in (3, 4):
+                if (run / "checkpoints" / f".tmp_step_{step:06d}").exists():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    writing = step
+                    break
+            else:
+                assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint 3 or 4 seen being written\n{log.read_text()[-4000:]}"
+                time.sleep(0.005)
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / f".tmp_step_{writing:06d}").is_dir() and not (checkpoints / f"step_{writing:06d}").exists()
+    previous = latest_checkpoint(run)
+    assert previous == checkpoints / f"step_{writing - 1:06d}"
+    assert {p.name for p in previous.iterdir()} == CHECKPOINT_PARTS and json.loads((previous / "controller_state.json").read_text())["step"] == writing - 1
+
+    job = cluster.driver_job(proc.pid)  # the cluster notices the dead driver and frees its actors and CPUs
+    deadline = time.monotonic() + 60
+    while not cluster.released(job):
+        assert time.monotonic() < deadline, cluster.actors_of(job)
+        time.sleep(0.2)
+
+    log = tmp_path / "resumed.log"
+    with _driver(cluster, cache_dir, run, log, resume=True) as resumed:
+        _finish(resumed, log)
+    assert f"resumingfrom{previous}" in "".join(log.read_text().split())  # the console may wrap the path anywhere
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert not list(checkpoints.glob(".tmp_step_*"))  # the next save cleared the half-written one
+    (pa, oa, ca), (pb, ob, cb) = _final_state(straight_run[0], 5), _final_state(run, 5)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)  # bit for bit
+    assert len(oa) > 10 and oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)  # AdamW moments and steps
+    assert ca == cb and ca["data_cursor"]["position"] == 20
 
 
 # ------------------------------------------------------------------------------------------ planning (no cluster)
