@@ -30,15 +30,18 @@ def save_checkpoint(run_dir: Path, step: int, learner: Any, workers: Any, contro
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
-    for stale in root.glob(".tmp_step_*"):  # left by a job killed while writing
+    for stale in [*root.glob(".tmp_step_*"), *root.glob(".old_step_*")]:  # left by a job killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     learner.save(str(tmp))
     torch.save(workers.state(), tmp / WORKERS_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **controller_state}, indent=2))
     _sync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again: move the old one out of the `step_*` names first, then delete it
+        old = root / f".old_step_{step:06d}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        shutil.rmtree(old)
     tmp.rename(final)
     _sync_dir(root)
     for old in sorted(root.glob("step_*"))[:-keep]:

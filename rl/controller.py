@@ -89,6 +89,8 @@ class Actors:
 def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run the job into `run_dir`; with `resume`, continue from its latest checkpoint. Returns eval.json's content."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _warn_changed_config(run_dir / "config.yaml", cfg)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     policy_dir = prepare_policy(cfg, log=console.print)
     with ray_session(cfg.cluster):
@@ -271,6 +273,25 @@ def _accuracy_by_row(scored) -> dict[int, float]:
     for s in scored:
         hits.setdefault(s.trajectory.row.index, []).append(s.correct)
     return {i: sum(h) / len(h) for i, h in hits.items()}
+
+
+def _warn_changed_config(path: Path, cfg: JobConfig) -> None:
+    """A resume with other settings than the run had is allowed (more steps, a new learning rate) but is no longer
+    the same run: say which settings changed (config.yaml then records the new ones)."""
+    if not path.is_file():
+        return
+    import yaml
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        return out
+
+    before, now = flat(yaml.safe_load(path.read_text()) or {}), flat(yaml.safe_load(dump_config(cfg)))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "trainer.steps")
+    if changed:
+        console.print(f"[yellow]--resume with settings that differ from the run's config.yaml: {', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
 
 
 def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:

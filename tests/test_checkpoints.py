@@ -62,3 +62,16 @@ def test_resume_with_paused_rollouts_in_the_checkpoint_is_exact(tool_policy_dir,
     a = load_file(tmp_path / "straight" / "checkpoints" / "step_000004" / "policy" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoints" / "step_000004" / "policy" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_names_settings_that_differ_from_the_run(tmp_path: Path, capsys) -> None:
+    from rl.config import dump_config, load_config
+    from rl.controller import _warn_changed_config
+
+    config = Path(__file__).parents[1] / "configs" / "calculator.yaml"
+    (tmp_path / "config.yaml").write_text(dump_config(load_config(config, [])))
+    _warn_changed_config(tmp_path / "config.yaml", load_config(config, ["trainer.steps=99"]))  # more steps: the usual resume
+    assert capsys.readouterr().out == ""
+    _warn_changed_config(tmp_path / "config.yaml", load_config(config, ["trainer.lr=1e-3", "rollout.samples_per_prompt=4"]))
+    out = " ".join(capsys.readouterr().out.split())
+    assert "rollout.samples_per_prompt: 8 -> 4" in out and "trainer.lr: 0.0002 -> 0.001" in out and "trainer.steps" not in out
