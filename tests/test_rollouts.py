@@ -120,3 +120,31 @@ def test_malformed_call_becomes_an_error_observation_and_budgets_truncate(policy
     (traj,) = loop.run([row], 1, 0, True, torch.Generator())
     assert traj.status is TrajectoryStatus.TRUNCATED and traj.num_turns == 3
     assert traj.num_tool_errors == 2 and "not valid JSON" in traj.messages[2]["content"] and traj.messages[2]["role"] == "tool"
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_engine_batch_of_16_gives_hf_generates_greedy_tokens(tiny_policy_dir, make_cfg, weights: str) -> None:
+    """What benchmarks/engine_vs_hf.py times, checked: the same left-padded batch of 16, decoded greedily for a
+    fixed length by our engine and by HF `generate`, gives the same token sequences, in full precision and with
+    the routed experts running tiderl's INT4 modules."""
+    import copy
+
+    from rl.quant import QuantSpec, targeted_parameters
+    from rollouts.int4 import convert_to_int4
+    from rollouts.worker import int4_kernel_settings
+
+    cfg = make_cfg("quant.enabled=true")
+    model, tokenizer = load_policy(tiny_policy_dir, cfg.model)
+    model = copy.deepcopy(model)
+    if weights == "int4":
+        spec = QuantSpec.from_config(cfg.quant)
+        convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg))
+    renderer = Renderer(tokenizer)
+    prompts = [renderer.prompt_ids(r.messages, None)[i % 3 :] for i, r in enumerate(calculator_rows(16))]  # uneven: left padding
+    outs = Engine(model, renderer.pad_token_id, stop_token_id=-1).generate(prompts, [12] * 16, temperature=1.0, greedy=True)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[renderer.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
+                         pad_token_id=renderer.pad_token_id)
+    assert [o.token_ids for o in outs] == ref[:, width:].tolist()
