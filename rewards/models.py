@@ -23,6 +23,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from rl.cluster import ACTOR_LOST
 from rl.config import RewardModelConfig
 from rl.records import completion_messages
 
@@ -197,7 +198,7 @@ def fetch_model_scores(trajectories: list, models: RewardModelPool | None, score
             try:
                 results[ref] = ray.get(ref)
                 break
-            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+            except ACTOR_LOST as e:
                 actor = models.restart(name, e)
                 ordered = sorted(held, key=lambda t: t.model_score_refs[name][1])
                 ref_again = actor.score.remote([reward_model_item(t) for t in ordered])

@@ -18,15 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray.exceptions
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rl.advantages import ADVANTAGES
 from rl.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
-from rl.cluster import ray_session
+from rl.cluster import ACTOR_LOST, ray_session
 from rl.config import JobConfig, dump_config
 from rl.data import PromptSampler, load_split
 from rl.evaluation import evaluate
@@ -42,9 +40,6 @@ from rollouts.pool import RolloutPool
 from rollouts.worker import RolloutWorkerActor
 
 console = Console()
-
-# A learner call that fails this way lost its actor (process killed, node gone): restore and go on.
-LEARNER_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
 
 @dataclass
@@ -136,7 +131,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
                 metrics = _step(cfg, step, run_dir, actors, sampler, scorer, advantage_fn, pad_id, eval_rows)
                 if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
                     save_checkpoint(run_dir, step, actors.learner, actors.workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
-            except LEARNER_LOST as e:
+            except ACTOR_LOST as e:  # a learner is gone (the pools recover workers and reward models themselves)
                 learner_restarts += 1
                 if learner_restarts > cfg.cluster.max_learner_restarts:
                     raise RuntimeError(f"the learner died {learner_restarts} times (cluster.max_learner_restarts = {cfg.cluster.max_learner_restarts})") from e

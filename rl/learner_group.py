@@ -14,6 +14,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from rl.cluster import ACTOR_LOST
 from rl.config import JobConfig
 from rl.learner import LearnerActor
 from rl.placement import Placement
@@ -21,12 +22,10 @@ from rl.records import TrainBatch
 from rl.shipping import ShippedDir, read_tree, write_tree
 
 CHECKPOINT_PARTS = ("policy", "learner_state.pt")  # what a learner writes into a checkpoint
-LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
 
 
 class LearnerGroup:
     def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig, placement: Placement) -> None:
-        self.cfg = cfg
         n = cfg.trainer.num_learners
         self.actors = [LearnerActor.options(**placement.options("learner", i)).remote(policy_dir, cfg) for i in range(n)]
         if n > 1:
@@ -78,14 +77,14 @@ class LearnerGroup:
             ready, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(ready[0])
-            except LOST:
+            except ACTOR_LOST:
                 raise
             except ray.exceptions.RayTaskError:
                 if self.size > 1:
                     for a in self.actors:  # a dead peer explains a failed collective
                         try:
                             ray.get(a.get_version.remote(), timeout=30)
-                        except LOST:
+                        except ACTOR_LOST:
                             raise
                         except ray.exceptions.GetTimeoutError:
                             pass

@@ -135,11 +135,15 @@ class TrainBatch:
         """The batch with its tensors on `device` (itself when already there)."""
         if self.input_ids.device == torch.device(device):
             return self
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+        return self._map_tensors(lambda t: t.to(device))
 
     def select(self, rows: slice) -> TrainBatch:
         """The sequences `rows` (a contiguous range) as a batch of their own."""
-        return dataclasses.replace(self, **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)})
+        return self._map_tensors(lambda t: t[rows])
+
+    def _map_tensors(self, fn) -> TrainBatch:
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **{name: fn(t) for name, t in tensors.items()})
 
     def shard(self, n: int) -> list[TrainBatch]:
         """`n` contiguous shards with about equal numbers of real tokens (data-parallel learners); a shard may be

@@ -20,13 +20,10 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from rl.cluster import ACTOR_LOST
 from rl.records import PromptRow, Trajectory
 
 log = logging.getLogger("tiderl")
-
-# What "the worker is gone" looks like from the caller: the actor died (killed, crashed, node lost) or is unreachable.
-WORKER_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
-
 
 class WorkerLostError(RuntimeError):
     """Rollout workers kept dying: more restarts than `cluster.max_worker_restarts` in one call."""
@@ -47,9 +44,6 @@ class RolloutPool:
         self.source: Any = None  # collective weight sync: the learner actor the weights come from
         self.group_source: Any = None  # ... and the one the current broadcast group was formed with
         self.group_stale = False
-
-    def __len__(self) -> int:
-        return len(self.workers)
 
     # -- weights and reward models -------------------------------------------------------------------------------
     def publish(self, weights: Any, version: int) -> None:
@@ -78,7 +72,7 @@ class RolloutPool:
             pass  # the send failed because a receiver died mid-broadcast (found below); a dead learner raises ActorDiedError
         try:
             loaded = ray.get(refs[1:])
-        except WORKER_LOST:
+        except ACTOR_LOST:
             self.group_stale = True
             self._on_all(lambda w: w.load_weights.remote(source.get_weights.remote(), version))  # restarts the dead, reloads all
             return
@@ -152,7 +146,7 @@ class RolloutPool:
             i = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
-            except WORKER_LOST as e:
+            except ACTOR_LOST as e:
                 restarts += 1
                 if restarts > self.max_restarts:
                     raise WorkerLostError(
@@ -190,7 +184,7 @@ class RolloutPool:
                 try:
                     out.append(ray.get(method(self.workers[i])))
                     break
-                except WORKER_LOST as e:
+                except ACTOR_LOST as e:
                     if attempt == self.max_restarts:
                         raise WorkerLostError(f"rollout worker {i} keeps dying: {_reason(e)}") from e
                     self._restart(i, e)
@@ -230,30 +224,19 @@ class RolloutPool:
         if len(state["rng"]) == len(self.workers):
             for w, rng in zip(self.workers, state["rng"], strict=True):
                 ray.get(w.set_rng_state.remote(rng))
-        groups = [g for per_worker in state["paused"] for g in per_worker]
+        n = len(self.workers)
+        flat = [g for per_worker in state["paused"] for g in per_worker]
+        per_worker = state["paused"] if len(state["paused"]) == n else [flat[i::n] for i in range(n)]
         self.samples_per_prompt = state.get("samples_per_prompt") or self.samples_per_prompt
-        self.in_flight = [{} for _ in self.workers]
-        for k, (gid, row, _blob) in enumerate(groups):
-            i = k % len(self.workers) if len(state["paused"]) != len(self.workers) else _owner(state["paused"], k)
-            self.in_flight[i][gid] = row
-        for i, w in enumerate(self.workers):
-            mine = [g for k, g in enumerate(groups) if g[0] in self.in_flight[i]]
-            if mine:
-                ray.get(w.adopt_groups.remote([g[1] for g in mine], [g[0] for g in mine], self.samples_per_prompt, [g[2] for g in mine]))
-        return len(groups)
+        self.in_flight = [{gid: row for gid, row, _ in groups} for groups in per_worker]
+        for w, groups in zip(self.workers, per_worker, strict=True):
+            if groups:
+                ray.get(w.adopt_groups.remote([g[1] for g in groups], [g[0] for g in groups], self.samples_per_prompt, [g[2] for g in groups]))
+        return len(flat)
 
     def kill(self) -> None:
         for w in self.workers:
             ray.kill(w)
-
-
-def _owner(per_worker: list[list], k: int) -> int:
-    """Index of the worker list that holds the k-th group of the flattened `per_worker`."""
-    for i, groups in enumerate(per_worker):
-        if k < len(groups):
-            return i
-        k -= len(groups)
-    raise IndexError(k)
 
 
 def _reason(e: BaseException) -> str:
