@@ -1,10 +1,11 @@
 """The multi-turn tool loop: token-in/token-out, many episodes at once, generation batched across them.
 
 An `Episode` is one sample in flight: its environment, its token ids, rollout logprobs and loss mask, the policy
-version of each generated segment, and its counters. `AgentLoop.run_episodes` drives a set of episodes with
-asyncio: every episode that is ready for the model joins the next batched `Engine.generate` call (run in a thread,
-so environments keep working meanwhile); an episode whose turn ends in tool calls hands them to its environment
-as its own task and rejoins generation when the observations are back. No turn waits for the slowest environment.
+version of each generated segment, and its counters. `AgentLoop.run_episodes` drives each episode as its own
+asyncio task (reset, then turns and tool calls) over one continuous batch of the engine (`Engine.batcher`): a
+turn submits a request and awaits its generation; between two decode steps the episodes whose turns ended run
+their tools and submit their next turn, which joins the running batch at once. No turn waits for the slowest
+sample or environment.
 
 Each turn is limited by the turn budget, the sample's token budget (`rollout.token_budgets`, per task), the
 sequence length, and the loop detector; hitting one truncates the sample and records which (`truncation`). With
@@ -17,7 +18,8 @@ only its own episode as `error`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ import torch
 from envs.base import StepResult, ToolCall
 from rl.config import EnvConfig, RolloutConfig
 from rl.records import PromptRow, Trajectory, TrajectoryStatus
-from rollouts.engine import Engine
+from rollouts.engine import Engine, Generation, Request, SamplingParams
 from rollouts.renderer import Renderer
 from rollouts.tool_parsers import TOOL_CALL_PARSERS
 
@@ -61,10 +63,13 @@ class Episode:
     truncation: str | None = None
     error: str | None = None
     started: bool = False
-    waiting: bool = False
-    """An environment call (reset or step) is in flight."""
     pending_calls: list[ToolCall] = field(default_factory=list)
     pending_errors: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> int:
+        """A stable number for this sample (its group and sample id), for its sampling seeds."""
+        return zlib.crc32(f"{self.group_id}/{self.sample_id}".encode())
 
     @property
     def done(self) -> bool:
@@ -132,46 +137,56 @@ class AgentLoop:
     async def _drive(
         self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int, on_done: Callable[[Episode], None] | None
     ) -> None:
-        inflight: set[asyncio.Task] = set()
-        announced: set[int] = set()
-
-        def announce() -> None:
-            for ep in live:
-                if on_done is not None and ep.done and id(ep) not in announced:
-                    announced.add(id(ep))
-                    on_done(ep)
-
-        def launch(ep: Episode, work: Any) -> None:
-            ep.waiting = True
-            inflight.add(asyncio.create_task(work))
-
         live = [ep for ep in episodes if not ep.done]
         for ep in live:
             ep.iteration_tokens, ep.version = 0, version
             if ep.status is TrajectoryStatus.PARTIAL:
                 ep.status = None
+        # one draw from the worker's stream per call; each generation's seed derives from it, the episode and the
+        # tokens it generated so far, so a sample's tokens do not depend on what it was batched with
+        base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        sampling = SamplingParams(self.temperature, greedy, self.rollout.top_p, self.rollout.top_k)
+        batcher = self.engine.batcher(sampling, len(live), self.rollout.max_tokens_per_sample)
+        submitted = asyncio.Event()
+
+        async def generate(ep: Episode, budget: int) -> Generation:
+            result: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+            prefix = ep.ids[ep.turn_start :] if ep.turn_start is not None else []
+            batcher.submit(Request(list(ep.ids), budget, _mix_seed(base_seed, ep.key, ep.generated), prefix), result.set_result)
+            submitted.set()
+            return await result
+
+        async def drive(ep: Episode) -> None:
             if not ep.started:
-                launch(ep, self._reset(ep))
+                await self._reset(ep)
+            while ep.status is None:
+                await self._turn(ep, iteration_budget, generate)
+                if ep.status is None:
+                    await self._run_calls(ep)
+            if on_done is not None and ep.done:
+                on_done(ep)
+
+        tasks = {asyncio.create_task(drive(ep)) for ep in live}
+        pending = set(tasks)
         try:
-            while True:
-                ready = [ep for ep in live if ep.status is None and not ep.waiting]
-                if ready:
-                    await self._generate_turn(ready, version, greedy, generator, iteration_budget)
-                    for ep in ready:
-                        if ep.status is None and (ep.pending_calls or ep.pending_errors):
-                            launch(ep, self._step(ep))
-                elif inflight:
-                    finished, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    inflight -= finished
-                    for task in finished:
-                        task.result()  # _reset and _step isolate environment failures; anything else is a bug
+            while pending:
+                if batcher.busy:
+                    batcher.step()  # a few ms of compute on this thread; environments proceed between steps
+                    await asyncio.sleep(0)
+                    finished = {t for t in pending if t.done()}
                 else:
-                    break
-                announce()
+                    submitted.clear()
+                    waiter = asyncio.ensure_future(submitted.wait())
+                    finished, _ = await asyncio.wait(pending | {waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    finished.discard(waiter)
+                pending -= finished
+                for task in finished:
+                    task.result()  # _reset and _run_calls isolate environment failures; anything else is a bug
         finally:
-            for task in inflight:
+            for task in pending:
                 task.cancel()
-            crashed = bool(inflight)
+            crashed = bool(pending)
             closing = [ep for ep in live if ep.started and (ep.done or crashed)]
             await asyncio.gather(*(ep.env.close() for ep in closing), return_exceptions=True)
 
@@ -192,8 +207,6 @@ class AgentLoop:
         except Exception as e:  # the one place a failing sample is isolated: counted as `error`, never raised
             ep.status, ep.error = TrajectoryStatus.ERROR, f"env reset failed: {type(e).__name__}: {e}"
             return
-        finally:
-            ep.waiting = False
         ep.append(prompt, None, policy=False)
         ep.prompt_length = len(prompt)
         if len(prompt) >= self.rollout.max_tokens_per_sample:
@@ -215,34 +228,25 @@ class AgentLoop:
         budget = row.extra_info.get("token_budget", self.rollout.token_budgets.get(row.data_source))
         return int(budget) if budget is not None else self.rollout.max_tokens_per_sample
 
-    async def _generate_turn(self, ready: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int) -> None:
-        batch, budgets, limiters = [], [], []
-        for ep in ready:
-            limits = self._limits(ep, iteration_budget)
-            limiter = min(limits, key=limits.__getitem__)
-            if limits[limiter] > 0:
-                batch.append(ep)
-                budgets.append(limits[limiter])
-                limiters.append(limiter)
-            else:
-                self._stop(ep, limiter)
-        if not batch:
+    async def _turn(self, ep: Episode, iteration_budget: int, generate: Callable[[Episode, int], Awaitable[Generation]]) -> None:
+        """Generate (the rest of) one assistant turn under the smallest of the episode's limits."""
+        limits = self._limits(ep, iteration_budget)
+        limiter = min(limits, key=limits.__getitem__)
+        if limits[limiter] <= 0:
+            self._stop(ep, limiter)
             return
-        prompts = [ep.ids for ep in batch]
-        prefixes = [ep.ids[ep.turn_start :] if ep.turn_start is not None else [] for ep in batch]
-        outs = await asyncio.to_thread(self.engine.generate, prompts, budgets, self.temperature, greedy, generator, prefixes)
-        for ep, out, limiter in zip(batch, outs, limiters, strict=True):
-            if ep.turn_start is None:
-                ep.turn_start = len(ep.ids)
-            start = len(ep.ids)
-            ep.append(out.token_ids, out.logprobs, policy=True)
-            ep.add_segment(start, len(ep.ids), version)
-            ep.generated += len(out.token_ids)
-            ep.iteration_tokens += len(out.token_ids)
-            if out.stop_reason == "stop":
-                self._end_turn(ep)
-            else:
-                self._stop(ep, "repeat" if out.stop_reason == "repeat" else limiter)
+        out = await generate(ep, limits[limiter])
+        if ep.turn_start is None:
+            ep.turn_start = len(ep.ids)
+        start = len(ep.ids)
+        ep.append(out.token_ids, out.logprobs, policy=True)
+        ep.add_segment(start, len(ep.ids), ep.version)
+        ep.generated += len(out.token_ids)
+        ep.iteration_tokens += len(out.token_ids)
+        if out.stop_reason == "stop":
+            self._end_turn(ep)
+        else:
+            self._stop(ep, "repeat" if out.stop_reason == "repeat" else limiter)
 
     def _stop(self, ep: Episode, limiter: str) -> None:
         """A generation stopped short of the end of its turn: pause at the iteration budget, else truncate."""
@@ -273,13 +277,8 @@ class AgentLoop:
         else:
             ep.pending_calls, ep.pending_errors = calls, errors
 
-    async def _step(self, ep: Episode) -> None:
-        try:
-            await self._run_calls(ep)
-        finally:
-            ep.waiting = False
-
     async def _run_calls(self, ep: Episode) -> None:
+        """Send the turn's tool calls to the environment and append the observations (or the parse errors)."""
         calls, errors = ep.pending_calls, ep.pending_errors
         ep.pending_calls, ep.pending_errors = [], []
         ep.tool_calls += len(calls) + len(errors)
@@ -326,3 +325,11 @@ class AgentLoop:
             env_reward=ep.env_reward,
             error=ep.error,
         )
+
+
+def _mix_seed(base: int, episode: int, generated: int) -> int:
+    """A 62-bit seed for one generation of one episode (splitmix64-style mixing of the three numbers)."""
+    z = (base + 0x9E3779B97F4A7C15 * (episode + 1) + 0xBF58476D1CE4E5B9 * (generated + 1)) % (1 << 64)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % (1 << 64)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % (1 << 64)
+    return (z ^ (z >> 31)) >> 2

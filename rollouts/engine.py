@@ -1,21 +1,39 @@
-"""Batched sampling with a KV cache on a Hugging Face causal LM.
+"""The rollout engine: continuous batching over a preallocated KV cache, sampling on the device.
 
-Prompts are left-padded into one batch, prefilled once, then decoded one token per forward pass with the cache;
-finished rows keep riding along masked out. Every sampled token's logprob under the sampling distribution
-(logits / temperature) is recorded: the rollout logprobs the learner compares against.
+`Engine.batcher(...)` opens a `Batcher`: requests (`Request`: prompt ids, a token budget, a sampling seed) are
+submitted at any time and each `step()` (1) admits waiting requests into free cache slots, prefilling each distinct
+prompt once and copying its cache entries to every slot that shares it (a GRPO group's samples), (2) decodes one
+token for every running sequence, (3) retires finished sequences, calling their `on_done`. A finished sequence
+leaves at once and a waiting one takes its slot at the next step: no one waits for the batch's longest sample.
+`Engine.generate(prompts, ...)` is the one-shot form (submit all, step until done).
 
-A row stops at the stop token (`stop`), at its token budget (`length`), or when the loop detector sees one unit of
-at most `repeat_max_period` tokens repeated over its last `repeat_window` (+ the unit's length) tokens (`repeat`: a
-looping generation that would otherwise burn the whole budget). The detector runs on the device, in the same step as the stop check.
+Per step, on the device and without a host round trip: temperature, top-k and top-p sampling, the logprob of each
+sampled token under logits / temperature (what the learner recomputes), the stop token, each sequence's budget and
+the loop detector. The host looks at the finished flags once per step on a CPU (where reading them costs
+nothing) and every `sync_every` steps on a GPU.
+
+Sampling is counter-based: the uniform number for token t of a request is a hash of (request seed, t), so a
+sample's tokens do not depend on which other requests shared its batch, or when it was admitted.
+
+A sequence stops at the stop token (`stop`), its token budget (`length`), or when the loop detector sees one unit
+of at most `repeat_max_period` tokens repeated over its last `repeat_window` (+ the unit's length) tokens
+(`repeat`: a looping generation that would otherwise burn its whole budget).
+
+Models the slot decoder (`rollouts/decoder.py`) does not cover run through their own HF forward in waves (every
+waiting request at once, to the end); same API, same sampling, no continuous batching.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from transformers import DynamicCache
+
+from rollouts.decoder import SUPPORTED_MODEL_TYPES, Decoder
 
 StopReason = Literal["stop", "length", "repeat"]
 
@@ -34,15 +52,59 @@ class Generation:
         return self.stop_reason == "stop"
 
 
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int = 0
+    """Sampling stream of this request (token t uses hash(seed, t))."""
+    turn_prefix: list[int] = field(default_factory=list)
+    """Tokens this turn already generated (the tail of `prompt`, when a paused rollout resumes), so the loop
+    detector sees the same history as in an uninterrupted generation."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    greedy: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got {self}")
+
+
 class Engine:
-    def __init__(self, model: torch.nn.Module, pad_token_id: int, stop_token_id: int, repeat_window: int = 0, repeat_max_period: int = 16) -> None:
+    def __init__(
+        self, model: torch.nn.Module, pad_token_id: int, stop_token_id: int, repeat_window: int = 0, repeat_max_period: int = 16, max_num_seqs: int = 256
+    ) -> None:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
         self.stop_token_id = stop_token_id
         self.repeat_window = repeat_window
         self.repeat_max_period = repeat_max_period
+        self.max_num_seqs = max_num_seqs
+        self.continuous = model.config.model_type in SUPPORTED_MODEL_TYPES
+        self._decoder: Decoder | None = None
 
-    @torch.no_grad()
+    def decoder(self, slots: int, max_len: int) -> Decoder:
+        """The slot decoder, its cache reused while big enough (allocated once per worker in practice)."""
+        current = self._decoder
+        if current is None or current.slots < slots or current.max_len < max_len:
+            self._decoder = None  # free the old cache before allocating the new one
+            self._decoder = Decoder(self.model, max(slots, current.slots if current else 0), max(max_len, current.max_len if current else 0))
+        return self._decoder
+
+    def batcher(self, sampling: SamplingParams, slots: int, max_len: int) -> Batcher | WaveBatcher:
+        """Open a batch of up to `slots` concurrent sequences (capped by `max_num_seqs`) of up to `max_len` tokens."""
+        slots = max(1, min(slots, self.max_num_seqs))
+        if self.continuous:
+            decoder = self.decoder(slots, max_len)
+            decoder.refresh()
+            return Batcher(self, decoder, sampling, slots, max_len)
+        return WaveBatcher(self, sampling)
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -51,87 +113,290 @@ class Engine:
         greedy: bool,
         generator: torch.Generator | None = None,
         turn_prefixes: list[list[int]] | None = None,
+        top_p: float = 1.0,
+        top_k: int = 0,
     ) -> list[Generation]:
-        """Sample a continuation of each prompt; `max_new_tokens[i]` caps row i.
+        """Sample a continuation of each prompt; `max_new_tokens[i]` caps row i. Seeds come from `generator`."""
+        seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
+        prefixes = turn_prefixes or [[] for _ in prompts]
+        requests = [Request(p, n, s, t) for p, n, s, t in zip(prompts, max_new_tokens, seeds, prefixes, strict=True)]
+        batcher = self.batcher(SamplingParams(temperature, greedy, top_p, top_k), len(requests), max(len(p) + n for p, n in zip(prompts, max_new_tokens, strict=True)))
+        results: list[Generation | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            batcher.submit(request, lambda g, i=i: results.__setitem__(i, g))
+        while batcher.busy:
+            batcher.step()
+        return results  # type: ignore[return-value]
 
-        `turn_prefixes[i]`: tokens row i already generated in this turn (the tail of its prompt, when a paused
-        rollout resumes), so the loop detector sees the same history as in an uninterrupted generation.
-        """
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        device = self.model.device
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((batch, width), dtype=torch.long)
+
+class Batcher:
+    """Continuous batching over the decoder's slots; see the module docstring."""
+
+    def __init__(self, engine: Engine, decoder: Decoder, sampling: SamplingParams, slots: int, max_len: int) -> None:
+        self.engine, self.decoder, self.sampling = engine, decoder, sampling
+        self.slots, self.max_len = slots, max_len
+        self.device = decoder.device
+        self.sync_every = 1 if self.device.type == "cpu" else 8
+        self.waiting: deque[tuple[Request, Callable[[Generation], None]]] = deque()
+        self.running: list[tuple[Request, Callable[[Generation], None]] | None] = [None] * slots
+        self.host_pos = [0] * slots  # upper bound of each slot's next position, for the attention span
+        dev = self.device
+        self.tok = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.count = torch.zeros(slots, dtype=torch.long, device=dev)  # tokens generated
+        self.budget = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.done = torch.ones(slots, dtype=torch.bool, device=dev)
+        self.looped = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.out_ids = torch.zeros(slots, max_len, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(slots, max_len, dtype=torch.float32, device=dev)
+        self.loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, slots, dev) if engine.repeat_window else None
+        self.arange = torch.arange(slots, device=dev)
+        self.steps = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.running)
+
+    def submit(self, request: Request, on_done: Callable[[Generation], None]) -> None:
+        if len(request.prompt) + request.max_new_tokens > self.max_len:
+            raise ValueError(f"request of {len(request.prompt)} prompt + {request.max_new_tokens} new tokens exceeds the batch's {self.max_len}-token sequences")
+        if not request.prompt:
+            raise ValueError("empty prompt")
+        if request.max_new_tokens <= 0:
+            on_done(Generation([], [], "length"))
+            return
+        self.waiting.append((request, on_done))
+
+    def step(self) -> None:
+        self._admit()
+        width = max((i + 1 for i, r in enumerate(self.running) if r is not None), default=0)
+        if width:
+            self._decode(width)
+            self.steps += 1
+            if self.steps % self.sync_every == 0:
+                self._retire(width)
+
+    def _admit(self) -> None:
+        free = [s for s, r in enumerate(self.running) if r is None]
+        if not free or not self.waiting:
+            return
+        admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+        slots = free[: len(admitted)]
+        unique: dict[tuple[int, ...], list[int]] = {}
+        for slot, (request, _) in zip(slots, admitted, strict=True):
+            unique.setdefault(tuple(request.prompt), []).append(slot)
+        prompts = list(unique)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        ids = torch.full((len(prompts), max(map(len, prompts))), self.engine.pad_token_id, dtype=torch.long)
         for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        logits = self.decoder.prefill(ids.to(self.device), lengths, [unique[p] for p in prompts])
+        order = [s for p in prompts for s in unique[p]]
+        idx = torch.tensor(order, device=self.device)
+        by_slot = {slot: item for slot, item in zip(slots, admitted, strict=True)}
+        for s in order:
+            self.running[s] = by_slot[s]
+            self.host_pos[s] = len(by_slot[s][0].prompt)
+        reqs = [by_slot[s][0] for s in order]
+        self.pos[idx] = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
+        self.budget[idx] = torch.tensor([r.max_new_tokens for r in reqs], device=self.device)
+        self.seeds[idx] = torch.tensor([r.seed for r in reqs], device=self.device)
+        self.count[idx] = 0
+        self.done[idx] = False
+        self.looped[idx] = False
+        if self.loops is not None:
+            self.loops.reset(idx, [r.turn_prefix for r in reqs])
+        src = torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)
+        self._record(idx, logits[src])
+
+    def _record(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample the next token of slots `rows` from `logits`; store it where the slot still runs; update flags."""
+        count, done = self.count[rows], self.done[rows]
+        tok, logp = _sample(logits, self.sampling, self.seeds[rows], count)
+        live = ~done
+        at = count.clamp(max=self.max_len - 1)
+        self.out_ids[rows, at] = torch.where(live, tok, self.out_ids[rows, at])
+        self.out_lp[rows, at] = torch.where(live, logp, self.out_lp[rows, at])
+        count = count + live.long()
+        looping = self.looped[rows]
+        if self.loops is not None:
+            looping = looping | (live & self.loops.push(rows, tok))
+        self.count[rows], self.looped[rows] = count, looping
+        self.done[rows] = done | (tok == self.engine.stop_token_id) | (count >= self.budget[rows]) | looping
+        self.tok[rows] = torch.where(live, tok, self.tok[rows])
+
+    def _decode(self, width: int) -> None:
+        rows = self.arange[:width]
+        span = min(max(self.host_pos[:width]) + 1, self.max_len)
+        logits = self.decoder.decode(self.tok[rows], self.pos[rows].clamp(max=self.max_len - 1), span)
+        self.pos[rows] = self.pos[rows] + (~self.done[rows]).long()
+        self._record(rows, logits)
+        for s in range(width):
+            if self.running[s] is not None:
+                self.host_pos[s] = min(self.host_pos[s] + 1, self.max_len - 1)
+
+    def _retire(self, width: int) -> None:
+        done = self.done[:width].tolist()
+        finished = [s for s in range(width) if done[s] and self.running[s] is not None]
+        if not finished:
+            return
+        idx = torch.tensor(finished, device=self.device)
+        counts, looped = self.count[idx].tolist(), self.looped[idx].tolist()
+        ids, lps = self.out_ids[idx].cpu(), self.out_lp[idx].cpu()
+        for k, s in enumerate(finished):
+            request, on_done = self.running[s]  # type: ignore[misc]
+            self.running[s] = None
+            n = counts[k]
+            row = ids[k, :n].tolist()
+            reason: StopReason = "stop" if n and row[-1] == self.engine.stop_token_id else ("repeat" if looped[k] else "length")
+            on_done(Generation(row, lps[k, :n].tolist(), reason))
+
+
+class WaveBatcher:
+    """The `Batcher` API for models the slot decoder does not cover: each `step()` runs every waiting request to
+    its end through the model's own HF forward (left-padded batch, `DynamicCache`), sampling as `Batcher` does."""
+
+    def __init__(self, engine: Engine, sampling: SamplingParams) -> None:
+        self.engine, self.sampling = engine, sampling
+        self.waiting: list[tuple[Request, Callable[[Generation], None]]] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting)
+
+    def submit(self, request: Request, on_done: Callable[[Generation], None]) -> None:
+        if request.max_new_tokens <= 0:
+            on_done(Generation([], [], "length"))
+            return
+        self.waiting.append((request, on_done))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        wave, self.waiting = self.waiting, []
+        if not wave:
+            return
+        engine, model = self.engine, self.engine.model
+        requests = [r for r, _ in wave]
+        batch, width = len(requests), max(len(r.prompt) for r in requests)
+        device = model.device
+        input_ids = torch.full((batch, width), engine.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            input_ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
+            attention[i, width - len(r.prompt) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        budget = torch.tensor(max_new_tokens, dtype=torch.long, device=device)
-        loops = _LoopDetector(self.repeat_window, self.repeat_max_period, turn_prefixes or [[] for _ in prompts], device) if self.repeat_window else None
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        next_pos = positions[:, -1] + 1  # [batch]
-        done = budget <= 0  # [batch]
+        budget = torch.tensor([r.max_new_tokens for r in requests], device=device)
+        seeds = torch.tensor([r.seed for r in requests], device=device)
+        rows = torch.arange(batch, device=device)
+        loops = None
+        if engine.repeat_window:
+            loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, batch, device)
+            loops.reset(rows, [r.turn_prefix for r in requests])
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_pos = positions[:, -1] + 1
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
         looping = torch.zeros_like(done)
-        lengths = torch.zeros_like(budget)  # tokens each row generated before it was done
-        tokens: list[torch.Tensor] = []
-        logps: list[torch.Tensor] = []
+        count = torch.zeros_like(budget)
+        tokens, logps = [], []
         for t in range(int(budget.max().item())):
-            logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # [batch, vocab]
-            if greedy:
-                tok = logp.argmax(-1)
-            else:
-                tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-            tok = torch.where(done, self.pad_token_id, tok)
+            tok, logp = _sample(out.logits[:, -1].float(), self.sampling, seeds, count)
+            tok = torch.where(done, engine.pad_token_id, tok)
             tokens.append(tok)
-            logps.append(logp.gather(-1, tok[:, None]).squeeze(-1))
-            was_done = done
-            lengths = lengths + (~was_done).long()
+            logps.append(logp)
+            live = ~done
+            count = count + live.long()
             if loops is not None:
-                looping = looping | (~was_done & loops.push(tok))
-            done = done | (tok == self.stop_token_id) | (budget <= t + 1) | looping
+                looping = looping | (live & loops.push(rows, tok))
+            done = done | (tok == engine.stop_token_id) | (count >= budget) | looping
             if bool(done.all()):
                 break
-            attention = torch.cat([attention, (~was_done).long()[:, None]], dim=-1)
-            out = self.model(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            attention = torch.cat([attention, live.long()[:, None]], dim=-1)
+            out = model(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
             next_pos = next_pos + 1
-        ids = torch.stack(tokens, 1).cpu() if tokens else torch.zeros((batch, 0), dtype=torch.long)
-        lps = torch.stack(logps, 1).cpu() if logps else torch.zeros((batch, 0))
-        looped, lengths_list = looping.cpu().tolist(), lengths.cpu().tolist()
-        results = []
-        for i in range(batch):
-            n = lengths_list[i]
-            row = ids[i, :n].tolist()
-            reason: StopReason = "length"
-            if n and row[-1] == self.stop_token_id:
-                reason = "stop"
-            elif looped[i]:
-                reason = "repeat"
-            results.append(Generation(row, lps[i, :n].tolist(), stop_reason=reason))
-        return results
+        ids, lps = torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()
+        counts, looped = count.tolist(), looping.tolist()
+        for i, (_, on_done) in enumerate(wave):
+            row = ids[i, : counts[i]].tolist()
+            reason: StopReason = "stop" if row and row[-1] == engine.stop_token_id else ("repeat" if looped[i] else "length")
+            on_done(Generation(row, lps[i, : counts[i]].tolist(), reason))
+
+
+# splitmix64 constants as signed int64 (torch integer arithmetic wraps around)
+_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One float64 in (0, 1) per row: splitmix64 of (seed, counter). Hand-written because torch's generators
+    draw one stream per generator; a counter-based draw makes each request's stream its own, batch or not."""
+    z = seeds * _GAMMA + (counters + 1) * _MIX2
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 11).double() + 0.5) * 2.0**-53
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its logprob under logits / temperature (greedy: argmax). top-k / top-p restrict
+    which tokens can be drawn; the recorded logprob stays the full tempered distribution's, the one the learner
+    recomputes (as vLLM's default raw logprobs)."""
+    scaled = logits.float() / sampling.temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    if sampling.greedy:
+        tok = logits.argmax(-1)
+    else:
+        allowed = scaled
+        if sampling.top_k and sampling.top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
+            allowed = allowed.masked_fill(allowed < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            ordered, order = torch.sort(allowed, dim=-1, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            drop = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before a token already reaches top_p
+            allowed = allowed.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+        cdf = torch.softmax(allowed, dim=-1).double().cumsum(-1)
+        u = uniform(seeds, counters)[:, None] * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=scaled.shape[-1] - 1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
 class _LoopDetector:
-    """Per row, the recent tokens; a row loops when each of its last `window` tokens equals the token p places
+    """Per slot, the recent tokens; a slot loops when each of its last `window` tokens equals the token p places
     before it, for some period p <= `max_period` (one unit of p tokens repeated over the last window + p tokens).
 
-    All periods are checked in one gather. Slots not yet filled hold distinct negative ids, so a short history
-    never looks periodic.
+    All periods are checked in one gather. Positions not yet filled hold distinct negative ids, so a short
+    history never looks periodic.
     """
 
-    def __init__(self, window: int, max_period: int, prefixes: list[list[int]], device: torch.device) -> None:
-        size = window + max_period
-        self.tail = -torch.arange(1, size + 1, device=device).repeat(len(prefixes), 1)  # [batch, window + max_period]
-        for i, prefix in enumerate(prefixes):
-            kept = prefix[-size:]
-            if kept:
-                self.tail[i, size - len(kept) :] = torch.tensor(kept, device=device)
-        later = torch.arange(max_period, size, device=device)  # the last `window` positions
+    def __init__(self, window: int, max_period: int, slots: int, device: torch.device) -> None:
+        self.size = window + max_period
+        self.empty = -torch.arange(1, self.size + 1, device=device)
+        self.tail = self.empty.repeat(slots, 1)  # [slots, window + max_period]
+        later = torch.arange(max_period, self.size, device=device)  # the last `window` positions
         periods = torch.arange(1, max_period + 1, device=device)[:, None]
         self.later, self.earlier = later.expand(max_period, -1), later - periods  # [max_period, window]
 
-    def push(self, tok: torch.Tensor) -> torch.Tensor:
-        """Append each row's new token; [batch] bool: the row is now looping."""
-        self.tail = torch.cat([self.tail[:, 1:], tok[:, None]], dim=1)
-        same = self.tail[:, self.later] == self.tail[:, self.earlier]  # [batch, max_period, window]
+    def reset(self, rows: torch.Tensor, prefixes: list[list[int]]) -> None:
+        """Start slots `rows` afresh, each with the tokens its turn already produced."""
+        fresh = self.empty.repeat(len(prefixes), 1)
+        for i, prefix in enumerate(prefixes):
+            kept = prefix[-self.size :]
+            if kept:
+                fresh[i, self.size - len(kept) :] = torch.tensor(kept, device=fresh.device)
+        self.tail[rows] = fresh
+
+    def push(self, rows: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """Append each row's new token; [rows] bool: the row is now looping."""
+        tail = torch.cat([self.tail[rows, 1:], tok[:, None]], dim=1)
+        self.tail[rows] = tail
+        same = tail[:, self.later] == tail[:, self.earlier]  # [rows, max_period, window]
         return same.all(-1).any(-1)

@@ -122,10 +122,12 @@ def test_token_budget_per_task_truncates_and_is_penalized(tool_policy) -> None:
 def test_loop_detector_fires_once_a_unit_repeats_over_the_window() -> None:
     # window 6, periods up to 3: a unit of p tokens loops once window + p tokens follow it
     seqs = [[1, 2, 3, 4] * 3, [5, 6] * 6, [7, 8, 9] * 4, [1] * 12]
-    detector = _LoopDetector(window=6, max_period=3, prefixes=[[], [5, 6, 5, 6, 5, 6], [], []], device=torch.device("cpu"))
+    detector = _LoopDetector(window=6, max_period=3, slots=5, device=torch.device("cpu"))
+    rows = torch.tensor([4, 1, 2, 0])  # any slots, in any order
+    detector.reset(rows, [[], [5, 6, 5, 6, 5, 6], [], []])
     first = [None] * 4
     for t in range(12):
-        for i, flag in enumerate(detector.push(torch.tensor([s[t] for s in seqs])).tolist()):
+        for i, flag in enumerate(detector.push(rows, torch.tensor([s[t] for s in seqs])).tolist()):
             if flag and first[i] is None:
                 first[i] = t + 1
     # period 4 is beyond the search; row 1's turn prefix counts (6 + 2 tokens); 6 + 3; 6 + 1

@@ -80,16 +80,30 @@ def test_engine_greedy_matches_hf_generate_and_logprobs_match_a_full_forward(pol
 
 
 class ScriptedEngine:
-    """Plays fixed turns: a tool call, then an answer (a scripted policy for the loop's bookkeeping)."""
+    """Plays fixed turns: a tool call, then an answer (a scripted policy for the loop's bookkeeping). Each batch
+    step answers every waiting request with the next scripted turn."""
 
     def __init__(self, renderer: Renderer, turns: list[str]) -> None:
         self.turn_ids = [renderer.encode(t) + [renderer.eos_token_id] for t in turns]
         self.calls = 0
+        self.waiting: list = []
 
-    def generate(self, prompts, max_new_tokens, temperature, greedy, generator=None, turn_prefixes=None):
+    def batcher(self, sampling, slots, max_len):
+        return self
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting)
+
+    def submit(self, request, on_done) -> None:
+        self.waiting.append(on_done)
+
+    def step(self) -> None:
         ids = self.turn_ids[self.calls]
         self.calls += 1
-        return [Generation(ids, [-0.5] * len(ids)) for _ in prompts]
+        waiting, self.waiting = self.waiting, []
+        for on_done in waiting:
+            on_done(Generation(ids, [-0.5] * len(ids)))
 
 
 def test_tool_loop_loss_mask_covers_exactly_the_policy_tokens(policy) -> None:

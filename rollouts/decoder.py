@@ -1,0 +1,257 @@
+"""The rollout engine's forward passes: prefill and one-token decode over a preallocated, slot-indexed KV cache.
+
+Why not the model's own `forward`: on a CPU (and at small sizes on a GPU) a decode step of the HF forward is
+dominated by per-op overhead that does not depend on the batch (mask construction, a cache that grows by
+concatenation, MLA latents re-expanded through `kv_b_proj` over the whole history every step, a MoE block that
+loops over experts). vLLM and SGLang solve this with their own model code but run only on CUDA. So the decoder
+keeps the model's modules and weights (projections, the MLP or MoE block, INT4 modules included) and replaces the
+glue: each sequence owns a slot of a cache allocated once, its keys/values are written in place at its position,
+and attention reads the slots under one padding mask. Numerics match the HF forward to float rounding (a test
+pins the logits to 1e-4 and greedy tokens to identity).
+
+Architectures (the decoder-layer layout these HF families share: embed → [norm → attention → residual → norm →
+MLP/MoE → residual] × N → norm → lm_head):
+- `deepseek_v3` (Kimi K2's; the built-in policy): multi-head latent attention. The cache holds the compressed
+  latent and the shared rotary key per position (MLA's point: one small vector per token, not per head); decode
+  runs attention in the latent space (query absorbed through `kv_b_proj`'s key half, output through its value
+  half), as DeepSeek's inference code does. Small MoE blocks (all experts ≤ `FUSE_MOE_MAX_ELEMENTS`) run as two
+  matmuls over every expert's weights at once, shared experts included, scaled by the router's weights (zero
+  for experts a token was not routed to): at this size one matmul beats one call per expert.
+- `llama`, `mistral`, `qwen2`, `qwen3` (SmolLM2 is `llama`): grouped-query attention with RoPE (and Qwen3's
+  per-head q/k norms); the cache holds the KV heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama", "mistral", "qwen2", "qwen3")
+FUSE_MOE_MAX_ELEMENTS = 1 << 22
+"""Routed + shared expert weights (elements) up to which a MoE block runs fused (every expert, one matmul)."""
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm (weight * x / rms(x), computed in fp32) as one fused op."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), eps).to(x.dtype)
+
+
+class _MLA:
+    """DeepseekV3 multi-head latent attention over a latent cache [slots, max_len, kv_lora_rank + rope]."""
+
+    def __init__(self, attn: nn.Module, config, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb, apply_rotary_pos_emb_interleave
+
+        self.attn = attn
+        self.heads = config.num_attention_heads
+        self.nope, self.rope, self.v_dim, self.lora = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
+        self.scaling = attn.scaling
+        self.rotary = apply_rotary_pos_emb_interleave if config.rope_interleave else apply_rotary_pos_emb
+        self.cache = torch.zeros(slots, max_len, self.lora + self.rope, device=device, dtype=dtype)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, t, hidden] → q_pass, q_rot [n, H, t, ·], latent [n, t, lora], k_rot [n, 1, t, rope]."""
+        a = self.attn
+        n, t, _ = x.shape
+        q = a.q_proj(x) if a.q_proj is not None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
+        q_pass, q_rot = torch.split(q.view(n, t, self.heads, self.nope + self.rope).transpose(1, 2), [self.nope, self.rope], dim=-1)
+        kv_nope, k_rot = torch.split(a.kv_a_proj_with_mqa(x), [self.lora, self.rope], dim=-1)
+        q_rot, k_rot = self.rotary(q_rot, k_rot.view(n, 1, t, self.rope), cos, sin)
+        return q_pass, q_rot, _rms_norm(a.kv_a_layernorm, kv_nope), k_rot
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
+        self.cache[dest, :t] = torch.cat([latent, k_rot[:, 0]], dim=-1)[src]
+        kv = self.attn.kv_b_proj(latent).view(n, t, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)
+        # right padding: causal attention keeps every real token's view free of the pads after it
+        o = F.scaled_dot_product_attention(torch.cat([q_pass, q_rot], dim=-1), k, v, is_causal=True, scale=self.scaling)
+        return o.transpose(1, 2).reshape(n, t, -1)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
+        self.cache[rows, positions] = torch.cat([latent[:, 0], k_rot[:, 0, 0]], dim=-1)
+        w = self.attn.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.lora)
+        q_latent = torch.bmm(q_pass[:, :, 0].transpose(0, 1), w[:, : self.nope]).transpose(0, 1)  # [n, H, lora]
+        query = torch.cat([q_latent, q_rot[:, :, 0]], dim=-1)  # [n, H, lora + rope]
+        keys = self.cache[:n, :span]  # [n, span, lora + rope]
+        probs = torch.softmax(torch.baddbmm(mask, query, keys.transpose(1, 2), alpha=self.scaling), dim=-1)  # [n, H, span]
+        context = torch.bmm(probs, keys[..., : self.lora])  # [n, H, lora]
+        o = torch.bmm(context.transpose(0, 1), w[:, self.nope :].transpose(1, 2)).transpose(0, 1)  # [n, H, v_dim]
+        return o.reshape(n, 1, -1)
+
+
+class _GQA:
+    """Grouped-query attention with RoPE (Llama, Mistral, Qwen2, Qwen3) over a cache [slots, kv heads, max_len, d]."""
+
+    def __init__(self, attn: nn.Module, config, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.attn = attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = attn.scaling
+        self.rotary = apply_rotary_pos_emb
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.k_cache = torch.zeros(slots, self.kv_heads, max_len, self.dim, device=device, dtype=dtype)
+        self.v_cache = torch.zeros_like(self.k_cache)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.attn
+        n, t, _ = x.shape
+        q = a.q_proj(x).view(n, t, self.heads, self.dim)
+        k = a.k_proj(x).view(n, t, self.kv_heads, self.dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k, a.v_proj(x).view(n, t, self.kv_heads, self.dim).transpose(1, 2)
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        self.k_cache[dest, :, :t], self.v_cache[dest, :, :t] = k[src], v[src]
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+        return o.transpose(1, 2).reshape(n, t, -1)
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        self.k_cache[rows, :, positions], self.v_cache[rows, :, positions] = k[:, :, 0], v[:, :, 0]
+        keys, values = self.k_cache[:n, :, :span], self.v_cache[:n, :, :span]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+        return o.transpose(1, 2).reshape(n, 1, -1)
+
+
+class _FusedMoE:
+    """A DeepseekV3 MoE block (router + routed experts + shared experts) as two matmuls over all experts.
+
+    The expert weights are gathered into [gate; up] and down matrices (INT4 experts dequantized to exactly the
+    values the learner's fake-quant uses) and rebuilt when the model's weights changed (`refresh`, checked from the
+    parameters' version counters and the INT4 modules' packed tensors: a weight sync needs no hook). Decode only:
+    a prefill has enough tokens per expert for the model's own sparse MoE block to win.
+    """
+
+    def __init__(self, moe: nn.Module, config) -> None:
+        self.moe = moe
+        self.gate, self.experts, self.shared = moe.gate, moe.experts, moe.shared_experts
+        self.top_k, self.num_experts = config.num_experts_per_tok, config.n_routed_experts
+        self.inter = config.moe_intermediate_size
+        self.act = self.experts.act_fn
+        self._key: tuple | None = None
+
+    @staticmethod
+    def applies(moe: nn.Module, config) -> bool:
+        if type(moe).__name__ != "DeepseekV3MoE" or config.n_group != 1:
+            return False
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        return 3 * config.hidden_size * (config.n_routed_experts * config.moe_intermediate_size + shared) <= FUSE_MOE_MAX_ELEMENTS
+
+    def _weights_key(self) -> tuple:
+        tensors = [*self.experts.parameters(), *self.shared.parameters()]
+        packed = getattr(self.experts, "int4", {})
+        return tuple((id(t), t._version) for t in tensors) + tuple((name, id(m[0].weight)) for name, m in sorted(packed.items()))
+
+    def _expert(self, name: str) -> torch.Tensor:
+        packed = getattr(self.experts, "int4", {})
+        if name in packed:
+            return torch.stack([m.weight.dequantize(torch.float32) for m in packed[name]])
+        return getattr(self.experts, name).detach()
+
+    def refresh(self) -> None:
+        key = self._weights_key()
+        if key != self._key:
+            self._rebuild()
+            self._key = key
+
+    def _rebuild(self) -> None:
+        gate_up, down = self._expert("gate_up_proj"), self._expert("down_proj")  # [E, 2I, H], [E, H, I]
+        e, i = self.num_experts, self.inter
+        dtype = self.shared.gate_proj.weight.dtype
+        gate = torch.cat([gate_up[:, :i].reshape(e * i, -1).to(dtype), self.shared.gate_proj.weight.detach()])
+        up = torch.cat([gate_up[:, i:].reshape(e * i, -1).to(dtype), self.shared.up_proj.weight.detach()])
+        self.w_in = torch.cat([gate, up]).contiguous()  # [2 (E I + I_shared), H]
+        self.w_out = torch.cat([down.permute(1, 0, 2).reshape(down.shape[1], e * i).to(dtype), self.shared.down_proj.weight.detach()], dim=1).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores = F.linear(x.float(), self.gate.weight.float()).sigmoid()
+        chosen = torch.topk(scores + self.gate.e_score_correction_bias, self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, chosen)
+        if self.gate.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        routing = torch.zeros_like(scores).scatter_(1, chosen, weights * self.gate.routed_scaling_factor)  # [n, E]
+        gate, up = F.linear(x, self.w_in).chunk(2, dim=-1)
+        scale = torch.cat([routing.to(x.dtype).repeat_interleave(self.inter, dim=1), routing.new_ones(1).to(x.dtype).expand(x.shape[0], gate.shape[1] - self.num_experts * self.inter)], dim=1)
+        return F.linear(self.act(gate) * up * scale, self.w_out).view(shape)
+
+
+class Decoder:
+    """Prefill and decode for one HF causal LM over `slots` cache slots of up to `max_len` positions each."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"the rollout engine runs {', '.join(SUPPORTED_MODEL_TYPES)} models; model.path is a {config.model_type!r} "
+                "model (its decoder layers would need an attention adapter in rollouts/decoder.py)"
+            )
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < max_len:
+            raise ValueError(f"sliding-window attention ({window} < {max_len} positions) is not supported by the rollout engine")
+        if max_len > config.max_position_embeddings:
+            raise ValueError(f"sequences of {max_len} tokens exceed the model's max_position_embeddings ({config.max_position_embeddings})")
+        self.model, self.body = model, model.model
+        self.layers = list(self.body.layers)
+        device, dtype = model.device, next(model.parameters()).dtype
+        adapter = _MLA if config.model_type == "deepseek_v3" else _GQA
+        self.attn = [adapter(layer.self_attn, config, slots, max_len, device, dtype) for layer in self.layers]
+        self.fused = [_FusedMoE(layer.mlp, config) if _FusedMoE.applies(layer.mlp, config) else None for layer in self.layers]
+        self.slots, self.max_len, self.device = slots, max_len, device
+        # cos/sin of every position, computed once by the model's own rotary module (the values it computes per call)
+        cos, sin = self.body.rotary_emb(torch.zeros(1, device=device, dtype=dtype), torch.arange(max_len, device=device)[None])
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, rotary dim]
+
+    def refresh(self) -> None:
+        """Pick up weights loaded into the model since the last call (once per batch, not per step)."""
+        for fused in self.fused:
+            if fused is not None:
+                fused.refresh()
+
+    def _run(self, ids: torch.Tensor, attend, decoding: bool) -> torch.Tensor:
+        h = self.body.embed_tokens(ids)
+        for layer, attn, fused in zip(self.layers, self.attn, self.fused, strict=True):
+            h = h + layer.self_attn.o_proj(attend(attn, _rms_norm(layer.input_layernorm, h)))
+            mlp = fused if decoding and fused is not None else layer.mlp
+            h = h + mlp(_rms_norm(layer.post_attention_layernorm, h))
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(_rms_norm(self.body.norm, h)).float()
+
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[list[int]]) -> torch.Tensor:
+        """Run right-padded prompts `ids` [u, L] (row i has `lengths[i]` real tokens), write each prompt's cache
+        entries into every slot of `slots[i]` (a group's samples share one prefill), and return the logits at
+        each prompt's last token [u, vocab]."""
+        u, width = ids.shape
+        cos, sin = self.cos[:width][None].expand(u, -1, -1), self.sin[:width][None].expand(u, -1, -1)
+        dest = torch.tensor([s for group in slots for s in group], device=self.device)
+        src = torch.tensor([i for i, group in enumerate(slots) for _ in group], device=self.device)
+        h = self._run(ids, lambda attn, x: attn.prefill(x, cos, sin, dest, src), decoding=False)
+        return self._logits(h[torch.arange(u, device=self.device), lengths - 1])
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """One token for each of slots 0..n-1 (`tokens`, `positions` [n]): write its cache entry at its position,
+        attend over the slot's positions ≤ its own (`span` > every position bounds the read); logits [n, vocab]."""
+        n = tokens.shape[0]
+        rows = torch.arange(n, device=self.device)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        visible = torch.arange(span, device=self.device)[None] <= positions[:, None]
+        mask = torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))[:, None]  # [n, 1, span]
+        h = self._run(tokens[:, None], lambda attn, x: attn.decode(x, cos, sin, rows, positions, span, mask), decoding=True)
+        return self._logits(h[:, 0])
