@@ -1,6 +1,6 @@
 """Checkpoints: `RUN_DIR/checkpoints/step_NNNNNN/` holds the policy (an HF directory), the learner's optimizer and
-RNG states, the rollout workers' sampling RNG states and paused partial rollouts, and the controller's state
-(step, data cursor).
+RNG states, the rollout workers' sampling RNG states and paused partial rollouts, the trajectories of steps the
+async pipeline already generated, and the controller's state (step, data cursor).
 
 A checkpoint is written into `.tmp_step_NNNNNN/`, flushed to disk, and renamed: a directory named `step_*` is
 complete or does not exist, so a job killed while writing (preempted, OOM, Ctrl-C) leaves the previous
@@ -19,14 +19,18 @@ import torch
 
 STATE_FILE = "controller_state.json"
 WORKERS_FILE = "rollout_workers.pt"
+PENDING_FILE = "pending_rollouts.pt"
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, learner: Any, workers: Any, controller_state: dict[str, Any], keep: int) -> Path:
-    """`learner`: a LearnerGroup; `workers`: a RolloutPool."""
+def save_checkpoint(
+    run_dir: Path, step: int, learner: Any, workers: Any, controller_state: dict[str, Any], keep: int, pending: list | None = None
+) -> Path:
+    """`learner`: a LearnerGroup; `workers`: a RolloutPool; `pending`: the trajectories of steps the async pipeline
+    already generated ((step, trajectories) pairs)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
@@ -35,6 +39,7 @@ def save_checkpoint(run_dir: Path, step: int, learner: Any, workers: Any, contro
     tmp.mkdir(parents=True)
     learner.save(str(tmp))
     torch.save(workers.state(), tmp / WORKERS_FILE)
+    torch.save(pending or [], tmp / PENDING_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **controller_state}, indent=2))
     _sync_tree(tmp)
     if final.exists():  # the same step saved again: move the old one out of the `step_*` names first, then delete it
@@ -58,7 +63,8 @@ def restore_checkpoint(path: Path, learner: Any, workers: Any) -> dict[str, Any]
     """Load the learners and the rollout workers' state from `path`; returns the controller state."""
     learner.load(str(path))
     workers.load_state(torch.load(path / WORKERS_FILE, weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    pending = torch.load(path / PENDING_FILE, weights_only=False) if (path / PENDING_FILE).is_file() else []
+    return {**json.loads((path / STATE_FILE).read_text()), "pending_rollouts": pending}
 
 
 def _sync_tree(root: Path) -> None:

@@ -200,6 +200,12 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens holding this much probability (1 = off).")
     top_k: int = Field(0, ge=0, description="Draw from the k most likely tokens (0 = off). Logprobs stay the full tempered distribution's, the one the learner scores.")
+    max_staleness: int = Field(
+        1,
+        ge=0,
+        description="Async pipeline: start each step's rollouts up to N steps ahead, so generation overlaps the learner's "
+        "update; samples are then up to N policy versions old (`policy_lag_mean`). 0 = synchronous.",
+    )
     max_num_seqs: int = Field(256, ge=1, description="Sequences a worker decodes at once (KV-cache slots); more wait and join as others finish.")
     temperature_final: float | None = Field(None, gt=0, description="Temperature schedule (K2): decay linearly from `temperature` to this over `temperature_decay_steps` RL steps; null = constant.")
     temperature_decay_steps: int = Field(1, ge=1, description="RL steps of the temperature decay.")

@@ -30,6 +30,7 @@ from rl.data import PromptSampler, load_split
 from rl.evaluation import evaluate
 from rl.learner_group import LearnerGroup
 from rl.metrics import MetricsLogger, StageTimer, rollout_metrics, save_trajectories
+from rl.pipeline import RolloutPipeline
 from rl.placement import Placement, place
 from rl.records import TrainBatch
 from rl.shipping import ShippedDir, ship_dir
@@ -105,11 +106,14 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
     advantage_fn = ADVANTAGES.get(cfg.algorithm.advantage)
     pad_id = actors.workers.pad_token_id()
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
-    start = {"step": 0, "data_cursor": sampler.state_dict(), "workers": actors.workers.state()}  # where a learner lost before any checkpoint goes back to
+    start = {"step": 0, "data_cursor": sampler.state_dict(), "workers": actors.workers.state(), "pending_rollouts": []}  # where a learner lost before any checkpoint goes back to
+    rounds = cfg.algorithm.dynamic_sampling_max_rounds + 1 if cfg.algorithm.dynamic_sampling else 1
+    first_group = lambda k, round_=0: ((k - 1) * rounds + round_) * cfg.trainer.prompts_per_step  # noqa: E731  unique across steps and rounds
+    pipeline = RolloutPipeline(cfg, actors.workers, sampler, first_group, lambda k: rollout_temperature(cfg, k))
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting from step 1")
-    step = _restore(cfg, checkpoint, actors, sampler, logger, start) + 1 if checkpoint is not None else 1
+    step = _restore(cfg, checkpoint, actors, sampler, pipeline, logger, start) + 1 if checkpoint is not None else 1
     if checkpoint is None:
         actors.sync_weights(cfg, actors.learner.get_version())
     if cfg.quant.enabled:
@@ -128,9 +132,14 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
         bar = progress.add_task("rl", total=cfg.trainer.steps, completed=step - 1, status="")
         while step <= cfg.trainer.steps:
             try:
-                metrics = _step(cfg, step, run_dir, actors, sampler, scorer, advantage_fn, pad_id, eval_rows)
+                metrics = _step(cfg, step, run_dir, actors, sampler, pipeline, scorer, advantage_fn, pad_id, eval_rows)
                 if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
-                    save_checkpoint(run_dir, step, actors.learner, actors.workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints)
+                    pending = pipeline.state()  # the steps already started: their rows and samples are drawn
+                    for _, trajectories in pending:
+                        fetch_model_scores(trajectories, actors.reward_models, cfg.reward.models_async)
+                    save_checkpoint(
+                        run_dir, step, actors.learner, actors.workers, {"data_cursor": sampler.state_dict()}, cfg.trainer.keep_checkpoints, pending
+                    )
             except ACTOR_LOST as e:  # a learner is gone (the pools recover workers and reward models themselves)
                 learner_restarts += 1
                 if learner_restarts > cfg.cluster.max_learner_restarts:
@@ -138,7 +147,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
                 checkpoint = latest_checkpoint(run_dir)
                 console.print(f"[yellow]learner lost at step {step} ({type(e).__name__}); restarting it from {checkpoint or 'the start of the job'}")
                 actors.restart_learner(cfg)
-                step = _restore(cfg, checkpoint, actors, sampler, logger, start) + 1
+                step = _restore(cfg, checkpoint, actors, sampler, pipeline, logger, start) + 1
                 progress.update(bar, completed=step - 1)
                 continue
             metrics |= {"worker_restarts": float(actors.workers.restarts), "reward_model_restarts": float(actors.reward_models.restarts), "learner_restarts": float(learner_restarts)}
@@ -155,10 +164,12 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
     return evals
 
 
-def _step(cfg: JobConfig, step: int, run_dir: Path, actors: Actors, sampler: PromptSampler, scorer: RewardScorer, advantage_fn, pad_id: int, eval_rows) -> dict[str, float]:
+def _step(
+    cfg: JobConfig, step: int, run_dir: Path, actors: Actors, sampler: PromptSampler, pipeline: RolloutPipeline, scorer: RewardScorer, advantage_fn, pad_id: int, eval_rows
+) -> dict[str, float]:
     """One RL step; returns its metrics."""
     timer = StageTimer()
-    result, sampling_metrics = _rollouts(cfg, step, sampler, actors, scorer, timer)
+    result, sampling_metrics = _rollouts(cfg, step, sampler, pipeline, actors, scorer, timer)
     if cfg.logging.save_trajectories and result.scored:
         save_trajectories(run_dir / "trajectories" / f"step_{step:06d}.jsonl", result.scored)
     if result.scored:
@@ -166,6 +177,7 @@ def _step(cfg: JobConfig, step: int, run_dir: Path, actors: Actors, sampler: Pro
     else:  # every sample failed (each counted and logged by the scorer): nothing to learn from this step
         metrics = {"skipped_step": 1.0}  # also: every group still paused (partial rollouts)
     metrics.update({"failed_samples": float(result.failed), **result.metrics, **sampling_metrics, **timer.times, "time_step_s": sum(timer.times.values())})
+    metrics["rollout_steps_ahead"] = float(pipeline.in_flight)
     if cfg.rollout.partial_rollout_budget:
         metrics["paused_samples"] = float(actors.workers.num_paused())
     if cfg.eval.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
@@ -173,9 +185,11 @@ def _step(cfg: JobConfig, step: int, run_dir: Path, actors: Actors, sampler: Pro
     return metrics
 
 
-def _restore(cfg: JobConfig, checkpoint: Path | None, actors: Actors, sampler: PromptSampler, logger: MetricsLogger, start: dict[str, Any]) -> int:
-    """Bring learners, rollout workers, data cursor and metrics log back to `checkpoint` (None: the job's start);
-    returns its step."""
+def _restore(
+    cfg: JobConfig, checkpoint: Path | None, actors: Actors, sampler: PromptSampler, pipeline: RolloutPipeline, logger: MetricsLogger, start: dict[str, Any]
+) -> int:
+    """Bring learners, rollout workers, data cursor, the rollouts started ahead and the metrics log back to
+    `checkpoint` (None: the job's start); returns its step."""
     actors.workers.drop_in_flight()
     if checkpoint is None:
         actors.workers.load_state(start["workers"])
@@ -184,17 +198,20 @@ def _restore(cfg: JobConfig, checkpoint: Path | None, actors: Actors, sampler: P
         state = restore_checkpoint(checkpoint, actors.learner, actors.workers)
         console.print(f"resuming from {checkpoint} (step {state['step']})")
     sampler.load_state_dict(state["data_cursor"])
+    pipeline.load_state(state.get("pending_rollouts", []))
     logger.rewind(state["step"])
     actors.sync_weights(cfg, actors.learner.get_version())
     return state["step"]
 
 
-def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, actors: Actors, scorer: RewardScorer, timer: StageTimer) -> tuple[ScoringResult, dict[str, float]]:
-    """Generate and score one step's batch.
+def _rollouts(
+    cfg: JobConfig, step: int, sampler: PromptSampler, pipeline: RolloutPipeline, actors: Actors, scorer: RewardScorer, timer: StageTimer
+) -> tuple[ScoringResult, dict[str, float]]:
+    """Collect (the pipeline started them, up to `rollout.max_staleness` steps ago) and score one step's batch.
 
     With `algorithm.dynamic_sampling` (DAPO), groups whose samples all got the same reward (no learning signal)
-    are dropped and new prompts are drawn to replace them, for at most `dynamic_sampling_max_rounds` extra rounds;
-    the batch keeps at most `trainer.prompts_per_step` groups.
+    are dropped and new prompts are drawn to replace them, for at most `dynamic_sampling_max_rounds` extra rounds
+    (generated at once, with the current weights); the batch keeps at most `trainer.prompts_per_step` groups.
     """
     want, rounds = cfg.trainer.prompts_per_step, cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 0
     kept: list = []
@@ -203,12 +220,14 @@ def _rollouts(cfg: JobConfig, step: int, sampler: PromptSampler, actors: Actors,
         missing = want - len({s.trajectory.group_id for s in kept})
         if missing <= 0:
             break
-        rows = sampler.next(missing)
         with timer("generate"):
-            first_group = ((step - 1) * (rounds + 1) + round_) * want  # unique across steps and rounds
-            trajectories = actors.workers.generate_step(
-                rows, first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
-            )
+            if round_ == 0:
+                trajectories = pipeline.take(step)
+            else:
+                first_group = ((step - 1) * (rounds + 1) + round_) * want  # unique across steps and rounds (as the pipeline's)
+                trajectories = actors.workers.generate_step(
+                    sampler.next(missing), first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
+                )
         with timer("score"):
             fetch_model_scores(trajectories, actors.reward_models, cfg.reward.models_async)
             result = scorer.score(trajectories, step)

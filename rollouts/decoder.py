@@ -131,9 +131,9 @@ class _FusedMoE:
     """A DeepseekV3 MoE block (router + routed experts + shared experts) as two matmuls over all experts.
 
     The expert weights are gathered into [gate; up] and down matrices (INT4 experts dequantized to exactly the
-    values the learner's fake-quant uses) and rebuilt when the model's weights changed (`refresh`, checked from the
-    parameters' version counters and the INT4 modules' packed tensors: a weight sync needs no hook). Decode only:
-    a prefill has enough tokens per expert for the model's own sparse MoE block to win.
+    values the learner's fake-quant uses), gathered again by `refresh` when a batch opens (a few MB at most, so a
+    weight sync needs no hook). Decode only: a prefill has enough tokens per expert for the model's own sparse MoE
+    block to win.
     """
 
     def __init__(self, moe: nn.Module, config) -> None:
@@ -142,7 +142,6 @@ class _FusedMoE:
         self.top_k, self.num_experts = config.num_experts_per_tok, config.n_routed_experts
         self.inter = config.moe_intermediate_size
         self.act = self.experts.act_fn
-        self._key: tuple | None = None
 
     @staticmethod
     def applies(moe: nn.Module, config) -> bool:
@@ -151,11 +150,6 @@ class _FusedMoE:
         shared = config.moe_intermediate_size * config.n_shared_experts
         return 3 * config.hidden_size * (config.n_routed_experts * config.moe_intermediate_size + shared) <= FUSE_MOE_MAX_ELEMENTS
 
-    def _weights_key(self) -> tuple:
-        tensors = [*self.experts.parameters(), *self.shared.parameters()]
-        packed = getattr(self.experts, "int4", {})
-        return tuple((id(t), t._version) for t in tensors) + tuple((name, id(m[0].weight)) for name, m in sorted(packed.items()))
-
     def _expert(self, name: str) -> torch.Tensor:
         packed = getattr(self.experts, "int4", {})
         if name in packed:
@@ -163,12 +157,6 @@ class _FusedMoE:
         return getattr(self.experts, name).detach()
 
     def refresh(self) -> None:
-        key = self._weights_key()
-        if key != self._key:
-            self._rebuild()
-            self._key = key
-
-    def _rebuild(self) -> None:
         gate_up, down = self._expert("gate_up_proj"), self._expert("down_proj")  # [E, 2I, H], [E, H, I]
         e, i = self.num_experts, self.inter
         dtype = self.shared.gate_proj.weight.dtype
@@ -218,7 +206,7 @@ class Decoder:
         self.cos, self.sin = cos[0], sin[0]  # [max_len, rotary dim]
 
     def refresh(self) -> None:
-        """Pick up weights loaded into the model since the last call (once per batch, not per step)."""
+        """Pick up weights loaded into the model since the last batch (called when a batch opens)."""
         for fused in self.fused:
             if fused is not None:
                 fused.refresh()

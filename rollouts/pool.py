@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -25,8 +26,20 @@ from rl.records import PromptRow, Trajectory
 
 log = logging.getLogger("tiderl")
 
+
 class WorkerLostError(RuntimeError):
     """Rollout workers kept dying: more restarts than `cluster.max_worker_restarts` in one call."""
+
+
+@dataclass
+class StepHandle:
+    """One step's rollout calls in flight: a result ref per worker and the worker's restart epoch at the call."""
+
+    samples_per_prompt: int
+    iteration_budget: int
+    temperature: float | None
+    refs: dict[int, ray.ObjectRef] = field(default_factory=dict)
+    epochs: dict[int, int] = field(default_factory=dict)
 
 
 class RolloutPool:
@@ -35,6 +48,7 @@ class RolloutPool:
         self.start = start
         self.max_restarts = max_restarts
         self.workers = [start(i) for i in range(size)]
+        self.epochs = [0] * size  # restarts of each worker slot
         self.in_flight: list[dict[int, PromptRow]] = [{} for _ in range(size)]
         self.samples_per_prompt: int | None = None
         self.weights: tuple[Any, int] | None = None
@@ -97,31 +111,48 @@ class RolloutPool:
         self._on_all(lambda w: w.set_reward_models.remote(self.reward_models))
 
     # -- rollouts -------------------------------------------------------------------------------------------------
-    def generate_step(
+    def submit_step(
         self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
-    ) -> list[Trajectory]:
-        """A training step's rollouts: row i becomes group `first_group_id + i` on worker i mod n; returns the
-        trajectories of every group that finished (in worker order), re-issuing the groups of workers that die."""
+    ) -> StepHandle:
+        """Start a training step's rollouts without waiting: row i becomes group `first_group_id + i` on worker
+        i mod n. Calls queue on each worker behind the ones before them (and a weight push submitted later waits
+        for them), so several steps can be in flight: the async pipeline."""
         self.samples_per_prompt = samples_per_prompt
         n = len(self.workers)
         group_ids = list(range(first_group_id, first_group_id + len(rows)))
-        calls: dict[int, tuple[list[PromptRow], list[int]]] = {}
+        handle = StepHandle(samples_per_prompt, iteration_budget, temperature)
         for i in range(n):
-            mine_rows, mine_ids = rows[i::n], group_ids[i::n]
-            self.in_flight[i].update(zip(mine_ids, mine_rows, strict=True))
-            calls[i] = (mine_rows, mine_ids)
+            rows_i, ids_i = rows[i::n], group_ids[i::n]
+            self.in_flight[i].update(zip(ids_i, rows_i, strict=True))
+            handle.refs[i] = self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
+            handle.epochs[i] = self.epochs[i]
+        return handle
 
+    def collect(self, handle: StepHandle) -> list[Trajectory]:
+        """The trajectories of every group that finished in `handle`'s calls (in worker order). A worker that died
+        is restarted and given every group it had in flight, once: a later step's call to the same dead worker
+        then returns nothing, its groups having come back with the re-issued call."""
         def call(i: int, reissue: bool) -> ray.ObjectRef:
-            rows_i, ids_i = (list(self.in_flight[i].values()), list(self.in_flight[i])) if reissue else calls[i]
-            return self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
+            if not reissue:
+                return handle.refs[i]
+            handle.epochs[i] = self.epochs[i]
+            rows_i, ids_i = list(self.in_flight[i].values()), list(self.in_flight[i])
+            return self.workers[i].generate_step.remote(rows_i, ids_i, handle.samples_per_prompt, handle.iteration_budget, handle.temperature)
 
-        results = self._run(call)
+        # a call made before its worker's latest restart: its groups were re-issued then
+        results = self._run(call, superseded=lambda i: handle.epochs[i] != self.epochs[i])
         out: list[Trajectory] = []
-        for i in range(n):
+        for i in sorted(results):
             for gid in {t.group_id for t in results[i]}:
                 self.in_flight[i].pop(gid, None)
             out.extend(results[i])
         return out
+
+    def generate_step(
+        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+    ) -> list[Trajectory]:
+        """`submit_step` and `collect` in one: a synchronous step's rollouts."""
+        return self.collect(self.submit_step(rows, first_group_id, samples_per_prompt, iteration_budget, temperature))
 
     def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
         """Every sample to its end (evaluation): rows spread over the workers, all samples of a prompt on one;
@@ -136,8 +167,9 @@ class RolloutPool:
         results = self._run(call)
         return [t for i in range(len(self.workers)) for t in results[i]]
 
-    def _run(self, call: Callable[[int, bool], ray.ObjectRef | None]) -> dict[int, list]:
-        """Call every worker (`call(i, reissue)`), restarting and re-calling (reissue=True) the ones that die."""
+    def _run(self, call: Callable[[int, bool], ray.ObjectRef | None], superseded: Callable[[int], bool] = lambda i: False) -> dict[int, list]:
+        """Call every worker (`call(i, reissue)`), restarting and re-calling (reissue=True) the ones that die,
+        unless `superseded(i)` says the call is moot."""
         pending = {ref: i for i in range(len(self.workers)) if (ref := call(i, False)) is not None}
         results: dict[int, list] = {i: [] for i in range(len(self.workers))}
         restarts = 0
@@ -147,6 +179,8 @@ class RolloutPool:
             try:
                 results[i] = ray.get(ready[0])
             except ACTOR_LOST as e:
+                if superseded(i):
+                    continue
                 restarts += 1
                 if restarts > self.max_restarts:
                     raise WorkerLostError(
@@ -174,6 +208,7 @@ class RolloutPool:
         if self.reward_models:
             ray.get(worker.set_reward_models.remote(self.reward_models))
         self.workers[i] = worker
+        self.epochs[i] += 1
         self.restarts += 1
 
     def _on_all(self, method: Callable[[Any], ray.ObjectRef]) -> list:

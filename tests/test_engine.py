@@ -1,0 +1,152 @@
+"""The rollout engine: its slot decoder against the HF forward, continuous batching, shared group prefill, and
+on-device sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
+
+from rl.policy import load_policy
+from rl.quant import QuantSpec, targeted_parameters
+from rollouts.decoder import Decoder
+from rollouts.engine import Engine, Request, SamplingParams, _sample, uniform
+from rollouts.int4 import convert_to_int4
+from rollouts.worker import int4_kernel_settings
+
+VOCAB = 97
+
+
+def small(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    if kind == "llama":
+        config = LlamaConfig(**common, num_key_value_heads=2)
+    elif kind == "qwen3":
+        config = Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    else:
+        config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def ragged_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def hf_last_logits(model, seqs: list[list[int]]) -> torch.Tensor:
+    return torch.stack([model(torch.tensor([s])).logits[0, -1].float() for s in seqs])
+
+
+@pytest.fixture(scope="module")
+def k2(tiny_policy_dir, make_cfg):
+    return load_policy(tiny_policy_dir, make_cfg().model)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v3-int4", "llama", "qwen3"])
+@torch.inference_mode()
+def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
+    if kind.startswith("deepseek_v3"):
+        model = copy.deepcopy(k2[0])
+        if kind.endswith("int4"):
+            cfg = make_cfg("quant.enabled=true")
+            spec = QuantSpec.from_config(cfg.quant)
+            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg))
+        vocab = model.config.vocab_size
+        prompts = [[t % vocab for t in p] for p in ragged_prompts(5)]
+    else:
+        model, prompts = small(kind), ragged_prompts(5)
+    decoder = Decoder(model, slots=7, max_len=64)
+    decoder.refresh()
+    # prompts 0 and 1 go to two slots each (a shared prefill); slot 4 stays idle and rides along in decode
+    slots = [[0, 5], [1, 6], [2], [3], [4]][: len(prompts)]
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    logits = decoder.prefill(ids, torch.tensor([len(p) for p in prompts]), slots)
+    assert torch.allclose(logits, hf_last_logits(model, prompts), atol=1e-4)
+    by_slot = {s: list(prompts[i]) for i, group in enumerate(slots) for s in group}
+    order = sorted(by_slot)
+    logits = torch.stack([logits[next(i for i, g in enumerate(slots) if s in g)] for s in order])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):  # sampled continuations: the two slots of one prompt diverge
+        tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+        positions = torch.tensor([len(by_slot[s]) for s in order])
+        for s, t in zip(order, tokens.tolist(), strict=True):
+            by_slot[s].append(t)
+        logits = decoder.decode(tokens, positions, int(positions.max()) + 1)
+        assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in order]), atol=1e-4)
+
+
+def test_a_model_the_decoder_does_not_cover_runs_its_own_forward_to_the_same_tokens() -> None:
+    model = small("gpt2")
+    engine = Engine(model, pad_token_id=0, stop_token_id=-1)
+    assert not engine.continuous
+    prompts = ragged_prompts(4)
+    outs = engine.generate(prompts, [8] * 4, temperature=1.0, greedy=True)
+    for p, out in zip(prompts, outs, strict=True):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert out.token_ids == ref[0, len(p) :].tolist()
+    with pytest.raises(ValueError, match="rollout engine runs deepseek_v3"):
+        Decoder(model, 2, 32)
+
+
+def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(k2) -> None:
+    model, _ = k2
+    prompts = [[t % model.config.vocab_size for t in p] for p in ragged_prompts(9, seed=4)]
+    budgets = [3, 17, 9, 25, 1, 12, 30, 5, 20]  # uneven: sequences leave at different steps and waiting ones join
+    wide = Engine(model, pad_token_id=0, stop_token_id=-1)
+    narrow = Engine(model, pad_token_id=0, stop_token_id=-1, max_num_seqs=3)
+    together = wide.generate(prompts, budgets, 1.0, greedy=False, generator=torch.Generator().manual_seed(7))
+    queued = narrow.generate(prompts, budgets, 1.0, greedy=False, generator=torch.Generator().manual_seed(7))
+    assert narrow.decoder(1, 1).slots == 3  # at most 3 at once: the others waited for a free slot
+    assert [len(o.token_ids) for o in together] == budgets
+    for a, b in zip(together, queued, strict=True):
+        assert a.token_ids == b.token_ids and a.stop_reason == b.stop_reason == "length"
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+    # a request's tokens depend on its seed only: alone, it samples what it sampled among the others
+    seed = int(torch.randint(0, 2**62, (9,), generator=torch.Generator().manual_seed(7))[3])
+    batcher = wide.batcher(SamplingParams(1.0), slots=1, max_len=64)
+    alone: list = []
+    batcher.submit(Request(prompts[3], budgets[3], seed), alone.append)
+    while batcher.busy:
+        batcher.step()
+    assert alone[0].token_ids == together[3].token_ids
+
+
+def test_a_group_prompt_is_prefilled_once_for_all_its_samples(k2, monkeypatch) -> None:
+    model, _ = k2
+    rows: list[int] = []
+    original = Decoder.prefill
+    monkeypatch.setattr(Decoder, "prefill", lambda self, ids, lengths, slots: rows.append(ids.shape[0]) or original(self, ids, lengths, slots))
+    a, b = [[t % model.config.vocab_size for t in p] for p in ragged_prompts(2, seed=9)]
+    outs = Engine(model, 0, -1).generate([a] * 8 + [b] * 4, [6] * 12, 1.0, greedy=False, generator=torch.Generator().manual_seed(0))
+    assert rows == [2]  # 12 sequences, 2 distinct prompts: one prefill row each
+    assert len({tuple(o.token_ids) for o in outs[:8]}) > 1  # the group's samples still differ
+
+
+def test_sampling_draws_from_the_tempered_distribution_and_honours_top_k_and_top_p() -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40000
+    seeds = torch.arange(n) * 7919 + 11
+    u = uniform(seeds, torch.zeros(n, dtype=torch.long))
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
+    assert not torch.equal(uniform(seeds[:5], torch.ones(5, dtype=torch.long)), u[:5])  # the counter moves the draw
+    for temperature in (1.0, 0.5):
+        tok, logp = _sample(logits.expand(n, -1), SamplingParams(temperature), seeds, torch.zeros(n, dtype=torch.long))
+        freq = torch.bincount(tok, minlength=6).float() / n
+        expected = torch.softmax(logits / temperature, -1)
+        assert torch.allclose(freq, expected, atol=0.01)
+        assert torch.allclose(logp, expected.log()[tok], atol=1e-6)  # the full tempered distribution's logprob
+    tok, _ = _sample(logits.expand(n, -1), SamplingParams(1.0, top_k=2), seeds, torch.zeros(n, dtype=torch.long))
+    p2 = torch.softmax(logits[:2], -1)
+    assert set(tok.tolist()) == {0, 1} and abs(float((tok == 0).float().mean()) - float(p2[0])) < 0.01
+    probs = torch.softmax(logits, -1)  # top_p 0.75: tokens 0 and 1 hold 0.56 + 0.21, the smallest set reaching 0.75
+    tok, _ = _sample(logits.expand(n, -1), SamplingParams(1.0, top_p=0.75), seeds, torch.zeros(n, dtype=torch.long))
+    assert float(probs[:1].sum()) < 0.75 <= float(probs[:2].sum()) and set(tok.tolist()) == {0, 1}
+    greedy, _ = _sample(logits.expand(3, -1), SamplingParams(1.0, greedy=True), seeds[:3], torch.zeros(3, dtype=torch.long))
+    assert greedy.tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(1.0, top_p=0.0)
