@@ -3,11 +3,12 @@
     python benchmarks/engine_vs_hf.py                         # the default job's policy, batch 1, 16, 64
     python benchmarks/engine_vs_hf.py --new-tokens 64 --json out.json
 
-Both decode greedily from the same left-padded prompts (calculator task prompts rendered with the chat
-template) for exactly `--new-tokens` tokens (no early stop: the stop token is ignored on both sides, so both do
-the same work), one torch thread each, in full precision (fp32) and with the INT4 rollout weights (routed experts,
-tiderl's INT4 modules, which HF `generate` runs too since they are ordinary modules). The sequences are checked
-to be identical. Printed: tokens/s per batch size and the ratio engine / HF.
+Both decode greedily from the same prompts (calculator task prompts rendered with the chat template; HF gets them
+left-padded, the engine one cache slot each) for exactly `--new-tokens` tokens (no early stop: the stop token is
+ignored on both sides, so both do the same work), one torch thread each, in full precision (fp32) and with the
+INT4 rollout weights (routed experts, tiderl's INT4 modules, which HF `generate` runs too since they are ordinary
+modules). Times include the prefill; best of `--repeats`. The sequences are checked to be identical. Printed:
+tokens/s per batch size and the ratio engine / HF.
 """
 
 from __future__ import annotations

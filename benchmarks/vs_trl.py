@@ -339,6 +339,9 @@ def differences(cfg: JobConfig) -> list[str]:
         out.append("single-turn on both sides (SmolLM2's chat template cannot render tool calls, which TRL's tool loop needs)")
     else:
         out.append("multi-turn calculator on both sides (TRL: tools= with tiderl's environment and schema)")
+    if getattr(cfg.rollout, "max_staleness", 0):
+        out.append(f"tiderl generates up to {cfg.rollout.max_staleness} step(s) ahead (rollout.max_staleness: samples up to that many "
+                   "policy versions old); TRL is on-policy (generate, then update)")
     if cfg.rollout.repeat_window:
         out.append("tiderl stops looping turns (rollout.repeat_window); TRL does not")
     out.append(f"tiderl: local Ray, {cfg.rollout.num_workers} rollout worker(s) + 1 learner actor; TRL: this process, transformers generate")

@@ -168,6 +168,7 @@ class Batcher:
             return
         self.waiting.append((request, on_done))
 
+    @torch.inference_mode()
     def step(self) -> None:
         self._admit()
         width = max((i + 1 for i, r in enumerate(self.running) if r is not None), default=0)

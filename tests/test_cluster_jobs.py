@@ -338,7 +338,7 @@ def test_token_auth(cluster: Cluster, tmp_path: Path):
 DRIVER_OVERRIDES = [
     *JOB_OVERRIDES, "trainer.steps=5", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10", "cluster.placement_strategy=STRICT_SPREAD",
 ]
-CHECKPOINT_PARTS = {"policy", "learner_state.pt", "rollout_workers.pt", "controller_state.json"}
+CHECKPOINT_PARTS = {"policy", "learner_state.pt", "rollout_workers.pt", "pending_rollouts.pt", "controller_state.json"}
 
 
 @contextmanager
