@@ -179,7 +179,8 @@ def fetch_model_scores(trajectories: list, models: RewardModelPool | None, score
     fails on a batch marks those samples with the reason (a string), which the scorer counts as failures; a model
     actor that died is restarted and the samples it held are sent again.
     """
-    trajectories = [t for t in trajectories if not t.model_scores]  # scored before (e.g. kept in a checkpoint)
+    if score_in_workers:  # already fetched (steps a checkpoint kept) have scores and no refs left
+        trajectories = [t for t in trajectories if t.model_score_refs or not t.model_scores]
     if models is None or not models.actors or not trajectories:
         return
     import ray.exceptions

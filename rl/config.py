@@ -387,7 +387,10 @@ class QuantConfig(_Section):
         description="Rows (tokens) at or above which an INT4 product unpacks its weight on the fly and runs a dense "
         "matmul instead of the INT4 kernel; unset = 8 for float32 activations (where torch's CPU INT4 kernel loses), never for bfloat16.",
     )
-    measure_attribution: bool = Field(True, description="Each step, also score the batch with the other learner mode (with/without fake-quant) to report the quantization part of the mismatch.")
+    measure_attribution: bool = Field(True, description="Also score the batch with the other learner mode (with/without fake-quant) to report the quantization part of the mismatch.")
+    attribution_every: int = Field(
+        10, ge=1, description="Measure the attribution every N updates (steps 1, N+1, ...): an extra forward pass over the batch each time it runs."
+    )
 
 
 class JobConfig(_Section):

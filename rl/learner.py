@@ -172,7 +172,7 @@ class Learner(BroadcastMember):
         )
         num_tokens, num_sequences = max(totals["tokens"], 1.0), int(totals["sequences"])
         fake_quant = self.fake_quant_active()
-        attribute = self.quant is not None and cfg.quant.measure_attribution
+        attribute = self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
         sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0, "is_weight": 0.0, "kl_ref": 0.0}
         sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0}
         for sl in micro_batches(batch.attention_mask, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens):

@@ -49,6 +49,7 @@ class RolloutPool:
         self.max_restarts = max_restarts
         self.workers = [start(i) for i in range(size)]
         self.epochs = [0] * size  # restarts of each worker slot
+        self.outstanding: list[StepHandle] = []  # submitted, not yet collected (oldest first)
         self.in_flight: list[dict[int, PromptRow]] = [{} for _ in range(size)]
         self.samples_per_prompt: int | None = None
         self.weights: tuple[Any, int] | None = None
@@ -126,21 +127,16 @@ class RolloutPool:
             self.in_flight[i].update(zip(ids_i, rows_i, strict=True))
             handle.refs[i] = self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
             handle.epochs[i] = self.epochs[i]
+        self.outstanding.append(handle)
         return handle
 
     def collect(self, handle: StepHandle) -> list[Trajectory]:
         """The trajectories of every group that finished in `handle`'s calls (in worker order). A worker that died
-        is restarted and given every group it had in flight, once: a later step's call to the same dead worker
-        then returns nothing, its groups having come back with the re-issued call."""
-        def call(i: int, reissue: bool) -> ray.ObjectRef:
-            if not reissue:
-                return handle.refs[i]
-            handle.epochs[i] = self.epochs[i]
-            rows_i, ids_i = list(self.in_flight[i].values()), list(self.in_flight[i])
-            return self.workers[i].generate_step.remote(rows_i, ids_i, handle.samples_per_prompt, handle.iteration_budget, handle.temperature)
-
-        # a call made before its worker's latest restart: its groups were re-issued then
-        results = self._run(call, superseded=lambda i: handle.epochs[i] != self.epochs[i])
+        is restarted and every group it had in flight goes, once, to the oldest step still to be collected (see
+        `_restart`): a later step's call to the same dead worker then returns nothing."""
+        # after a restart, `handle.refs[i]` is the re-issued call (or the call is superseded: epoch behind)
+        results = self._run(lambda i, reissue: handle.refs[i], superseded=lambda i: handle.epochs[i] != self.epochs[i])
+        self.outstanding.remove(handle)
         out: list[Trajectory] = []
         for i in sorted(results):
             for gid in {t.group_id for t in results[i]}:
@@ -210,6 +206,11 @@ class RolloutPool:
         self.workers[i] = worker
         self.epochs[i] += 1
         self.restarts += 1
+        oldest = next((h for h in self.outstanding if i in h.refs), None)
+        if oldest is not None:  # steps in flight: the oldest gets every group the dead worker had, generated now
+            rows, ids = list(self.in_flight[i].values()), list(self.in_flight[i])
+            oldest.refs[i] = worker.generate_step.remote(rows, ids, oldest.samples_per_prompt, oldest.iteration_budget, oldest.temperature)
+            oldest.epochs[i] = self.epochs[i]
 
     def _on_all(self, method: Callable[[Any], ray.ObjectRef]) -> list:
         """Call `method` on every worker, restarting dead ones (their in-flight groups stay for the next step)."""
@@ -227,14 +228,17 @@ class RolloutPool:
         return out
 
     def _requeue_lost(self, i: int) -> None:
-        """After a restart outside a step, the new worker has none of the old one's paused groups: start them
-        again there (fresh episodes), so the next step resumes them as usual."""
+        """After a restart with no step in flight, the new worker has none of the old one's paused groups: start
+        them again there (fresh episodes), so the next step resumes them as usual."""
+        if any(i in h.refs for h in self.outstanding):
+            return  # `_restart` re-issued them with the oldest step in flight
         if self.in_flight[i] and self.samples_per_prompt:
             ray.get(self.workers[i].adopt_groups.remote(list(self.in_flight[i].values()), list(self.in_flight[i]), self.samples_per_prompt, []))
 
     # -- state ----------------------------------------------------------------------------------------------------
     def drop_in_flight(self) -> None:
-        """Forget every group in flight (going back to a checkpoint, which holds its own paused groups)."""
+        """Forget every group and step in flight (going back to a checkpoint, which holds its own)."""
+        self.outstanding = []
         self._on_all(lambda w: w.drop_open_groups.remote())
         self.in_flight = [{} for _ in self.workers]
 

@@ -255,7 +255,7 @@ def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> No
     from rl.controller import train
 
     run_dir = tmp_path / "run"
-    train(make_cfg("quant.enabled=true", "eval.enabled=false"), run_dir)
+    train(make_cfg("quant.enabled=true", "quant.attribution_every=1", "eval.enabled=false"), run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["fake_quant"] for r in rows] == [1.0, 1.0]
     assert all(r["mismatch_abs_logp"] < 1e-5 < r["mismatch_quant_abs_logp"] for r in rows)
