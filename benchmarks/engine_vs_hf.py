@@ -7,7 +7,7 @@ Both decode greedily from the same prompts (calculator task prompts rendered wit
 left-padded, the engine one cache slot each) for exactly `--new-tokens` tokens (no early stop: the stop token is
 ignored on both sides, so both do the same work), one torch thread each, in full precision (fp32) and with the
 INT4 rollout weights (routed experts, tiderl's INT4 modules, which HF `generate` runs too since they are ordinary
-modules). Times include the prefill; best of `--repeats`. The sequences are checked to be identical. Printed:
+modules). Times include the prefill; best of `--repeats` rounds, the two sides alternating. The sequences are checked to be identical. Printed:
 tokens/s per batch size and the ratio engine / HF.
 """
 
@@ -45,20 +45,23 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     return out[:, width:].tolist()
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    best, result = float("inf"), None
+def timed_pair(first, second, repeats: int) -> tuple[float, object, float, object]:
+    """Best wall time of each of two functions over `repeats` rounds, run alternately, so that the machine's
+    drift over the run (shared cores) touches both sides alike."""
+    best, results = [float("inf"), float("inf")], [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for k, fn in enumerate((first, second)):
+            start = time.perf_counter()
+            results[k] = fn()
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best[0], results[0], best[1], results[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -77,8 +80,11 @@ def main() -> None:
         results[weights] = {}
         for batch in args.batches:
             prompts = [renderer.prompt_ids(r.messages, None) for r in rows[:batch]]
-            ours_s, ours = timed(lambda: engine.generate(prompts, [args.new_tokens] * batch, 1.0, greedy=True), args.repeats)
-            hf_s, hf = timed(lambda: hf_generate(model, prompts, args.new_tokens, renderer.pad_token_id), args.repeats)
+            ours_s, ours, hf_s, hf = timed_pair(
+                lambda: engine.generate(prompts, [args.new_tokens] * batch, 1.0, greedy=True),
+                lambda: hf_generate(model, prompts, args.new_tokens, renderer.pad_token_id),
+                args.repeats,
+            )
             same = [g.token_ids for g in ours] == hf
             tokens = batch * args.new_tokens
             results[weights][batch] = {"engine_tok_s": tokens / ours_s, "hf_tok_s": tokens / hf_s, "ratio": hf_s / ours_s, "identical": same}

@@ -33,9 +33,36 @@ FUSE_MOE_MAX_ELEMENTS = 1 << 22
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's RMSNorm (weight * x / rms(x), computed in fp32) as one fused op."""
+    """The model's RMSNorm (weight * x / rms(x), computed in fp32) through torch's `rms_norm`."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
     return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), eps).to(x.dtype)
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A projection: plain `nn.Linear` weights straight through `F.linear` (a decode step makes dozens of these
+    calls; the module call's own overhead is a visible share of each), anything else (INT4) through its module."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A projection's [out, in] weight as a dense tensor (an INT4 one dequantized to the values it multiplies by)."""
+    if type(module) is nn.Linear:
+        return module.weight
+    return module.matmul.weight.dequantize(torch.float32)
+
+
+def _rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's interleaved RoPE (pairs (x0, x1), (x2, x3), ... each rotated by one angle; output de-interleaved),
+    the arithmetic of transformers' `apply_rotary_pos_emb_interleave`, applied to one tensor so that the query
+    and key parts go through it together."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class _MLA:
@@ -49,23 +76,29 @@ class _MLA:
         self.nope, self.rope, self.v_dim, self.lora = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
         self.scaling = attn.scaling
         self.rotary = apply_rotary_pos_emb_interleave if config.rope_interleave else apply_rotary_pos_emb
+        self.interleaved = bool(config.rope_interleave)
         self.cache = torch.zeros(slots, max_len, self.lora + self.rope, device=device, dtype=dtype)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [n, t, hidden] → q_pass, q_rot [n, H, t, ·], latent [n, t, lora], k_rot [n, 1, t, rope]."""
         a = self.attn
         n, t, _ = x.shape
-        q = a.q_proj(x) if a.q_proj is not None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
+        q = _linear(a.q_proj, x) if a.q_proj is not None else _linear(a.q_b_proj, _rms_norm(a.q_a_layernorm, _linear(a.q_a_proj, x)))
         q_pass, q_rot = torch.split(q.view(n, t, self.heads, self.nope + self.rope).transpose(1, 2), [self.nope, self.rope], dim=-1)
-        kv_nope, k_rot = torch.split(a.kv_a_proj_with_mqa(x), [self.lora, self.rope], dim=-1)
-        q_rot, k_rot = self.rotary(q_rot, k_rot.view(n, 1, t, self.rope), cos, sin)
+        kv_nope, k_rot = torch.split(_linear(a.kv_a_proj_with_mqa, x), [self.lora, self.rope], dim=-1)
+        k_rot = k_rot.view(n, 1, t, self.rope)
+        if self.interleaved:  # query heads and the shared key rotated in one pass
+            rotated = _rotate_interleaved(torch.cat([q_rot, k_rot], dim=1), cos, sin)
+            q_rot, k_rot = rotated[:, : self.heads], rotated[:, self.heads :]
+        else:
+            q_rot, k_rot = self.rotary(q_rot, k_rot, cos, sin)
         return q_pass, q_rot, _rms_norm(a.kv_a_layernorm, kv_nope), k_rot
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         n, t, _ = x.shape
         q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
         self.cache[dest, :t] = torch.cat([latent, k_rot[:, 0]], dim=-1)[src]
-        kv = self.attn.kv_b_proj(latent).view(n, t, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        kv = _linear(self.attn.kv_b_proj, latent).view(n, t, self.heads, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)
         # right padding: causal attention keeps every real token's view free of the pads after it
@@ -76,7 +109,7 @@ class _MLA:
         n = x.shape[0]
         q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
         self.cache[rows, positions] = torch.cat([latent[:, 0], k_rot[:, 0, 0]], dim=-1)
-        w = self.attn.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.lora)
+        w = _weight(self.attn.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
         q_latent = torch.bmm(q_pass[:, :, 0].transpose(0, 1), w[:, : self.nope]).transpose(0, 1)  # [n, H, lora]
         query = torch.cat([q_latent, q_rot[:, :, 0]], dim=-1)  # [n, H, lora + rope]
         keys = self.cache[:n, :span]  # [n, span, lora + rope]
@@ -104,12 +137,12 @@ class _GQA:
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.attn
         n, t, _ = x.shape
-        q = a.q_proj(x).view(n, t, self.heads, self.dim)
-        k = a.k_proj(x).view(n, t, self.kv_heads, self.dim)
+        q = _linear(a.q_proj, x).view(n, t, self.heads, self.dim)
+        k = _linear(a.k_proj, x).view(n, t, self.kv_heads, self.dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q, k, a.v_proj(x).view(n, t, self.kv_heads, self.dim).transpose(1, 2)
+        return q, k, _linear(a.v_proj, x).view(n, t, self.kv_heads, self.dim).transpose(1, 2)
 
     def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         n, t, _ = x.shape
@@ -141,6 +174,7 @@ class _FusedMoE:
         self.gate, self.experts, self.shared = moe.gate, moe.experts, moe.shared_experts
         self.top_k, self.num_experts = config.num_experts_per_tok, config.n_routed_experts
         self.inter = config.moe_intermediate_size
+        self.shared_units = config.n_shared_experts  # the shared MLP's width in units of one expert's
         self.act = self.experts.act_fn
 
     @staticmethod
@@ -173,10 +207,13 @@ class _FusedMoE:
         weights = scores.gather(1, chosen)
         if self.gate.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        routing = torch.zeros_like(scores).scatter_(1, chosen, weights * self.gate.routed_scaling_factor)  # [n, E]
+        if self.gate.routed_scaling_factor != 1.0:
+            weights = weights * self.gate.routed_scaling_factor
+        # each routed expert's hidden units scaled by the token's weight for it (0: not routed), shared ones by 1
+        scale = torch.cat([torch.zeros_like(scores).scatter_(1, chosen, weights), scores.new_ones(1).expand(x.shape[0], self.shared_units)], dim=1)
         gate, up = F.linear(x, self.w_in).chunk(2, dim=-1)
-        scale = torch.cat([routing.to(x.dtype).repeat_interleave(self.inter, dim=1), routing.new_ones(1).to(x.dtype).expand(x.shape[0], gate.shape[1] - self.num_experts * self.inter)], dim=1)
-        return F.linear(self.act(gate) * up * scale, self.w_out).view(shape)
+        hidden = (self.act(gate) * up).view(x.shape[0], -1, self.inter) * scale.to(x.dtype)[:, :, None]
+        return F.linear(hidden.view(x.shape[0], -1), self.w_out).view(shape)
 
 
 class Decoder:
@@ -214,13 +251,13 @@ class Decoder:
     def _run(self, ids: torch.Tensor, attend, decoding: bool) -> torch.Tensor:
         h = self.body.embed_tokens(ids)
         for layer, attn, fused in zip(self.layers, self.attn, self.fused, strict=True):
-            h = h + layer.self_attn.o_proj(attend(attn, _rms_norm(layer.input_layernorm, h)))
+            h = h + _linear(layer.self_attn.o_proj, attend(attn, _rms_norm(layer.input_layernorm, h)))
             mlp = fused if decoding and fused is not None else layer.mlp
             h = h + mlp(_rms_norm(layer.post_attention_layernorm, h))
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(_rms_norm(self.body.norm, h)).float()
+        return _linear(self.model.lm_head, _rms_norm(self.body.norm, h)).float()
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, slots: list[list[int]]) -> torch.Tensor:
         """Run right-padded prompts `ids` [u, L] (row i has `lengths[i]` real tokens), write each prompt's cache

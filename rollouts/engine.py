@@ -151,7 +151,6 @@ class Batcher:
         self.out_ids = torch.zeros(slots, max_len, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(slots, max_len, dtype=torch.float32, device=dev)
         self.loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, slots, dev) if engine.repeat_window else None
-        self.arange = torch.arange(slots, device=dev)
         self.steps = 0
 
     @property
@@ -211,24 +210,27 @@ class Batcher:
         src = torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)
         self._record(idx, logits[src])
 
-    def _record(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        """Sample the next token of slots `rows` from `logits`; store it where the slot still runs; update flags."""
+    def _record(self, rows: slice | torch.Tensor, logits: torch.Tensor) -> None:
+        """Sample the next token of slots `rows` from `logits`, store it, update the slots' flags. A finished
+        slot's write lands just past its end (its count no longer moves), where nothing reads it."""
         count, done = self.count[rows], self.done[rows]
         tok, logp = _sample(logits, self.sampling, self.seeds[rows], count)
-        live = ~done
         at = count.clamp(max=self.max_len - 1)
-        self.out_ids[rows, at] = torch.where(live, tok, self.out_ids[rows, at])
-        self.out_lp[rows, at] = torch.where(live, logp, self.out_lp[rows, at])
+        for buffer, values in ((self.out_ids, tok), (self.out_lp, logp)):
+            if isinstance(rows, slice):
+                buffer[rows].scatter_(1, at[:, None], values[:, None])
+            else:
+                buffer[rows, at] = values
+        live = ~done
         count = count + live.long()
         looping = self.looped[rows]
         if self.loops is not None:
             looping = looping | (live & self.loops.push(rows, tok))
-        self.count[rows], self.looped[rows] = count, looping
+        self.count[rows], self.looped[rows], self.tok[rows] = count, looping, tok
         self.done[rows] = done | (tok == self.engine.stop_token_id) | (count >= self.budget[rows]) | looping
-        self.tok[rows] = torch.where(live, tok, self.tok[rows])
 
     def _decode(self, width: int) -> None:
-        rows = self.arange[:width]
+        rows = slice(0, width)
         span = min(max(self.host_pos[:width]) + 1, self.max_len)
         logits = self.decoder.decode(self.tok[rows], self.pos[rows].clamp(max=self.max_len - 1), span)
         self.pos[rows] = self.pos[rows] + (~self.done[rows]).long()
@@ -395,7 +397,7 @@ class _LoopDetector:
                 fresh[i, self.size - len(kept) :] = torch.tensor(kept, device=fresh.device)
         self.tail[rows] = fresh
 
-    def push(self, rows: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    def push(self, rows: slice | torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """Append each row's new token; [rows] bool: the row is now looping."""
         tail = torch.cat([self.tail[rows, 1:], tok[:, None]], dim=1)
         self.tail[rows] = tail
