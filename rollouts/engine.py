@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
@@ -129,7 +129,24 @@ class Engine:
         return results  # type: ignore[return-value]
 
 
-class Batcher:
+class _Queue:
+    """Request intake shared by both batchers: bad requests are refused naming the problem, empty budgets done at once."""
+
+    max_len: int | None = None
+    waiting: Any
+
+    def submit(self, request: Request, on_done: Callable[[Generation], None]) -> None:
+        if not request.prompt:
+            raise ValueError("empty prompt")
+        if self.max_len is not None and len(request.prompt) + request.max_new_tokens > self.max_len:
+            raise ValueError(f"request of {len(request.prompt)} prompt + {request.max_new_tokens} new tokens exceeds the batch's {self.max_len}-token sequences")
+        if request.max_new_tokens <= 0:
+            on_done(Generation([], [], "length"))
+            return
+        self.waiting.append((request, on_done))
+
+
+class Batcher(_Queue):
     """Continuous batching over the decoder's slots; see the module docstring."""
 
     def __init__(self, engine: Engine, decoder: Decoder, sampling: SamplingParams, slots: int, max_len: int) -> None:
@@ -156,16 +173,6 @@ class Batcher:
     @property
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.running)
-
-    def submit(self, request: Request, on_done: Callable[[Generation], None]) -> None:
-        if len(request.prompt) + request.max_new_tokens > self.max_len:
-            raise ValueError(f"request of {len(request.prompt)} prompt + {request.max_new_tokens} new tokens exceeds the batch's {self.max_len}-token sequences")
-        if not request.prompt:
-            raise ValueError("empty prompt")
-        if request.max_new_tokens <= 0:
-            on_done(Generation([], [], "length"))
-            return
-        self.waiting.append((request, on_done))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -256,7 +263,7 @@ class Batcher:
             on_done(Generation(row, lps[k, :n].tolist(), reason))
 
 
-class WaveBatcher:
+class WaveBatcher(_Queue):
     """The `Batcher` API for models the slot decoder does not cover: each `step()` runs every waiting request to
     its end through the model's own HF forward (left-padded batch, `DynamicCache`), sampling as `Batcher` does."""
 
@@ -267,12 +274,6 @@ class WaveBatcher:
     @property
     def busy(self) -> bool:
         return bool(self.waiting)
-
-    def submit(self, request: Request, on_done: Callable[[Generation], None]) -> None:
-        if request.max_new_tokens <= 0:
-            on_done(Generation([], [], "length"))
-            return
-        self.waiting.append((request, on_done))
 
     @torch.inference_mode()
     def step(self) -> None:

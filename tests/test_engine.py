@@ -150,3 +150,14 @@ def test_sampling_draws_from_the_tempered_distribution_and_honours_top_k_and_top
     assert greedy.tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(1.0, top_p=0.0)
+
+
+def test_bad_requests_are_refused_naming_the_problem(k2) -> None:
+    batcher = Engine(k2[0], 0, -1).batcher(SamplingParams(), slots=2, max_len=16)
+    with pytest.raises(ValueError, match="empty prompt"):
+        batcher.submit(Request([], 4), print)
+    with pytest.raises(ValueError, match="14 prompt \\+ 4 new tokens exceeds the batch's 16-token"):
+        batcher.submit(Request([1] * 14, 4), print)
+    done: list = []
+    batcher.submit(Request([1, 2], 0), done.append)  # no budget left: done at once, nothing queued
+    assert done[0].token_ids == [] and done[0].stop_reason == "length" and not batcher.busy
