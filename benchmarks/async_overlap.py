@@ -37,7 +37,7 @@ def run(mode: int, steps: int, work: Path, extra: list[str]) -> dict:
     evals = train(cfg, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:] if len(rows) > 1 else rows
-    mean = lambda key: sum(r.get(key, 0.0) for r in timed) / len(timed)  # noqa: E731
+    mean = lambda key: sum(r.get(key, 0.0) for r in timed) / len(timed)
     return {
         "step_s": mean("time_step_s"),
         "generate_s": mean("time_generate_s"),

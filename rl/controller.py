@@ -22,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rewards.models import RewardModelPool, fetch_model_scores
+from rewards.scoring import RewardScorer, ScoringResult
 from rl.advantages import ADVANTAGES
 from rl.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rl.cluster import ACTOR_LOST, ray_session
@@ -35,8 +37,6 @@ from rl.placement import Placement, place
 from rl.records import TrainBatch
 from rl.shipping import ShippedDir, ship_dir
 from rl.warmstart import prepare_policy
-from rewards.models import RewardModelPool, fetch_model_scores
-from rewards.scoring import RewardScorer, ScoringResult
 from rollouts.pool import RolloutPool
 from rollouts.worker import RolloutWorkerActor
 

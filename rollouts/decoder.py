@@ -69,7 +69,10 @@ class _MLA:
     """DeepseekV3 multi-head latent attention over a latent cache [slots, max_len, kv_lora_rank + rope]."""
 
     def __init__(self, attn: nn.Module, config, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb, apply_rotary_pos_emb_interleave
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+            apply_rotary_pos_emb,
+            apply_rotary_pos_emb_interleave,
+        )
 
         self.attn = attn
         self.heads = config.num_attention_heads

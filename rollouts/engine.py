@@ -255,7 +255,7 @@ class Batcher(_Queue):
         counts, looped = self.count[idx].tolist(), self.looped[idx].tolist()
         ids, lps = self.out_ids[idx].cpu(), self.out_lp[idx].cpu()
         for k, s in enumerate(finished):
-            request, on_done = self.running[s]  # type: ignore[misc]
+            _, on_done = self.running[s]  # type: ignore[misc]
             self.running[s] = None
             n = counts[k]
             row = ids[k, :n].tolist()

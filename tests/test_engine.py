@@ -21,7 +21,7 @@ VOCAB = 97
 
 def small(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128}
     if kind == "llama":
         config = LlamaConfig(**common, num_key_value_heads=2)
     elif kind == "qwen3":
