@@ -107,9 +107,7 @@ def _loop(cfg: JobConfig, run_dir: Path, resume: bool, actors: Actors, sampler: 
     pad_id = actors.workers.pad_token_id()
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard)
     start = {"step": 0, "data_cursor": sampler.state_dict(), "workers": actors.workers.state(), "pending_rollouts": []}  # where a learner lost before any checkpoint goes back to
-    rounds = cfg.algorithm.dynamic_sampling_max_rounds + 1 if cfg.algorithm.dynamic_sampling else 1
-    first_group = lambda k, round_=0: ((k - 1) * rounds + round_) * cfg.trainer.prompts_per_step  # noqa: E731  unique across steps and rounds
-    pipeline = RolloutPipeline(cfg, actors.workers, sampler, first_group, lambda k: rollout_temperature(cfg, k))
+    pipeline = RolloutPipeline(cfg, actors.workers, sampler, lambda k: first_group_id(cfg, k), lambda k: rollout_temperature(cfg, k))
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         console.print(f"[yellow]--resume: no checkpoint in {run_dir}; starting from step 1")
@@ -224,9 +222,8 @@ def _rollouts(
             if round_ == 0:
                 trajectories = pipeline.take(step)
             else:
-                first_group = ((step - 1) * (rounds + 1) + round_) * want  # unique across steps and rounds (as the pipeline's)
                 trajectories = actors.workers.generate_step(
-                    sampler.next(missing), first_group, cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
+                    sampler.next(missing), first_group_id(cfg, step, round_), cfg.rollout.samples_per_prompt, cfg.rollout.partial_rollout_budget, rollout_temperature(cfg, step)
                 )
         with timer("score"):
             fetch_model_scores(trajectories, actors.reward_models, cfg.reward.models_async)
@@ -270,6 +267,13 @@ def _learn(cfg: JobConfig, scored, advantage_fn, pad_id: int, actors: Actors, ti
     with timer("sync"):
         actors.sync_weights(cfg, int(train_metrics["policy_version"]))
     return {**rollout_metrics(scored), **train_metrics, **extra, "temperature": temperature}
+
+
+def first_group_id(cfg: JobConfig, step: int, round_: int = 0) -> int:
+    """Group id of the first prompt of RL step `step` (1-based), dynamic-sampling round `round_`: unique across
+    steps and rounds."""
+    rounds = cfg.algorithm.dynamic_sampling_max_rounds + 1 if cfg.algorithm.dynamic_sampling else 1
+    return ((step - 1) * rounds + round_) * cfg.trainer.prompts_per_step
 
 
 def rollout_temperature(cfg: JobConfig, step: int) -> float:

@@ -69,16 +69,13 @@ class _MLA:
     """DeepseekV3 multi-head latent attention over a latent cache [slots, max_len, kv_lora_rank + rope]."""
 
     def __init__(self, attn: nn.Module, config, slots: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
-            apply_rotary_pos_emb,
-            apply_rotary_pos_emb_interleave,
-        )
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb
 
         self.attn = attn
         self.heads = config.num_attention_heads
         self.nope, self.rope, self.v_dim, self.lora = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
         self.scaling = attn.scaling
-        self.rotary = apply_rotary_pos_emb_interleave if config.rope_interleave else apply_rotary_pos_emb
+        self.rotary = apply_rotary_pos_emb  # the non-interleaved layout; interleaved: `_rotate_interleaved`
         self.interleaved = bool(config.rope_interleave)
         self.cache = torch.zeros(slots, max_len, self.lora + self.rope, device=device, dtype=dtype)
 

@@ -88,6 +88,11 @@ class Engine:
         self.continuous = model.config.model_type in SUPPORTED_MODEL_TYPES
         self._decoder: Decoder | None = None
 
+    def finished(self, ids: list[int], logprobs: list[float], looped: bool) -> Generation:
+        """A sequence's result: it stopped at the stop token, else at the loop detector, else at its budget."""
+        reason: StopReason = "stop" if ids and ids[-1] == self.stop_token_id else ("repeat" if looped else "length")
+        return Generation(ids, logprobs, reason)
+
     def decoder(self, slots: int, max_len: int) -> Decoder:
         """The slot decoder, its cache reused while big enough (allocated once per worker in practice)."""
         current = self._decoder
@@ -257,10 +262,7 @@ class Batcher(_Queue):
         for k, s in enumerate(finished):
             _, on_done = self.running[s]  # type: ignore[misc]
             self.running[s] = None
-            n = counts[k]
-            row = ids[k, :n].tolist()
-            reason: StopReason = "stop" if n and row[-1] == self.engine.stop_token_id else ("repeat" if looped[k] else "length")
-            on_done(Generation(row, lps[k, :n].tolist(), reason))
+            on_done(self.engine.finished(ids[k, : counts[k]].tolist(), lps[k, : counts[k]].tolist(), looped[k]))
 
 
 class WaveBatcher(_Queue):
@@ -323,9 +325,7 @@ class WaveBatcher(_Queue):
         ids, lps = torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()
         counts, looped = count.tolist(), looping.tolist()
         for i, (_, on_done) in enumerate(wave):
-            row = ids[i, : counts[i]].tolist()
-            reason: StopReason = "stop" if row and row[-1] == engine.stop_token_id else ("repeat" if looped[i] else "length")
-            on_done(Generation(row, lps[i, : counts[i]].tolist(), reason))
+            on_done(engine.finished(ids[i, : counts[i]].tolist(), lps[i, : counts[i]].tolist(), looped[i]))
 
 
 # splitmix64 constants as signed int64 (torch integer arithmetic wraps around)
