@@ -297,6 +297,11 @@ class TrainerConfig(_Section):
     micro_batch_tokens: int = Field(
         0, ge=0, description="Also cap a micro-batch at this many padded tokens (sequences x the longest), so long samples train in smaller micro-batches; 0 = no cap."
     )
+    share_prompt: bool = Field(
+        True,
+        description="Forward each distinct prompt of a micro-batch once and its samples' continuations on its KV cache "
+        "(same logprobs and gradients, fewer positions: rl/forward.py); models that fail the check at start forward whole sequences.",
+    )
     num_learners: int = Field(1, ge=1, description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a token-balanced shard of the batch.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
     learner_gpus: float = Field(0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU).")

@@ -29,6 +29,7 @@ import transformers
 from rl import distributed
 from rl.collective import BroadcastMember, flatten
 from rl.config import JobConfig
+from rl.forward import Prompts, forwarded_positions, head_on_hidden_states, plan, scoring_states, shares_prompt_cache
 from rl.losses import LOSSES, aggregate, kl_penalty, rollout_correction, token_band_mask, token_mean
 from rl.optim import build_optimizer
 
@@ -62,6 +63,11 @@ class Learner(BroadcastMember):
         self.version = 0
         self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
         self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
+        # the forward's savings (rl/forward.py), each checked on this model; a model that fails gets the plain forward
+        self._head_on_hidden = head_on_hidden_states(self.model)
+        self._share_prompt = cfg.trainer.share_prompt and self._head_on_hidden and shares_prompt_cache(self.model)
+        if cfg.trainer.share_prompt and not self._share_prompt:
+            print(f"trainer.share_prompt: {type(self.model).__name__} failed the shared-prompt check; forwarding whole sequences", flush=True)
         self.rank = 0
 
     def address(self) -> tuple[str, int]:
@@ -119,32 +125,53 @@ class Learner(BroadcastMember):
         return self.quant is not None and q.mode == "qat" and self.version + 1 >= q.fake_quant_start_step
 
     def sequence_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fake_quant: bool = False, entropy_grad: bool = False, temperature: float | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fake_quant: bool = False,
+        entropy_grad: bool = False,
+        temperature: float | None = None,
+        where: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprob of every token given its prefix ([b, t], position 0 is 0) and the entropy there ([b, t];
         differentiable with `entropy_grad`, for the entropy bonus).
 
         With `fake_quant`, the targeted weights enter the forward as fake_quantize(master weight): the model the
         rollout engine runs as INT4, differentiable into the master weights.
+
+        With `where` ([b, t] bool), only those tokens are scored (the others are 0), through the forward's savings
+        (rl/forward.py): the head and the softmax over the vocabulary run on them alone (the loss needs only the
+        policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once.
         """
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if fake_quant:
-            params = dict(self.model.named_parameters())
-            swapped = {name: fake_quantize(params[name], self.quant) for name in self.quant_targets}
-            output = torch.func.functional_call(self.model, swapped, args=(), kwargs=kwargs)
+        temperature = temperature or self.cfg.rollout.temperature
+        forward = self._forward(fake_quant)
+        if where is None or not self._head_on_hidden:
+            logp, entropy = _token_logprobs(forward(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:], temperature)
+            zero = torch.zeros_like(logp[:, :1])
+            logp, entropy = torch.cat([zero, logp], 1), torch.cat([zero, entropy], 1)
         else:
-            output = self.model(**kwargs)
-        logp, logp_all = _token_logprobs(output.logits, input_ids, temperature or self.cfg.rollout.temperature)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [b, t-1]
-        if not entropy_grad:
-            entropy = entropy.detach()
-        return logp, torch.cat([torch.zeros_like(entropy[:, :1]), entropy], 1)
+            prompts = Prompts.of(input_ids, attention_mask, where) if self._share_prompt else None
+            states, at = scoring_states(forward, input_ids, attention_mask, where, prompts)
+            values, ent_values = _token_logprobs(self.model.get_output_embeddings()(states), input_ids[at], temperature)
+            logp = values.new_zeros(input_ids.shape).index_put(at, values)
+            entropy = ent_values.new_zeros(input_ids.shape).index_put(at, ent_values)
+        return logp, entropy if entropy_grad else entropy.detach()
+
+    def _forward(self, fake_quant: bool) -> Any:
+        """The model call: the model itself, or with `fake_quant` a functional call that swaps the targeted weights
+        for their fake-quant (computed once here, shared by the forwards of one scoring)."""
+        if not fake_quant:
+            return self.model
+        params = dict(self.model.named_parameters())
+        swapped = {name: fake_quantize(params[name], self.quant) for name in self.quant_targets}
+        return lambda **kwargs: torch.func.functional_call(self.model, swapped, args=(), kwargs=kwargs)
 
     @torch.no_grad()
     def _reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
         """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
         assert self.reference is not None
-        return _token_logprobs(self.reference(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids, temperature)[0]
+        logp, _ = _token_logprobs(self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:], temperature)
+        return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)
 
     def reference_kl(self, batch: TrainBatch) -> torch.Tensor:
         """Per sample, the summed k1 estimate log(pi_rollout / pi_ref) over its policy tokens ([batch]): the KL
@@ -168,19 +195,22 @@ class Learner(BroadcastMember):
         batch = batch.to(self.device)
         lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
         totals = distributed.all_reduce_sums(
-            {"tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum())}
+            {"tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum()), "sequence_tokens": float(batch.attention_mask.sum())}
         )
         num_tokens, num_sequences = max(totals["tokens"], 1.0), int(totals["sequences"])
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
         sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0, "is_weight": 0.0, "kl_ref": 0.0}
-        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0}
-        for sl in micro_batches(batch.attention_mask, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens):
+        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0, "forwarded": 0.0}
+        prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
+        for sl in plan(batch.attention_mask, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens, prompts):
             width = int(batch.attention_mask[sl].sum(1).max())  # trim right padding of this micro-batch
             ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
             mask, old, adv = batch.loss_mask[sl, :width], batch.rollout_logprobs[sl, :width], batch.advantages[sl, :width]
             algo = cfg.algorithm
-            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature)
+            where = mask > 0
+            sums["forwarded"] += forwarded_positions(attn, prompts.rows(sl) if prompts is not None else None)
+            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where)
             train_mask = mask
             if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
                 train_mask = token_band_mask(logp, old, mask, algo.token_mask)
@@ -212,7 +242,7 @@ class Learner(BroadcastMember):
                 sums["entropy"] += token_mean(entropy, mask, num_tokens).item()
                 sums["ratio"] += token_mean(out.ratio.detach(), mask, num_tokens).item()
                 if attribute:  # the same batch through the other learner mode: the quantization part of the gap
-                    other, _ = self.sequence_logprobs(ids, attn, not fake_quant, temperature=temperature)
+                    other, _ = self.sequence_logprobs(ids, attn, not fake_quant, temperature=temperature, where=where)
                     sums["quant"] += token_mean((logp.detach() - other).abs(), mask, num_tokens).item()
                 stale = (lag[sl] > 0).float()[:, None] * mask
                 for key, part in (("fresh", mask - stale), ("stale", stale)):
@@ -220,7 +250,7 @@ class Learner(BroadcastMember):
                     sums[f"{key}_tokens"] += float(part.sum())
         if self.ptx is not None and self.rank == 0:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
             ids, attn, ptx_mask = (t.to(self.device) for t in self.ptx.batch())
-            logp, _ = self.sequence_logprobs(ids, attn, fake_quant, temperature=1.0)  # PTX is plain NLL
+            logp, _ = self.sequence_logprobs(ids, attn, fake_quant, temperature=1.0, where=ptx_mask > 0)  # PTX is plain NLL
             nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
             (cfg.algorithm.ptx_coef * nll).backward()
             sums["ptx"] = nll.item()
@@ -242,6 +272,8 @@ class Learner(BroadcastMember):
             "ratio_mean": sums["ratio"],
             "train_tokens": num_tokens,
             "token_mask_fraction": sums["masked"] / num_tokens,
+            # positions the forward ran (padding included, shared prompts once) per token of the batch
+            "train_forward_ratio": sums["forwarded"] / max(totals["sequence_tokens"], 1.0),
             **({"rollout_is_weight_mean": sums["is_weight"]} if cfg.algorithm.rollout_correction != "none" else {}),
             **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None and cfg.algorithm.kl_in == "loss" else {}),
             **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),
@@ -305,26 +337,10 @@ class Learner(BroadcastMember):
 LearnerActor = ray.remote(Learner)
 
 
-def micro_batches(attention_mask: torch.Tensor, max_sequences: int, max_tokens: int = 0) -> list[slice]:
-    """Consecutive micro-batches of at most `max_sequences` sequences and, with `max_tokens`, at most that many
-    padded tokens (sequences x the longest one), so long samples go through in smaller micro-batches than short
-    ones; a sequence longer than `max_tokens` gets a micro-batch of its own."""
-    lengths = attention_mask.sum(1).tolist()
-    out, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        longest_with = max(longest, int(n))
-        count = i - start + 1
-        if i > start and (count > max_sequences or (max_tokens and count * longest_with > max_tokens)):
-            out.append(slice(start, i))
-            start, longest_with = i, int(n)
-        longest = longest_with
-    if lengths:
-        out.append(slice(start, len(lengths)))
-    return out
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprob of each target [...], entropy of the distribution it was drawn from [...]) from `logits` [..., V]
+    at `temperature`."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
-
-def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprob of every token given its prefix [b, t], position 0 is 0; log-softmax over the vocabulary [b, t-1, V])."""
-    logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1), logp_all

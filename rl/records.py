@@ -137,8 +137,8 @@ class TrainBatch:
             return self
         return self._map_tensors(lambda t: t.to(device))
 
-    def select(self, rows: slice) -> TrainBatch:
-        """The sequences `rows` (a contiguous range) as a batch of their own."""
+    def select(self, rows: slice | torch.Tensor) -> TrainBatch:
+        """The sequences `rows` (a range, or row indices in any order) as a batch of their own."""
         return self._map_tensors(lambda t: t[rows])
 
     def _map_tensors(self, fn) -> TrainBatch:

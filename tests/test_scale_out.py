@@ -10,13 +10,14 @@ import pytest
 import ray
 import torch
 
+from rewards.scoring import RewardScorer
 from rl.advantages import grpo
 from rl.controller import train
-from rl.learner import Learner, micro_batches
+from rl.forward import Prompts, plan
+from rl.learner import Learner
 from rl.learner_group import LearnerGroup
 from rl.placement import Bundle, PlacementError, check_fits, job_bundles, place
 from rl.records import TrainBatch
-from rewards.scoring import RewardScorer
 from rollouts.worker import RolloutWorker
 from tests.test_rl_step import LENGTH_REWARD, calculator_rows
 
@@ -27,18 +28,6 @@ def _batch(worker: RolloutWorker, cfg, rows: int, first_row: int = 0) -> TrainBa
     rewards, groups = torch.tensor([s.reward for s in scored]), torch.tensor([s.trajectory.group_id for s in scored])
     assert rewards.std() > 0, "the test needs a learning signal"
     return TrainBatch.from_scored(scored, grpo(rewards, groups), worker.pad_token_id())
-
-
-def test_micro_batches_cap_sequences_and_padded_tokens() -> None:
-    lengths = [10, 2, 2, 2, 30, 3, 3]
-    mask = torch.zeros(len(lengths), 30, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    assert micro_batches(mask, 64) == [slice(0, 7)]
-    assert micro_batches(mask, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
-    # at most 20 padded tokens: [10, 2] = 2 x 10; adding a third makes 30; the 30-token sequence stands alone
-    assert micro_batches(mask, 64, 20) == [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 7)]
-    assert micro_batches(mask[:0], 64, 20) == []
 
 
 def test_shards_balance_tokens_and_keep_every_sequence_once() -> None:
@@ -60,7 +49,7 @@ def test_token_capped_micro_batches_give_the_same_update(tiny_policy_dir, make_c
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true")
     batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg, 0), cfg, 3)
     whole, capped = Learner(str(tiny_policy_dir), cfg), Learner(str(tiny_policy_dir), cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"micro_batch_tokens": 100})}))
-    assert len(micro_batches(batch.attention_mask, 64, 100)) >= 3
+    assert len(plan(batch.attention_mask, 64, 100, Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0))) >= 3
     a, b = whole.train_step(batch), capped.train_step(batch)
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     for (name, p), q in zip(whole.model.named_parameters(), capped.model.parameters(), strict=True):
@@ -180,3 +169,4 @@ def test_a_policy_dir_missing_on_a_node_is_unpacked_from_the_object_store(tiny_p
     with pytest.raises(FileNotFoundError, match="too big to ship"):
         open_dir(ShippedDir("/nonexistent/policy"), tmp_path / "cache")
     assert ship_dir(tiny_policy_dir, 10).files is None
+
