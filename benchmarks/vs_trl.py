@@ -6,9 +6,11 @@
     HF_HUB_OFFLINE=1 python benchmarks/vs_trl.py --model smollm2 # SmolLM2-135M-Instruct, word problems, 5 steps
 
 Each seed runs tiderl and then TRL (never both at once), on the same cores and with the same torch thread count
-in all (`--threads`, default 2: tiderl's two rollout workers take one thread each and its learner `--threads`; they
-never run at the same time in the synchronous loop; TRL's process gets `--threads`). TRL runs on the CPU
-(`use_cpu=True`) without vLLM, generating with transformers' `generate`.
+in all (`--threads`, default 2). TRL's process gets `--threads`. tiderl's stages get them by when they run: when
+generation overlaps the update (`rollout.max_staleness` >= 1, the default job) the learner takes half and the
+rollout workers share the rest (1 + 1 on 2 threads); in the synchronous loop (`max_staleness: 0`, the SmolLM2
+config) they take turns, so the learner and the workers get all of them. TRL runs on the CPU (`use_cpu=True`)
+without vLLM, generating with transformers' `generate`.
 
 What is the same on both sides:
 - the starting policy (`--model tiny`: the job's cached warm-started K2-style DeepseekV3; `smollm2`: the GGUF file
@@ -37,7 +39,7 @@ What differs (printed as well):
   TRL's weights) and with `quant.enabled=false` (float32); the accuracy check compares against TRL's better one.
 - tiderl stops a looping turn (`rollout.repeat_window`); TRL has no such stop. tiderl creates one environment per
   sample; TRL's `tools=` calls one shared instance (the calculator is stateless).
-- tiderl runs on a local Ray instance (2 rollout workers + 1 learner actor); TRL runs in this process.
+- tiderl runs on a local Ray instance (the job's rollout workers + 1 learner actor); TRL runs in this process.
 - `--model smollm2`: SmolLM2's chat template cannot render tool calls, which TRL's tool loop needs, so both sides
   run single-turn (`env.max_turns=1`) on generated arithmetic word problems (written here: no task in `rl.data` or
   `envs/` generates word problems), answered without a tool.
@@ -107,7 +109,7 @@ WORD_SYSTEM = "Solve the problem. End with: The answer is N."
 
 
 def job_config(args: argparse.Namespace, seed: int, data_dir: Path) -> JobConfig:
-    common = [f"seed={seed}", "logging.progress=false", "trainer.checkpoint_every=0", f"trainer.learner_threads={args.threads}"]
+    common = [f"seed={seed}", "logging.progress=false", "trainer.checkpoint_every=0"]
     if args.steps:
         common.append(f"trainer.steps={args.steps}")
     if args.model == "tiny":
@@ -121,8 +123,19 @@ def job_config(args: argparse.Namespace, seed: int, data_dir: Path) -> JobConfig
     return load_config(ROOT / "configs" / "smollm2_calculator.yaml", common + [
         "data.task=null", f"data.train_files=[{train}]", f"data.eval_files=[{held_out}]", f"data.eval_size={args.smollm2_eval_size}",
         "env.max_turns=1", "rollout.max_new_tokens_per_turn=64", "rollout.num_workers=1", "rollout.cpus_per_worker=1",
-        f"rollout.threads_per_worker={args.threads}",
     ] + list(args.set))
+
+
+def split_threads(cfg: JobConfig, threads: int) -> None:
+    """Give tiderl's learner and rollout workers `threads` in all, counting the stages that run at once: overlapped
+    (async), the learner takes half and the workers share the rest; synchronous, each stage takes all of them."""
+    if cfg.rollout.max_staleness > 0:
+        learner = max(1, threads // 2)
+        workers = max(1, threads - learner)
+    else:
+        learner = workers = threads
+    cfg.trainer.learner_threads = learner
+    cfg.rollout.threads_per_worker = max(1, workers // cfg.rollout.num_workers)
 
 
 def write_word_problems(data_dir: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
@@ -344,7 +357,8 @@ def differences(cfg: JobConfig) -> list[str]:
                    "policy versions old); TRL is on-policy (generate, then update)")
     if cfg.rollout.repeat_window:
         out.append("tiderl stops looping turns (rollout.repeat_window); TRL does not")
-    out.append(f"tiderl: local Ray, {cfg.rollout.num_workers} rollout worker(s) + 1 learner actor; TRL: this process, transformers generate")
+    out.append(f"tiderl: local Ray, {cfg.rollout.num_workers} rollout worker(s) x {cfg.rollout.threads_per_worker} thread(s) + 1 learner actor x "
+               f"{cfg.trainer.learner_threads} thread(s); TRL: this process, transformers generate")
     return out
 
 
@@ -365,8 +379,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         cfg = job_config(args, seed, work / f"seed{seed}" / "data")
-        if args.model == "tiny":
-            cfg.rollout.threads_per_worker = max(1, args.threads // cfg.rollout.num_workers)
+        split_threads(cfg, args.threads)
         prepare_policy(cfg)  # the warm start, built once and cached: setup, not part of either side
         rows = training_rows(cfg, work / f"seed{seed}" / "data")
         ours = run_tiderl(cfg, work / f"seed{seed}" / "tiderl")
