@@ -146,7 +146,7 @@ def head_on_hidden_states(model: torch.nn.Module) -> bool:
     try:
         with _eval(model), torch.no_grad():
             out = model(input_ids=ids, output_hidden_states=True)
-            return bool(out.hidden_states) and torch.allclose(head(out.hidden_states[-1]), out.logits, atol=1e-5, rtol=1e-4)
+            return bool(out.hidden_states) and _close(head(out.hidden_states[-1]), out.logits)
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
         return False
 
@@ -165,7 +165,13 @@ def shares_prompt_cache(model: torch.nn.Module) -> bool:
             shared, at_shared = scoring_states(model, ids, mask, where, Prompts.of(ids, mask, where))
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
         return False
-    return all(torch.equal(a, b) for a, b in zip(at, at_shared, strict=True)) and torch.allclose(plain, shared, atol=1e-4, rtol=1e-4)
+    return all(torch.equal(a, b) for a, b in zip(at, at_shared, strict=True)) and _close(shared, plain)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float32 rounding, relative to the largest value: a 30-layer model's hidden states reach ~50,
+    and two exact paths (one forward, or prompt and continuation on its cache) differ by ~1e-5 of that."""
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-4 * max(float(b.abs().max()), 1.0)
 
 
 def _scorable(where: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
