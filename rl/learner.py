@@ -29,7 +29,15 @@ import transformers
 from rl import distributed
 from rl.collective import BroadcastMember, flatten
 from rl.config import JobConfig
-from rl.forward import Prompts, forwarded_positions, head_on_hidden_states, plan, scoring_states, shares_prompt_cache
+from rl.forward import (
+    Prompts,
+    forwarded_positions,
+    head_on_hidden_states,
+    plan,
+    scoring_states,
+    shares_prompt_cache,
+    use_padded_value_attention,
+)
 from rl.losses import LOSSES, aggregate, kl_penalty, rollout_correction, token_band_mask, token_mean
 from rl.optim import build_optimizer
 
@@ -64,6 +72,7 @@ class Learner(BroadcastMember):
         self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
         self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
         # the forward's savings (rl/forward.py), each checked on this model; a model that fails gets the plain forward
+        use_padded_value_attention(self.model)
         self._head_on_hidden = head_on_hidden_states(self.model)
         self._share_prompt = cfg.trainer.share_prompt and self._head_on_hidden and shares_prompt_cache(self.model)
         if cfg.trainer.share_prompt and not self._share_prompt:

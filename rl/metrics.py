@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rl.records import ScoredTrajectory, TrajectoryStatus
@@ -83,8 +83,10 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append the step's metrics, with `wall_time` (Unix seconds when the step was logged: samples/s over
+        any span of steps, resumes and restarts included, is the samples between two rows over their wall_time gap)."""
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)

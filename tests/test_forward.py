@@ -145,3 +145,32 @@ def test_the_update_does_not_depend_on_the_order_of_the_sequences(tiny_policy_di
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     for (name, p), q in zip(a_learner.model.named_parameters(), b_learner.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+
+
+def test_mla_attention_with_padded_values_is_the_same_attention(tiny_policy_dir, make_cfg) -> None:
+    """The K2 policy's values (16 wide) padded to its query width (32) so SDPA runs its flash kernel: the same
+    logits as SDPA's math path, and the gradients."""
+    from rl.forward import PADDED_VALUE_SDPA, use_padded_value_attention
+    from rl.policy import load_policy
+
+    cfg = make_cfg()
+    model, _ = load_policy(tiny_policy_dir, cfg.model)
+    ids = torch.randint(3, 200, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+
+    def run():
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * mask[..., None]).square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert model.config._attn_implementation == "sdpa"
+    plain, plain_grads = run()
+    assert use_padded_value_attention(model) and model.config._attn_implementation == PADDED_VALUE_SDPA
+    padded, grads = run()
+    real = mask.bool()
+    torch.testing.assert_close(padded[real], plain[real], rtol=0, atol=1e-5)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert not use_padded_value_attention(small("llama"))  # equal head sizes: nothing to pad

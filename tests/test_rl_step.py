@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -9,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from envs.calculator import make_calculator_rows
+from rewards.scoring import RewardScorer
 from rl.advantages import grpo
 from rl.controller import train
-from rl.learner import Learner
 from rl.data import to_prompt_row
+from rl.learner import Learner
 from rl.records import PromptRow, TrainBatch
-from rewards.scoring import RewardScorer
 from rollouts.worker import RolloutWorker
-from envs.calculator import make_calculator_rows
 
 LENGTH_REWARD = str(Path(__file__).parent / "data" / "length_reward.py") + ":compute_score"
 
@@ -69,6 +70,8 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["policy_version"] for r in rows] == [1.0, 2.0, 3.0]
     assert rows[0]["mismatch_abs_logp"] < 1e-4
+    # wall_time: when each step was logged; the gap between two rows is at least the later step's own time
+    assert all(b["wall_time"] - a["wall_time"] >= 0.9 * b["time_step_s"] > 0 for a, b in itertools.pairwise(rows))
     for key in ["reward_mean", "accuracy", "response_length", "tool_calls_per_sample", "loss", "grad_norm", "mismatch_kl", "time_generate_s", "time_update_s", "time_sync_s", "reward/calculator"]:
         assert key in rows[0], key
     assert rows[0]["num_samples"] == 4 * 2
@@ -90,7 +93,7 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3]
     a, b = _policy(straight / "checkpoints/step_000003"), _policy(resumed / "checkpoints/step_000003")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    state = lambda d: json.loads((d / "checkpoints/step_000003/controller_state.json").read_text())  # noqa: E731
+    state = lambda d: json.loads((d / "checkpoints/step_000003/controller_state.json").read_text())
     assert state(straight) == state(resumed) and state(straight)["data_cursor"] == {"epoch": 0, "position": 12, "draws": 0, "success": {}}
     assert _metrics(straight)[2]["reward_mean"] == _metrics(resumed)[2]["reward_mean"]
 
@@ -159,7 +162,7 @@ def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_
     cfg = make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{ptx}]", "algorithm.ptx_batch_size=4", "trainer.lr=1e-2",
                    "reward.functions=[{name: calculator}]")
     worker, learner = RolloutWorker(str(tiny_policy_dir), cfg, 0), Learner(str(tiny_policy_dir), cfg)
-    ids, mask = learner.ptx.examples[0]
+    _ids, mask = learner.ptx.examples[0]
     assert 0 < sum(mask) < len(mask)  # only the assistant turn is trained on in a chat example
     scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(2), 2)).scored
     batch = TrainBatch.from_scored(scored, torch.zeros(len(scored)), pad_token_id=worker.pad_token_id())  # no RL signal
