@@ -302,6 +302,12 @@ class TrainerConfig(_Section):
         description="Forward each distinct prompt of a micro-batch once and its samples' continuations on its KV cache "
         "(same logprobs and gradients, fewer positions: rl/forward.py); models that fail the check at start forward whole sequences.",
     )
+    skip_zero_advantage_backward: bool = Field(
+        True,
+        description="Sequences whose every policy token has advantage 0 (a GRPO group of equal rewards) give no gradient "
+        "under a loss that vanishes there (checked on the loss; no entropy bonus, no KL in the loss): forward them "
+        "without autograd, for the metrics, and skip their backward (same update, less work: rl/learner.py).",
+    )
     num_learners: int = Field(1, ge=1, description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a token-balanced shard of the batch.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
     learner_gpus: float = Field(0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU).")

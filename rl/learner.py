@@ -38,7 +38,7 @@ from rl.forward import (
     shares_prompt_cache,
     use_padded_value_attention,
 )
-from rl.losses import LOSSES, aggregate, kl_penalty, rollout_correction, token_band_mask, token_mean
+from rl.losses import LOSSES, aggregate, kl_penalty, rollout_correction, token_band_mask, token_mean, vanishes_at_zero_advantage
 from rl.optim import build_optimizer
 
 # Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
@@ -77,6 +77,11 @@ class Learner(BroadcastMember):
         self._share_prompt = cfg.trainer.share_prompt and self._head_on_hidden and shares_prompt_cache(self.model)
         if cfg.trainer.share_prompt and not self._share_prompt:
             print(f"trainer.share_prompt: {type(self.model).__name__} failed the shared-prompt check; forwarding whole sequences", flush=True)
+        algo = cfg.algorithm
+        self._skip_zero_advantage = (
+            cfg.trainer.skip_zero_advantage_backward and not algo.entropy_coef and not (self.reference is not None and algo.kl_in == "loss")
+            and vanishes_at_zero_advantage(self.loss_fn, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
+        )
         self.rank = 0
 
     def address(self) -> tuple[str, int]:
@@ -166,6 +171,25 @@ class Learner(BroadcastMember):
             entropy = ent_values.new_zeros(input_ids.shape).index_put(at, ent_values)
         return logp, entropy if entropy_grad else entropy.detach()
 
+    def _backward_rows(self, batch: TrainBatch) -> torch.Tensor:
+        """[b] bool: the sequences the update needs a backward through. With `trainer.skip_zero_advantage_backward`
+        (and a loss that vanishes at zero advantage) not those whose every policy token has advantage 0: their
+        gradient is exactly zero, and the update is a sum over sequences divided by batch-wide counts."""
+        if not self._skip_zero_advantage:
+            return torch.ones(batch.num_sequences, dtype=torch.bool, device=batch.input_ids.device)
+        return ((batch.advantages != 0) & (batch.loss_mask > 0)).any(1)
+
+    def _micro_batches(self, batch: TrainBatch, prompts: Prompts | None, backward: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """The micro-batches (row indices) and whether each needs a backward: `plan`'s, cut separately for the
+        sequences with and without a gradient (a GRPO group of equal rewards stays together, sharing its prompt)."""
+        t, out = self.cfg.trainer, []
+        for needs_grad in (True, False):
+            rows = (backward == needs_grad).nonzero().flatten()
+            if len(rows):
+                part = plan(batch.attention_mask[rows], t.micro_batch_size, t.micro_batch_tokens, prompts.rows(rows) if prompts is not None else None)
+                out += [(rows[mb], needs_grad) for mb in part]
+        return out
+
     def _forward(self, fake_quant: bool) -> Any:
         """The model call: the model itself, or with `fake_quant` a functional call that swaps the targeted weights
         for their fake-quant (computed once here, shared by the forwards of one scoring)."""
@@ -203,45 +227,56 @@ class Learner(BroadcastMember):
         temperature = batch.temperature or cfg.rollout.temperature
         batch = batch.to(self.device)
         lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
-        totals = distributed.all_reduce_sums(
-            {"tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum()), "sequence_tokens": float(batch.attention_mask.sum())}
-        )
+        backward = self._backward_rows(batch)  # [b] bool: the sequences whose gradient is not zero
+        totals = distributed.all_reduce_sums({
+            "tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum()),
+            "sequence_tokens": float(batch.attention_mask.sum()), "backward": float(backward.sum()),
+        })
         num_tokens, num_sequences = max(totals["tokens"], 1.0), int(totals["sequences"])
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
         sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0, "is_weight": 0.0, "kl_ref": 0.0}
-        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0, "forwarded": 0.0}
+        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0, "forwarded": 0.0, "backward": 0.0}
         prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
-        for sl in plan(batch.attention_mask, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens, prompts):
+        micro_batches = self._micro_batches(batch, prompts, backward)
+        if not totals["backward"] and micro_batches:
+            # no sequence of the whole batch has a gradient: one backward still runs, so the step is the one the full
+            # backward gives (zero gradients: AdamW moves on its moments) and not a skipped optimizer step
+            micro_batches[0] = (micro_batches[0][0], True)
+        for sl, needs_grad in micro_batches:
             width = int(batch.attention_mask[sl].sum(1).max())  # trim right padding of this micro-batch
             ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
             mask, old, adv = batch.loss_mask[sl, :width], batch.rollout_logprobs[sl, :width], batch.advantages[sl, :width]
             algo = cfg.algorithm
             where = mask > 0
-            sums["forwarded"] += forwarded_positions(attn, prompts.rows(sl) if prompts is not None else None)
-            logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where)
-            train_mask = mask
-            if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
-                train_mask = token_band_mask(logp, old, mask, algo.token_mask)
-                sums["masked"] += float((mask - train_mask).sum())
-            ratio_base, weights = old, None
-            if algo.rollout_correction != "none":
-                weights = rollout_correction(logp, old, algo.rollout_correction, algo.rollout_correction_cap)
-                ratio_base = logp.detach()  # pi_old = the learner before this update
-                sums["is_weight"] += token_mean(weights, mask, num_tokens).item()
-            out = self.loss_fn(logp, ratio_base, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
-            if weights is not None:
-                out.loss = out.loss * weights
-            loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.rollout.max_tokens_per_sample)
-            if self.reference is not None and algo.kl_in == "loss":
-                ref_logp = self._reference_logprobs(ids, attn, temperature)
-                kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
-                loss = loss + algo.kl_coef * kl
-                sums["kl_ref"] += kl.item()
-            if algo.entropy_coef:
-                loss = loss - algo.entropy_coef * token_mean(entropy, mask, num_tokens)
-                entropy = entropy.detach()
-            loss.backward()
+            positions = forwarded_positions(attn, prompts.rows(sl) if prompts is not None else None)
+            sums["forwarded"] += positions
+            sums["backward"] += positions if needs_grad else 0.0
+            with torch.set_grad_enabled(needs_grad):  # a sequence without gradient is only scored, for the metrics
+                logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where)
+                train_mask = mask
+                if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
+                    train_mask = token_band_mask(logp, old, mask, algo.token_mask)
+                    sums["masked"] += float((mask - train_mask).sum())
+                ratio_base, weights = old, None
+                if algo.rollout_correction != "none":
+                    weights = rollout_correction(logp, old, algo.rollout_correction, algo.rollout_correction_cap)
+                    ratio_base = logp.detach()  # pi_old = the learner before this update
+                    sums["is_weight"] += token_mean(weights, mask, num_tokens).item()
+                out = self.loss_fn(logp, ratio_base, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
+                if weights is not None:
+                    out.loss = out.loss * weights
+                loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.rollout.max_tokens_per_sample)
+                if self.reference is not None and algo.kl_in == "loss":
+                    ref_logp = self._reference_logprobs(ids, attn, temperature)
+                    kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
+                    loss = loss + algo.kl_coef * kl
+                    sums["kl_ref"] += kl.item()
+                if algo.entropy_coef:
+                    loss = loss - algo.entropy_coef * token_mean(entropy, mask, num_tokens)
+                    entropy = entropy.detach()
+            if needs_grad:
+                loss.backward()
             with torch.no_grad():
                 delta = logp.detach() - old
                 sums["loss"] += loss.item()
@@ -283,6 +318,7 @@ class Learner(BroadcastMember):
             "token_mask_fraction": sums["masked"] / num_tokens,
             # positions the forward ran (padding included, shared prompts once) per token of the batch
             "train_forward_ratio": sums["forwarded"] / max(totals["sequence_tokens"], 1.0),
+            "train_backward_fraction": sums["backward"] / max(sums["forwarded"], 1.0),  # of those positions, the ones backpropagated
             **({"rollout_is_weight_mean": sums["is_weight"]} if cfg.algorithm.rollout_correction != "none" else {}),
             **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None and cfg.algorithm.kl_in == "loss" else {}),
             **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),

@@ -89,6 +89,23 @@ def k2(
     return PolicyLossOutput(loss=loss, clipped=torch.zeros_like(mask, dtype=torch.bool), ratio=ratio)
 
 
+def vanishes_at_zero_advantage(loss_fn: PolicyLossFn, **kwargs: object) -> bool:
+    """Whether `loss_fn` gives a sequence whose advantages are all 0 no gradient at all (PPO-clip, GSPO, CISPO: the
+    advantage multiplies every term; not K2's, whose tau term pulls toward pi_old whatever the advantage). The
+    learner then skips the backward of such sequences. Checked on random logprobs away from the old ones, so it
+    holds for a user's loss too, or that loss keeps the full backward."""
+    g = torch.Generator().manual_seed(0)
+    logprobs = (-3.0 * torch.rand(3, 6, generator=g)).requires_grad_()
+    old = logprobs.detach() + 0.5 * torch.randn(3, 6, generator=g)
+    mask = torch.ones(3, 6)
+    try:
+        out = loss_fn(logprobs, old, torch.zeros(3, 6), mask, **kwargs)
+        (out.loss * mask).sum().backward()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return logprobs.grad is None or bool((logprobs.grad == 0).all())
+
+
 def token_band_mask(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
     """K2.5's token mask: `mask` with the tokens whose log(pi/pi_old) left [alpha, beta] removed (no gradient)."""
     log_ratio = logprobs.detach() - old_logprobs

@@ -3,6 +3,8 @@ on scored tokens only — each pinned to give the plain forward's logprobs, grad
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config
@@ -174,3 +176,50 @@ def test_mla_attention_with_padded_values_is_the_same_attention(tiny_policy_dir,
     for name, g in plain_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
     assert not use_padded_value_attention(small("llama"))  # equal head sizes: nothing to pad
+
+
+def _zero_groups(batch: TrainBatch, groups: list[int], size: int) -> TrainBatch:
+    """The batch with the advantages of groups `groups` (rows size*g ... size*g + size - 1) set to 0, as GRPO gives
+    a group whose samples all got the same reward."""
+    advantages = batch.advantages.clone()
+    for g in groups:
+        advantages[g * size : (g + 1) * size] = 0.0
+    return dataclasses.replace(batch, advantages=advantages)
+
+
+def test_zero_advantage_sequences_skip_the_backward_and_give_the_same_update(tiny_policy_dir, make_cfg) -> None:
+    """A real batch (6 prompts x 4 samples, QAT) where 3 groups got equal rewards: their sequences are forwarded
+    without autograd and not backpropagated; weights, loss, grad norm and every metric equal the full backward's."""
+    base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=300"]
+    batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base), 0), make_cfg(*base), 6), [0, 2, 5], 4)
+    full, skipping = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.skip_zero_advantage_backward=false")), Learner(str(tiny_policy_dir), make_cfg(*base))
+    assert skipping._backward_rows(batch).tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 8 + [False] * 4
+    a, b = full.train_step(batch), skipping.train_step(batch)
+    assert a["train_backward_fraction"] == 1.0 and 0.3 < b["train_backward_fraction"] < 0.7
+    assert b["train_forward_ratio"] == pytest.approx(a["train_forward_ratio"], rel=0.05)  # the same positions, cut apart
+    for key in ("loss", "mismatch_abs_logp", "mismatch_kl", "entropy", "ratio_mean", "clip_fraction", "mismatch_quant_abs_logp"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-8), key
+    assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5) and a["grad_norm"] > 0
+    for (name, p), q in zip(full.model.named_parameters(), skipping.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    # a batch without any gradient still takes AdamW's step on its moments, as the full backward does
+    nothing = _zero_groups(batch, list(range(6)), 4)
+    before = [p.detach().clone() for p in skipping.model.parameters()]
+    a, b = full.train_step(nothing), skipping.train_step(nothing)
+    assert a["grad_norm"] == b["grad_norm"] == 0.0 and b["train_backward_fraction"] < 1.0  # one micro-batch
+    assert any(not torch.equal(p, q) for p, q in zip(skipping.model.parameters(), before, strict=True))
+    for (name, p), q in zip(full.model.named_parameters(), skipping.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("loss", "vanishes"), [("ppo_clip", True), ("gspo", True), ("cispo", True), ("k2", False)])
+def test_which_losses_vanish_at_zero_advantage(loss: str, vanishes: bool) -> None:
+    """K2's loss pulls toward pi_old whatever the advantage, so its zero-advantage sequences keep their backward."""
+    from rl.losses import LOSSES, vanishes_at_zero_advantage
+
+    assert vanishes_at_zero_advantage(LOSSES.get(loss)) is vanishes
+
+
+def test_an_entropy_bonus_keeps_every_backward(tiny_policy_dir, make_cfg) -> None:
+    learner = Learner(str(tiny_policy_dir), make_cfg("algorithm.entropy_coef=0.01"))
+    assert not learner._skip_zero_advantage and Learner(str(tiny_policy_dir), make_cfg())._skip_zero_advantage
