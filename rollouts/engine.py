@@ -374,33 +374,38 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor,
 
 
 class _LoopDetector:
-    """Per slot, the recent tokens; a slot loops when each of its last `window` tokens equals the token p places
-    before it, for some period p <= `max_period` (one unit of p tokens repeated over the last window + p tokens).
+    """Per slot and period p <= `max_period`, how many of its latest tokens each equal the token p places before
+    it; a slot loops once that run reaches `window` for some p (one unit of p tokens repeated over the last
+    window + p tokens).
 
-    All periods are checked in one gather. Positions not yet filled hold distinct negative ids, so a short
-    history never looks periodic.
+    Kept as run lengths, so a step compares each new token with `max_period` earlier ones instead of rescanning
+    the window for every period. Positions before a slot's history hold distinct negative ids, so a short history
+    never looks periodic.
     """
 
     def __init__(self, window: int, max_period: int, slots: int, device: torch.device) -> None:
-        self.size = window + max_period
-        self.empty = -torch.arange(1, self.size + 1, device=device)
-        self.tail = self.empty.repeat(slots, 1)  # [slots, window + max_period]
-        later = torch.arange(max_period, self.size, device=device)  # the last `window` positions
-        periods = torch.arange(1, max_period + 1, device=device)[:, None]
-        self.later, self.earlier = later.expand(max_period, -1), later - periods  # [max_period, window]
+        self.window, self.max_period = window, max_period
+        self.recent = -torch.arange(1, max_period + 1, device=device).repeat(slots, 1)  # [slots, max_period], oldest first
+        self.runs = torch.zeros(slots, max_period, dtype=torch.long, device=device)  # [slots, max_period]: run at period p = index + 1
+        self.back = max_period - torch.arange(1, max_period + 1, device=device)  # where in `recent` the token p places back sits
 
     def reset(self, rows: torch.Tensor, prefixes: list[list[int]]) -> None:
         """Start slots `rows` afresh, each with the tokens its turn already produced."""
-        fresh = self.empty.repeat(len(prefixes), 1)
+        size = self.window + self.max_period  # enough history to tell a run of `window` at every period
+        fresh = -torch.arange(1, size + 1, device=self.recent.device).repeat(len(prefixes), 1)
         for i, prefix in enumerate(prefixes):
-            kept = prefix[-self.size :]
+            kept = prefix[-size:]
             if kept:
-                fresh[i, self.size - len(kept) :] = torch.tensor(kept, device=fresh.device)
-        self.tail[rows] = fresh
+                fresh[i, size - len(kept) :] = torch.tensor(kept, device=fresh.device)
+        later = torch.arange(self.max_period, size, device=fresh.device)  # the last `window` positions
+        same = fresh[:, later.expand(self.max_period, -1)] == fresh[:, later - (self.max_period - self.back)[:, None]]  # [rows, max_period, window]
+        self.runs[rows] = same.flip(-1).long().cumprod(-1).sum(-1)  # trailing matches, capped at the window
+        self.recent[rows] = fresh[:, -self.max_period :]
 
     def push(self, rows: slice | torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """Append each row's new token; [rows] bool: the row is now looping."""
-        tail = torch.cat([self.tail[rows, 1:], tok[:, None]], dim=1)
-        self.tail[rows] = tail
-        same = tail[:, self.later] == tail[:, self.earlier]  # [rows, max_period, window]
-        return same.all(-1).any(-1)
+        recent = self.recent[rows]
+        runs = (self.runs[rows] + 1) * (recent[:, self.back] == tok[:, None])
+        self.runs[rows] = runs
+        self.recent[rows] = torch.cat([recent[:, 1:], tok[:, None]], dim=1)
+        return (runs >= self.window).any(-1)

@@ -134,6 +134,35 @@ def test_loop_detector_fires_once_a_unit_repeats_over_the_window() -> None:
     assert first == [None, 2, 9, 7]
 
 
+def test_loop_detector_equals_the_definition_on_random_sequences() -> None:
+    """Its run lengths against the definition checked over the whole history (each of the last `window` tokens
+    equals the token p before it, for some p <= max_period), on random short-alphabet sequences with prefixes."""
+    window, max_period, slots = 5, 4, 6
+    g = torch.Generator().manual_seed(0)
+    detector = _LoopDetector(window, max_period, slots, torch.device("cpu"))
+    history: list[list[int]] = [[] for _ in range(slots)]
+
+    def loops(seq: list[int]) -> bool:
+        return any(len(seq) >= window + p and all(seq[-j] == seq[-j - p] for j in range(1, window + 1)) for p in range(1, max_period + 1))
+
+    fired = 0
+    for step in range(400):
+        if step % 37 == 0:  # new turns, with prefixes of any length (periodic ones too)
+            rows = torch.tensor([0, 3, 5])
+            prefixes = [torch.randint(0, 2, (int(n),), generator=g).tolist() for n in torch.randint(0, 12, (3,), generator=g)]
+            prefixes[0] = [1, 2] * 4
+            detector.reset(rows, prefixes)
+            for r, prefix in zip(rows.tolist(), prefixes, strict=True):
+                history[r] = list(prefix)
+        tok = torch.randint(0, 2 + step % 3, (slots,), generator=g)
+        flags = detector.push(slice(0, slots), tok).tolist()
+        for r in range(slots):
+            history[r].append(int(tok[r]))
+            assert flags[r] == loops(history[r]), (step, r, history[r][-12:])
+            fired += flags[r]
+    assert fired > 20  # the check saw loops, not only their absence
+
+
 def test_looping_generation_is_stopped_and_marked(tiny_policy_dir, make_cfg) -> None:
     # greedy decoding of the untrained policy falls into a cycle of a few to a dozen tokens within a long turn
     model, tokenizer = load_policy(tiny_policy_dir, make_cfg().model)
