@@ -8,6 +8,8 @@ the learner trains on exactly the tokens the model produced, and nothing is re-t
 
 from __future__ import annotations
 
+import json
+from collections import OrderedDict
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -26,17 +28,38 @@ class Renderer:
         self._base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
         before = tokenizer.apply_chat_template(self._base, tokenize=False)
         self._base_prefix = before[: before.rindex(self._eos_text) + len(self._eos_text)]
+        self._rendered: OrderedDict[str, list[int]] = OrderedDict()  # recent renderings (`_memo`)
 
     def prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
-        return self.encode(text)
+        def render() -> list[int]:
+            return self.encode(self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False))
+
+        return self._memo(["prompt", messages, tools or None], render)
 
     def observation_ids(self, observations: list[dict[str, Any]]) -> list[int]:
         """Tokens that follow the model's end-of-turn token: the observations and the next assistant prompt."""
-        after = self.tokenizer.apply_chat_template(self._base + observations, add_generation_prompt=True, tokenize=False)
-        if not after.startswith(self._base_prefix):
-            raise ValueError("the chat template renders earlier turns differently once a tool message follows")
-        return self.encode(after[len(self._base_prefix) :])
+
+        def render() -> list[int]:
+            after = self.tokenizer.apply_chat_template(self._base + observations, add_generation_prompt=True, tokenize=False)
+            if not after.startswith(self._base_prefix):
+                raise ValueError("the chat template renders earlier turns differently once a tool message follows")
+            return self.encode(after[len(self._base_prefix) :])
+
+        return self._memo(["observation", observations], render)
+
+    def _memo(self, key: Any, render, size: int = 4096) -> list[int]:
+        """`render()`, kept for the most recent `size` keys: a GRPO group's samples start from one prompt and
+        often read the same tool result, and a Jinja rendering costs ~0.15 ms, a tenth of a rollout's time on the
+        built-in policy. The key is the messages' JSON, so equal conversations render once."""
+        text = json.dumps(key, sort_keys=True, default=str)
+        ids = self._rendered.get(text)
+        if ids is None:
+            ids = self._rendered[text] = render()
+            if len(self._rendered) > size:
+                self._rendered.popitem(last=False)
+        else:
+            self._rendered.move_to_end(text)
+        return list(ids)
 
     def assistant_ids(self, message: dict[str, Any]) -> list[int]:
         """Tokens of one assistant message as the template writes it, through the end-of-turn token.

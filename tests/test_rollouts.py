@@ -64,6 +64,24 @@ def test_piecewise_tokens_decode_to_the_chat_template_rendering(policy) -> None:
     assert tokenizer.decode(ids) + "\n" == full
 
 
+def test_renderings_are_remembered_per_conversation(policy) -> None:
+    """A group's samples share one rendering of their prompt (and of an equal tool result): the same tokens as a
+    fresh renderer's, a caller's edits to the returned list do not leak into the next call, other messages render
+    anew."""
+    _, tokenizer = policy
+    renderer, fresh = Renderer(tokenizer), Renderer(tokenizer)
+    prompt = [{"role": "user", "content": "Compute 2*3+4."}]
+    first = renderer.prompt_ids(prompt, [CALC_TOOL])
+    first.append(-1)
+    assert renderer.prompt_ids(prompt, [CALC_TOOL]) == fresh.prompt_ids(prompt, [CALC_TOOL]) == first[:-1]
+    assert renderer.prompt_ids(prompt, None) == fresh.prompt_ids(prompt, None) != first[:-1]  # no tools offered: another prompt
+    other = [{"role": "user", "content": "Compute 2*3+5."}]
+    assert renderer.prompt_ids(other, [CALC_TOOL]) == fresh.prompt_ids(other, [CALC_TOOL]) != first[:-1]
+    tool = [{"role": "tool", "content": "10"}]
+    assert renderer.observation_ids(tool) == renderer.observation_ids(tool) == fresh.observation_ids(tool) != renderer.observation_ids([{"role": "tool", "content": "11"}])
+    assert len(renderer._rendered) == 5
+
+
 def test_engine_greedy_matches_hf_generate_and_logprobs_match_a_full_forward(policy) -> None:
     model, tokenizer = policy
     renderer = Renderer(tokenizer)
