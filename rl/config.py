@@ -308,6 +308,12 @@ class TrainerConfig(_Section):
         "under a loss that vanishes there (checked on the loss; no entropy bonus, no KL in the loss): forward them "
         "without autograd, for the metrics, and skip their backward (same update, less work: rl/learner.py).",
     )
+    score_zero_advantage: bool = Field(
+        True,
+        description="With skip_zero_advantage_backward: still forward the sequences without gradient so that the metrics "
+        "(mismatch, entropy, clip fraction, ...) cover every token; false: the metrics cover the trained sequences only "
+        "(as with DAPO's filtered groups) and the others cost the learner nothing.",
+    )
     num_learners: int = Field(1, ge=1, description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a token-balanced shard of the batch.")
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
     learner_gpus: float = Field(0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU).")

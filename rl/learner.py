@@ -182,11 +182,12 @@ class Learner(BroadcastMember):
             return torch.ones(batch.num_sequences, dtype=torch.bool, device=batch.input_ids.device)
         return ((batch.advantages != 0) & (batch.loss_mask > 0)).any(1)
 
-    def _micro_batches(self, batch: TrainBatch, prompts: Prompts | None, backward: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+    def _micro_batches(self, batch: TrainBatch, prompts: Prompts | None, backward: torch.Tensor, score_all: bool) -> list[tuple[torch.Tensor, bool]]:
         """The micro-batches (row indices) and whether each needs a backward: `plan`'s, cut separately for the
-        sequences with and without a gradient (a GRPO group of equal rewards stays together, sharing its prompt)."""
+        sequences with and without a gradient (a GRPO group of equal rewards stays together, sharing its prompt);
+        without `score_all`, only the sequences with a gradient."""
         t, out = self.cfg.trainer, []
-        for needs_grad in (True, False):
+        for needs_grad in (True, False) if score_all else (True,):
             rows = (backward == needs_grad).nonzero().flatten()
             if len(rows):
                 part = plan(batch.attention_mask[rows], t.micro_batch_size, t.micro_batch_tokens, prompts.rows(rows) if prompts is not None else None)
@@ -255,15 +256,19 @@ class Learner(BroadcastMember):
         backward = self._backward_rows(batch)  # [b] bool: the sequences whose gradient is not zero
         totals = distributed.all_reduce_sums({
             "tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum()),
-            "sequence_tokens": float(batch.attention_mask.sum()), "backward": float(backward.sum()),
+            "sequence_tokens": float(batch.attention_mask.sum()), "backward": float(backward.sum()), "backward_tokens": float(batch.loss_mask[backward].sum()),
         })
         num_tokens, num_sequences = max(totals["tokens"], 1.0), int(totals["sequences"])
+        # the sequences without gradient are scored for the metrics (`trainer.score_zero_advantage`), and all of them
+        # when none has a gradient (one backward then runs, below); the metrics average over the scored tokens
+        score_all = cfg.trainer.score_zero_advantage or not totals["backward"]
+        metric_scale = num_tokens / max(totals["tokens"] if score_all else totals["backward_tokens"], 1.0)
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
         sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0, "is_weight": 0.0, "kl_ref": 0.0}
         sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0, "forwarded": 0.0, "backward": 0.0}
         prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
-        micro_batches = self._micro_batches(batch, prompts, backward)
+        micro_batches = self._micro_batches(batch, prompts, backward, score_all)
         if not totals["backward"] and micro_batches:
             # no sequence of the whole batch has a gradient: one backward still runs, so the step is the one the full
             # backward gives (zero gradients: AdamW moves on its moments) and not a skipped optimizer step
@@ -335,17 +340,17 @@ class Learner(BroadcastMember):
         metrics = {
             "loss": sums["loss"],
             "grad_norm": float(grad_norm),
-            "mismatch_abs_logp": sums["abs_dlogp"],
-            "mismatch_kl": sums["kl"],
-            "clip_fraction": sums["clip"],
-            "entropy": sums["entropy"],
-            "ratio_mean": sums["ratio"],
+            "mismatch_abs_logp": sums["abs_dlogp"] * metric_scale,
+            "mismatch_kl": sums["kl"] * metric_scale,
+            "clip_fraction": sums["clip"] * metric_scale,
+            "entropy": sums["entropy"] * metric_scale,
+            "ratio_mean": sums["ratio"] * metric_scale,
             "train_tokens": num_tokens,
-            "token_mask_fraction": sums["masked"] / num_tokens,
+            "token_mask_fraction": sums["masked"] / num_tokens * metric_scale,
             # positions the forward ran (padding included, shared prompts once) per token of the batch
             "train_forward_ratio": sums["forwarded"] / max(totals["sequence_tokens"], 1.0),
             "train_backward_fraction": sums["backward"] / max(sums["forwarded"], 1.0),  # of those positions, the ones backpropagated
-            **({"rollout_is_weight_mean": sums["is_weight"]} if cfg.algorithm.rollout_correction != "none" else {}),
+            **({"rollout_is_weight_mean": sums["is_weight"] * metric_scale} if cfg.algorithm.rollout_correction != "none" else {}),
             **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None and cfg.algorithm.kl_in == "loss" else {}),
             **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),
             "policy_version": float(self.version),
@@ -357,7 +362,7 @@ class Learner(BroadcastMember):
         if self.quant is not None:
             metrics["fake_quant"] = float(fake_quant)
         if attribute:
-            metrics["mismatch_quant_abs_logp"] = sums["quant"]
+            metrics["mismatch_quant_abs_logp"] = sums["quant"] * metric_scale
         return metrics
 
     def save(self, path: str) -> None:

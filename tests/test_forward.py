@@ -212,6 +212,22 @@ def test_zero_advantage_sequences_skip_the_backward_and_give_the_same_update(tin
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
 
 
+def test_unscored_zero_advantage_sequences_give_the_same_update_and_the_trained_sequences_metrics(tiny_policy_dir, make_cfg) -> None:
+    """`trainer.score_zero_advantage=false`: the sequences without gradient are not forwarded at all; the update is
+    still the full backward's, and the metrics are those of the trained sequences alone."""
+    base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=300"]
+    batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base), 0), make_cfg(*base), 6), [1, 2, 4], 4)
+    full, unscored = Learner(str(tiny_policy_dir), make_cfg(*base)), Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.score_zero_advantage=false"))
+    trained_only = Learner(str(tiny_policy_dir), make_cfg(*base))
+    a, b = full.train_step(batch), unscored.train_step(batch)
+    c = trained_only.train_step(batch.select(unscored._backward_rows(batch).nonzero().flatten()))
+    assert b["train_forward_ratio"] < 0.7 * a["train_forward_ratio"] and b["train_backward_fraction"] == 1.0
+    for (name, p), q in zip(full.model.named_parameters(), unscored.model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    for key in ("mismatch_abs_logp", "mismatch_kl", "entropy", "ratio_mean", "clip_fraction", "mismatch_quant_abs_logp"):
+        assert b[key] == pytest.approx(c[key], rel=1e-5, abs=1e-8), key
+
+
 @pytest.mark.parametrize(("loss", "vanishes"), [("ppo_clip", True), ("gspo", True), ("cispo", True), ("k2", False)])
 def test_which_losses_vanish_at_zero_advantage(loss: str, vanishes: bool) -> None:
     """K2's loss pulls toward pi_old whatever the advantage, so its zero-advantage sequences keep their backward."""
