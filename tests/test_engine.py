@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from rl.policy import load_policy
 from rl.quant import QuantSpec, targeted_parameters
@@ -26,6 +26,8 @@ def small(kind: str) -> torch.nn.Module:
         config = LlamaConfig(**common, num_key_value_heads=2)
     elif kind == "qwen3":
         config = Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    elif kind == "qwen2":  # biases on q, k and v (the decoder stacks them with the weights)
+        config = Qwen2Config(**common, num_key_value_heads=2)
     else:
         config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -45,7 +47,7 @@ def k2(tiny_policy_dir, make_cfg):
     return load_policy(tiny_policy_dir, make_cfg().model)
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v3-int4", "llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v3-int4", "llama", "qwen2", "qwen3"])
 @torch.inference_mode()
 def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
     if kind.startswith("deepseek_v3"):
