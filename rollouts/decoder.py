@@ -47,7 +47,7 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class _Matmul:
     """x @ W^T (+ b) for a weight W [out, in] fixed until the next `refresh`. On a CPU the weight is stored
-    transposed ([in, out], contiguous) and multiplied by `torch.mm`: MKL's small-batch GEMM runs 1.3-2x faster
+    transposed ([in, out], contiguous) and multiplied by `torch.matmul`: MKL's small-batch GEMM runs 1.3-2x faster
     from that layout than from the transposed view `F.linear` hands it (one thread, batch 16: 2304x128 71 vs
     103 us, 128x1152 33 vs 68 us). Elsewhere `F.linear` as it is."""
 

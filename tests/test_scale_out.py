@@ -147,7 +147,8 @@ def test_flat_weight_buffer_round_trips_dense_and_int4_tensors(tiny_policy_dir, 
 def test_collective_weight_sync_over_gloo_matches_the_object_store_path(tmp_path: Path, make_cfg) -> None:
     """`cluster.weight_sync=collective` (gloo here; NCCL between GPUs) gives the same job, step for step, as the
     object store, with the group formed once and reused across pushes."""
-    common = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "eval.enabled=false", "quant.enabled=true"]
+    common = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "eval.enabled=false", "quant.enabled=true",
+              "rollout.max_staleness=0"]  # synchronous: every sample from the weights just pushed, so |Δ logp| is the sync's alone
     train(make_cfg(*common), tmp_path / "store")
     train(make_cfg(*common, "cluster.weight_sync=collective"), tmp_path / "collective")
     rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("store", "collective")}
