@@ -145,7 +145,6 @@ def _cached_spec(cls: type, name: str, fn: Callable[..., Any]) -> dict[str, Any]
     return _SPECS[key]
 
 
-
 _VALIDATORS: dict[tuple[type, str], Any] = {}
 
 

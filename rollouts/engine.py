@@ -387,7 +387,8 @@ class _LoopDetector:
         self.window, self.max_period = window, max_period
         self.recent = -torch.arange(1, max_period + 1, device=device).repeat(slots, 1)  # [slots, max_period], oldest first
         self.runs = torch.zeros(slots, max_period, dtype=torch.long, device=device)  # [slots, max_period]: run at period p = index + 1
-        self.back = max_period - torch.arange(1, max_period + 1, device=device)  # where in `recent` the token p places back sits
+        self.periods = torch.arange(1, max_period + 1, device=device)
+        self.back = max_period - self.periods  # where in `recent` the token p places back sits
 
     def reset(self, rows: torch.Tensor, prefixes: list[list[int]]) -> None:
         """Start slots `rows` afresh, each with the tokens its turn already produced."""
@@ -398,7 +399,7 @@ class _LoopDetector:
             if kept:
                 fresh[i, size - len(kept) :] = torch.tensor(kept, device=fresh.device)
         later = torch.arange(self.max_period, size, device=fresh.device)  # the last `window` positions
-        same = fresh[:, later.expand(self.max_period, -1)] == fresh[:, later - (self.max_period - self.back)[:, None]]  # [rows, max_period, window]
+        same = fresh[:, later.expand(self.max_period, -1)] == fresh[:, later - self.periods[:, None]]  # [rows, max_period, window]
         self.runs[rows] = same.flip(-1).long().cumprod(-1).sum(-1)  # trailing matches, capped at the window
         self.recent[rows] = fresh[:, -self.max_period :]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -47,7 +48,7 @@ class Renderer:
 
         return self._memo(["observation", observations], render)
 
-    def _memo(self, key: Any, render, size: int = 4096) -> list[int]:
+    def _memo(self, key: Any, render: Callable[[], list[int]], size: int = 4096) -> list[int]:
         """`render()`, kept for the most recent `size` keys: a GRPO group's samples start from one prompt and
         often read the same tool result, and a Jinja rendering costs ~0.15 ms, a tenth of a rollout's time on the
         built-in policy. The key is the messages' JSON, so equal conversations render once."""
