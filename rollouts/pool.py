@@ -4,8 +4,9 @@ and recovery when a worker dies.
 The pool remembers which prompt groups each worker has in flight (this step's, and with partial rollouts the
 ones paused from earlier steps). When a worker dies (its process killed, its node lost), the pool starts a new
 one in the same placement bundle, gives it the current weights and reward models, and re-issues every group the
-dead one had in flight, from scratch under the same group ids: the dead worker's samples never reached the
-controller, so none is counted twice, and every group comes back whole, so none is lost.
+dead one had in flight, from scratch under the same group ids and with the step it was submitted with: the dead
+worker's samples never reached the controller, so none is counted twice, every group comes back whole, so none
+is lost, and every step keeps its own groups, so its sample count is exact whichever call the death was met in.
 
 Ray's own actor restarts (`max_restarts`) would rerun the constructor with the starting weights and fail the
 in-flight call anyway; recovery needs the job's state (weights version, groups in flight), so it lives here.
@@ -33,13 +34,14 @@ class WorkerLostError(RuntimeError):
 
 @dataclass
 class StepHandle:
-    """One step's rollout calls in flight: a result ref per worker and the worker's restart epoch at the call."""
+    """One step's rollout calls in flight: a result ref per worker and the group ids the step gave each worker (a
+    restart replaces both: the re-issued call and the groups it generates)."""
 
     samples_per_prompt: int
     iteration_budget: int
     temperature: float | None
     refs: dict[int, ray.ObjectRef] = field(default_factory=dict)
-    epochs: dict[int, int] = field(default_factory=dict)
+    groups: dict[int, list[int]] = field(default_factory=dict)
 
 
 class RolloutPool:
@@ -48,7 +50,6 @@ class RolloutPool:
         self.start = start
         self.max_restarts = max_restarts
         self.workers = [start(i) for i in range(size)]
-        self.epochs = [0] * size  # restarts of each worker slot
         self.outstanding: list[StepHandle] = []  # submitted, not yet collected (oldest first)
         self.in_flight: list[dict[int, PromptRow]] = [{} for _ in range(size)]
         self.samples_per_prompt: int | None = None
@@ -126,16 +127,15 @@ class RolloutPool:
             rows_i, ids_i = rows[i::n], group_ids[i::n]
             self.in_flight[i].update(zip(ids_i, rows_i, strict=True))
             handle.refs[i] = self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
-            handle.epochs[i] = self.epochs[i]
+            handle.groups[i] = ids_i
         self.outstanding.append(handle)
         return handle
 
     def collect(self, handle: StepHandle) -> list[Trajectory]:
         """The trajectories of every group that finished in `handle`'s calls (in worker order). A worker that died
-        is restarted and every group it had in flight goes, once, to the oldest step still to be collected (see
-        `_restart`): a later step's call to the same dead worker then returns nothing."""
-        # after a restart, `handle.refs[i]` is the re-issued call (or the call is superseded: epoch behind)
-        results = self._run(lambda i, reissue: handle.refs[i], superseded=lambda i: handle.epochs[i] != self.epochs[i])
+        is restarted and every group it had in flight is generated again, once, with the step it was submitted
+        with (see `_restart`)."""
+        results = self._run(lambda i, reissue: handle.refs[i])  # after a restart, `handle.refs[i]` is the re-issued call
         self.outstanding.remove(handle)
         out: list[Trajectory] = []
         for i in sorted(results):
@@ -163,9 +163,8 @@ class RolloutPool:
         results = self._run(call)
         return [t for i in range(len(self.workers)) for t in results[i]]
 
-    def _run(self, call: Callable[[int, bool], ray.ObjectRef | None], superseded: Callable[[int], bool] = lambda i: False) -> dict[int, list]:
-        """Call every worker (`call(i, reissue)`), restarting and re-calling (reissue=True) the ones that die,
-        unless `superseded(i)` says the call is moot."""
+    def _run(self, call: Callable[[int, bool], ray.ObjectRef | None]) -> dict[int, list]:
+        """Call every worker (`call(i, reissue)`), restarting and re-calling (reissue=True) the ones that die."""
         pending = {ref: i for i in range(len(self.workers)) if (ref := call(i, False)) is not None}
         results: dict[int, list] = {i: [] for i in range(len(self.workers))}
         restarts = 0
@@ -175,8 +174,6 @@ class RolloutPool:
             try:
                 results[i] = ray.get(ready[0])
             except ACTOR_LOST as e:
-                if superseded(i):
-                    continue
                 restarts += 1
                 if restarts > self.max_restarts:
                     raise WorkerLostError(
@@ -204,13 +201,23 @@ class RolloutPool:
         if self.reward_models:
             ray.get(worker.set_reward_models.remote(self.reward_models))
         self.workers[i] = worker
-        self.epochs[i] += 1
         self.restarts += 1
-        oldest = next((h for h in self.outstanding if i in h.refs), None)
-        if oldest is not None:  # steps in flight: the oldest gets every group the dead worker had, generated now
-            rows, ids = list(self.in_flight[i].values()), list(self.in_flight[i])
-            oldest.refs[i] = worker.generate_step.remote(rows, ids, oldest.samples_per_prompt, oldest.iteration_budget, oldest.temperature)
-            oldest.epochs[i] = self.epochs[i]
+        self._reissue(i)
+
+    def _reissue(self, i: int) -> None:
+        """Give restarted worker `i` every group its predecessor had in flight, each with the step (still to be
+        collected) it was submitted with, oldest step first, so the calls queue in the old order; groups paused by
+        steps already collected (partial rollouts) go with the oldest. No step in flight: see `_requeue_lost`."""
+        steps = [h for h in self.outstanding if i in h.refs]
+        if not steps:
+            return
+        owned = {gid for h in steps for gid in h.groups[i]}
+        carried = [gid for gid in self.in_flight[i] if gid not in owned]
+        for h in steps:
+            ids = carried + [gid for gid in h.groups[i] if gid in self.in_flight[i]]
+            rows = [self.in_flight[i][gid] for gid in ids]
+            h.refs[i] = self.workers[i].generate_step.remote(rows, ids, h.samples_per_prompt, h.iteration_budget, h.temperature)
+            h.groups[i], carried = ids, []
 
     def _on_all(self, method: Callable[[Any], ray.ObjectRef]) -> list:
         """Call `method` on every worker, restarting dead ones (their in-flight groups stay for the next step)."""

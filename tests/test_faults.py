@@ -78,6 +78,25 @@ def test_a_worker_killed_mid_step_is_replaced_and_its_groups_come_back_whole(too
     pool.kill()
 
 
+def test_a_worker_killed_with_two_steps_queued_regenerates_each_steps_groups_with_that_step(tool_policy_dir, make_cfg) -> None:
+    """The async pipeline's case: step B is queued behind step A on every worker when one dies inside A's call.
+    Both of its calls are lost; each step must get back exactly its own groups (it once gave all of them to A)."""
+    cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg, i), 2, max_restarts=2)
+    pool.publish(Learner(str(tool_policy_dir), cfg).get_weights(), 3)
+    killed = kill_when("RolloutWorker.generate_step")
+    a = pool.submit_step(calculator_rows(8), 100, 4, iteration_budget=0)
+    b = pool.submit_step(calculator_rows(6), 200, 4, iteration_budget=0)
+    step_a = pool.collect(a)
+    assert killed and pool.restarts == 1, "the death must be met while collecting step A"
+    step_b = pool.collect(b)
+    assert Counter(t.group_id for t in step_a) == {gid: 4 for gid in range(100, 108)}
+    assert Counter(t.group_id for t in step_b) == {gid: 4 for gid in range(200, 206)}
+    assert pool.restarts == 1 and pool.in_flight == [{}, {}] and pool.outstanding == []
+    assert {t.policy_version for t in step_a + step_b} == {3}
+    pool.kill()
+
+
 KILLING_ENV = '''
 import os
 import signal
@@ -107,7 +126,8 @@ def test_a_job_whose_rollout_worker_dies_mid_step_completes_with_exact_counts(tm
     train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # async (staleness 1): step 2's rollouts run while step 1 trains, so the death is met by step 1's weight push,
-    # which restarts the worker and re-issues step 2's groups at once
+    # which restarts the worker and re-issues step 2's groups at once (or, when the kill came before step 1's
+    # result left the worker, by step 1's collect, which regenerates both steps' groups, each with its own step)
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["worker_restarts"] for r in rows] == [1.0, 1.0, 1.0]
     assert all(r["num_samples"] == 8 and r["failed_samples"] == 0 for r in rows)
     step2 = [json.loads(line) for line in (tmp_path / "run" / "trajectories" / "step_000002.jsonl").read_text().splitlines()]
