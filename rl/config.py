@@ -207,6 +207,11 @@ class RolloutConfig(_Section):
         "update; samples are then up to N policy versions old (`policy_lag_mean`). 0 = synchronous.",
     )
     max_num_seqs: int = Field(256, ge=1, description="Sequences a worker decodes at once (KV-cache slots); more wait and join as others finish.")
+    prefix_reuse: bool = Field(
+        True,
+        description="A multi-turn episode's next turn continues in its cache slot and prefills only its new tokens (the tool's result), "
+        "not its whole history (SGLang's / vLLM's prefix caching, per episode).",
+    )
     temperature_final: float | None = Field(None, gt=0, description="Temperature schedule (K2): decay linearly from `temperature` to this over `temperature_decay_steps` RL steps; null = constant.")
     temperature_decay_steps: int = Field(1, ge=1, description="RL steps of the temperature decay.")
     max_new_tokens_per_turn: int = Field(40, ge=1, description="Token budget of one assistant turn.")

@@ -152,7 +152,7 @@ class AgentLoop:
         async def generate(ep: Episode, budget: int) -> Generation:
             result: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
             prefix = ep.ids[ep.turn_start :] if ep.turn_start is not None else []
-            batcher.submit(Request(list(ep.ids), budget, _mix_seed(base_seed, ep.key, ep.generated), prefix), result.set_result)
+            batcher.submit(Request(list(ep.ids), budget, _mix_seed(base_seed, ep.key, ep.generated), prefix, (ep.group_id, ep.sample_id)), result.set_result)
             submitted.set()
             return await result
 

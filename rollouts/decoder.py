@@ -157,6 +157,21 @@ class _MLA:
         o = torch.bmm(context.transpose(0, 1), w[:, self.nope :].transpose(1, 2)).transpose(0, 1)  # [n, H, v_dim]
         return o.reshape(n, 1, -1)
 
+    def extend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+        """`decode` for t tokens per slot: x [e, t, hidden] at `positions` [e, t] of slots `rows` [e] (the `valid`
+        ones written to the cache), each attending in the latent space to its slot's positions up to its own."""
+        e, t, _ = x.shape
+        q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
+        self.cache[rows[:, None].expand(-1, t)[valid], positions[valid]] = torch.cat([latent, k_rot[:, 0]], dim=-1)[valid]
+        w = _weight(self.attn.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
+        query = torch.cat([torch.matmul(q_pass, w[:, : self.nope]), q_rot], dim=-1).reshape(e, self.heads * t, -1)  # [e, H t, lora + rope]
+        keys = self.cache[rows, :span]
+        scores_mask = mask[:, None].expand(-1, self.heads, -1, -1).reshape(e, self.heads * t, span)
+        probs = torch.softmax(torch.baddbmm(scores_mask, query, keys.transpose(1, 2), alpha=self.scaling), dim=-1)
+        context = torch.bmm(probs, keys[..., : self.lora]).view(e, self.heads, t, self.lora)
+        o = torch.matmul(context, w[:, self.nope :].transpose(1, 2))  # [e, H, t, v_dim]
+        return o.transpose(1, 2).reshape(e, t, -1)
+
 
 class _GQA:
     """Grouped-query attention with RoPE (Llama, Mistral, Qwen2, Qwen3) over a cache [slots, kv heads, max_len, d]."""
@@ -203,6 +218,16 @@ class _GQA:
         keys, values = self.k_cache[:n, :, :span], self.v_cache[:n, :, :span]
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
         return o.transpose(1, 2).reshape(n, 1, -1)
+
+    def extend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+        """`decode` for t tokens per slot (see `_MLA.extend`)."""
+        e, t, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        at_rows, at = rows[:, None].expand(-1, t)[valid], positions[valid]
+        self.k_cache[at_rows, :, at], self.v_cache[at_rows, :, at] = k.transpose(1, 2)[valid], v.transpose(1, 2)[valid]
+        keys, values = self.k_cache[rows, :, :span], self.v_cache[rows, :, :span]
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
+        return o.transpose(1, 2).reshape(e, t, -1)
 
 
 class _FusedMoE:
@@ -372,3 +397,19 @@ class Decoder:
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))[:, None]  # [n, 1, span]
         h = self._run(tokens[:, None], lambda attn, x: attn.decode(x, cos, sin, rows, positions, span, mask))
         return self._logits(h[:, 0])
+
+    def extend(self, ids: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Continue slots `rows` [e] whose caches hold their first `starts[i]` positions: run the right-padded
+        tokens `ids` [e, t] (row i has `lengths[i]` real ones) at positions starts[i].., write their cache entries,
+        and return the logits at each row's last token [e, vocab]. A multi-turn episode's next turn prefills only
+        its new tokens (the tool's result) this way instead of its whole history."""
+        e, t = ids.shape
+        offsets = torch.arange(t, device=self.device)
+        valid = offsets[None] < lengths[:, None]
+        positions = (starts[:, None] + offsets).clamp(max=self.max_len - 1)  # pads' positions only bound their reads
+        span = int((starts + lengths).max())
+        cos, sin = self.cos[positions], self.sin[positions]  # [e, t, rotary dim]
+        visible = torch.arange(span, device=self.device)[None, None] <= positions[:, :, None]
+        mask = torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))  # [e, t, span]
+        h = self._run(ids, lambda attn, x: attn.extend(x, cos, sin, rows, positions, valid, span, mask))
+        return self._logits(h[torch.arange(e, device=self.device), lengths - 1])

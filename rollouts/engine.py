@@ -5,6 +5,13 @@ submitted at any time and each `step()` (1) admits waiting requests into free ca
 prompt once and copying its cache entries to every slot that shares it (a GRPO group's samples), (2) decodes one
 token for every running sequence, (3) retires finished sequences, calling their `on_done`. A finished sequence
 leaves at once and a waiting one takes its slot at the next step: no one waits for the batch's longest sample.
+
+Prefix reuse across turns (`Engine(prefix_reuse=True)`, `rollout.prefix_reuse`): a retired sequence's slot keeps
+its cache, remembered under the request's `session` (an episode). When the session's next request (its next turn:
+the history, the turn just generated and the tool's result) finds that slot free, it continues there from the
+longest prefix the slot holds and prefills only the new tokens (`Decoder.extend`); new sessions take slots that
+hold no reusable cache first. SGLang's RadixAttention and vLLM's automatic prefix caching do this by content
+across requests; one slot per episode is the case that matters for agentic rollouts, and it costs no lookup.
 `Engine.generate(prompts, ...)` is the one-shot form (submit all, step until done).
 
 Per step, on the device and without a host round trip: temperature, top-k and top-p sampling, the logprob of each
@@ -26,7 +33,7 @@ waiting request at once, to the end); same API, same sampling, no continuous bat
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,6 +68,8 @@ class Request:
     turn_prefix: list[int] = field(default_factory=list)
     """Tokens this turn already generated (the tail of `prompt`, when a paused rollout resumes), so the loop
     detector sees the same history as in an uninterrupted generation."""
+    session: Hashable | None = None
+    """The conversation (episode) this request continues: its next request may reuse this one's cache slot."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,14 @@ class SamplingParams:
 
 class Engine:
     def __init__(
-        self, model: torch.nn.Module, pad_token_id: int, stop_token_id: int, repeat_window: int = 0, repeat_max_period: int = 16, max_num_seqs: int = 256
+        self,
+        model: torch.nn.Module,
+        pad_token_id: int,
+        stop_token_id: int,
+        repeat_window: int = 0,
+        repeat_max_period: int = 16,
+        max_num_seqs: int = 256,
+        prefix_reuse: bool = True,
     ) -> None:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
@@ -85,6 +101,7 @@ class Engine:
         self.repeat_window = repeat_window
         self.repeat_max_period = repeat_max_period
         self.max_num_seqs = max_num_seqs
+        self.prefix_reuse = prefix_reuse
         self.continuous = model.config.model_type in SUPPORTED_MODEL_TYPES
         self._decoder: Decoder | None = None
 
@@ -174,6 +191,11 @@ class Batcher(_Queue):
         self.out_lp = torch.zeros(slots, max_len, dtype=torch.float32, device=dev)
         self.loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, slots, dev) if engine.repeat_window else None
         self.steps = 0
+        # prefix reuse: the tokens whose cache entries each idle slot holds (positions 0..len-1), and whose they are
+        self.cached: list[list[int] | None] = [None] * slots
+        self.slot_session: list[Hashable | None] = [None] * slots
+        self.session_slot: dict[Hashable, int] = {}
+        self.reused_tokens = 0  # prompt tokens not prefilled again, over this batch
 
     @property
     def busy(self) -> bool:
@@ -194,22 +216,45 @@ class Batcher(_Queue):
         if not free or not self.waiting:
             return
         admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-        slots = free[: len(admitted)]
-        unique: dict[tuple[int, ...], list[int]] = {}
-        for slot, (request, _) in zip(slots, admitted, strict=True):
-            unique.setdefault(tuple(request.prompt), []).append(slot)
-        prompts = list(unique)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = torch.full((len(prompts), max(map(len, prompts))), self.engine.pad_token_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        logits = self.decoder.prefill(ids.to(self.device), lengths, [unique[p] for p in prompts])
-        order = [s for p in prompts for s in unique[p]]
+        continued: list[tuple[int, int, tuple[Request, Callable[[Generation], None]]]] = []  # (slot, cached prefix, item)
+        fresh = []
+        for item in admitted:
+            found = self._reusable(item[0], {slot for slot, _, _ in continued})
+            if found is None:
+                fresh.append(item)
+            else:
+                continued.append((*found, item))
+        taken = {slot for slot, _, _ in continued}
+        spare = sorted((s for s in free if s not in taken), key=lambda s: (self.cached[s] is not None, s))  # no reusable cache first
+        order: list[int] = []
+        by_slot: dict[int, tuple[Request, Callable[[Generation], None]]] = {}
+        logits = []
+        if fresh:
+            slots = spare[: len(fresh)]
+            unique: dict[tuple[int, ...], list[int]] = {}
+            for slot, (request, _) in zip(slots, fresh, strict=True):
+                unique.setdefault(tuple(request.prompt), []).append(slot)
+            prompts = list(unique)
+            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+            logits.append(self.decoder.prefill(self._padded(prompts).to(self.device), lengths, [unique[p] for p in prompts]))
+            logits[-1] = logits[-1][torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)]
+            order += [s for p in prompts for s in unique[p]]
+            by_slot.update(zip(slots, fresh, strict=True))
+        if continued:
+            slots = [slot for slot, _, _ in continued]
+            tails = [item[0].prompt[start:] for _, start, item in continued]
+            starts = torch.tensor([start for _, start, _ in continued], device=self.device)
+            lengths = torch.tensor([len(t) for t in tails], device=self.device)
+            logits.append(self.decoder.extend(self._padded(tails).to(self.device), starts, lengths, torch.tensor(slots, device=self.device)))
+            order += slots
+            by_slot.update((slot, item) for slot, _, item in continued)
+            self.reused_tokens += int(starts.sum())
         idx = torch.tensor(order, device=self.device)
-        by_slot = {slot: item for slot, item in zip(slots, admitted, strict=True)}
         for s in order:
+            request = by_slot[s][0]
             self.running[s] = by_slot[s]
-            self.host_pos[s] = len(by_slot[s][0].prompt)
+            self.host_pos[s] = len(request.prompt)
+            self._bind(s, request.session)
         reqs = [by_slot[s][0] for s in order]
         self.pos[idx] = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
         self.budget[idx] = torch.tensor([r.max_new_tokens for r in reqs], device=self.device)
@@ -219,8 +264,34 @@ class Batcher(_Queue):
         self.looped[idx] = False
         if self.loops is not None:
             self.loops.reset(idx, [r.turn_prefix for r in reqs])
-        src = torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)
-        self._record(idx, logits[src])
+        self._record(idx, torch.cat(logits))
+
+    def _padded(self, seqs: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:
+        ids = torch.full((len(seqs), max(map(len, seqs))), self.engine.pad_token_id, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        return ids
+
+    def _reusable(self, request: Request, taken: set[int]) -> tuple[int, int] | None:
+        """(slot, cached positions to keep) for a request that continues its session in the session's free slot."""
+        slot = self.session_slot.get(request.session) if request.session is not None else None
+        if slot is None or slot in taken or self.running[slot] is not None or self.cached[slot] is None:
+            return None
+        # at least the prompt's last token runs again: its logits give the first new token
+        keep = min(_common_prefix(self.cached[slot], request.prompt), len(request.prompt) - 1)  # type: ignore[arg-type]
+        return (slot, keep) if keep > 0 else None
+
+    def _bind(self, slot: int, session: Hashable | None) -> None:
+        """Slot `slot` now computes for `session`: whatever cache it held for another is gone."""
+        previous = self.slot_session[slot]
+        if previous is not None and self.session_slot.get(previous) == slot:
+            del self.session_slot[previous]
+        self.cached[slot], self.slot_session[slot] = None, session
+        if session is not None and self.engine.prefix_reuse:
+            old = self.session_slot.get(session)
+            if old is not None and old != slot:  # the session moved (its slot was busy): the old cache is no one's
+                self.cached[old], self.slot_session[old] = None, None
+            self.session_slot[session] = slot
 
     def _record(self, rows: slice | torch.Tensor, logits: torch.Tensor) -> None:
         """Sample the next token of slots `rows` from `logits`, store it, update the slots' flags. A finished
@@ -260,9 +331,13 @@ class Batcher(_Queue):
         counts, looped = self.count[idx].tolist(), self.looped[idx].tolist()
         ids, lps = self.out_ids[idx].cpu(), self.out_lp[idx].cpu()
         for k, s in enumerate(finished):
-            _, on_done = self.running[s]  # type: ignore[misc]
+            request, on_done = self.running[s]  # type: ignore[misc]
             self.running[s] = None
-            on_done(self.engine.finished(ids[k, : counts[k]].tolist(), lps[k, : counts[k]].tolist(), looped[k]))
+            tokens = ids[k, : counts[k]].tolist()
+            if self.slot_session[s] is not None and self.engine.prefix_reuse:
+                # the cache holds every position before the last sampled token (that one was never fed back)
+                self.cached[s] = request.prompt + tokens[:-1]
+            on_done(self.engine.finished(tokens, lps[k, : counts[k]].tolist(), looped[k]))
 
 
 class WaveBatcher(_Queue):
@@ -337,6 +412,14 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
 
 
 def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:

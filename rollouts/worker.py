@@ -50,8 +50,9 @@ class RolloutWorker(BroadcastMember):
             convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg))
             self.int4_targets = set(targets)
         self.renderer = Renderer(self.tokenizer)
+        r = cfg.rollout
         self.engine = Engine(
-            self.model, self.renderer.pad_token_id, self.renderer.eos_token_id, cfg.rollout.repeat_window, cfg.rollout.repeat_max_period, cfg.rollout.max_num_seqs
+            self.model, self.renderer.pad_token_id, self.renderer.eos_token_id, r.repeat_window, r.repeat_max_period, r.max_num_seqs, r.prefix_reuse
         )
         make_env(cfg.env)  # fail now, naming the environment, rather than on the first rollout
         self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)

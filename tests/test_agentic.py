@@ -64,7 +64,7 @@ def tool_policy(tool_policy_dir, make_cfg):
 def make_loop(tool_policy, env=RecordingCalculator, repeat_window: int = 0, **rollout) -> AgentLoop:
     model, renderer = tool_policy
     cfg = RolloutConfig(**{"max_new_tokens_per_turn": 40, **rollout})
-    engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, repeat_window, cfg.repeat_max_period)
+    engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, repeat_window, cfg.repeat_max_period, prefix_reuse=cfg.prefix_reuse)
     return AgentLoop(engine, renderer, env, cfg, EnvConfig(max_turns=3))
 
 
@@ -102,6 +102,46 @@ def test_partial_rollouts_resume_token_for_token_with_the_environment_state(tool
         assert [v for _, _, v in tb.segments] == sorted({v for _, _, v in tb.segments}) and tb.policy_version == tb.segments[0][2]
         assert [v for *_, v in ta.segments] == [0]
     assert RecordingCalculator().tool_specs() == [CALC_TOOL]  # the subclass offers the same tool
+
+
+def test_a_next_turn_prefills_only_its_new_tokens_and_samples_the_same(tool_policy, monkeypatch) -> None:
+    """Prefix reuse: an episode's turn 2 continues in its cache slot, so what runs through the model is the tool's
+    result and the one token of turn 1 never fed back; the samples are those of a full prefill of the history."""
+    from rollouts.decoder import Decoder
+
+    fed = {"prefill": 0, "extend": 0}
+    prefill, extend = Decoder.prefill, Decoder.extend
+
+    def counting_prefill(self, ids, lengths, slots):
+        fed["prefill"] += int(lengths.sum())
+        return prefill(self, ids, lengths, slots)
+
+    def counting_extend(self, ids, starts, lengths, rows):
+        fed["extend"] += int(lengths.sum())
+        return extend(self, ids, starts, lengths, rows)
+
+    monkeypatch.setattr(Decoder, "prefill", counting_prefill)
+    monkeypatch.setattr(Decoder, "extend", counting_extend)
+    rows, runs = calculator_rows(6), {}
+    for reuse in (True, False):
+        fed.update(prefill=0, extend=0)
+        loop = make_loop(tool_policy, prefix_reuse=reuse)
+        episodes = loop.new_episodes(rows, 4)
+        loop.run_episodes(episodes, version=0, greedy=False, generator=torch.Generator().manual_seed(3))
+        runs[reuse] = ([loop.trajectory(ep) for ep in episodes], dict(fed))
+    (reused, fed_reuse), (full, fed_full) = runs[True], runs[False]
+    for a, b in zip(reused, full, strict=True):
+        assert a.token_ids.tolist() == b.token_ids.tolist() and a.num_turns == b.num_turns
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4)
+    later_turns = [t for t in reused if t.num_turns > 1]
+    assert len(later_turns) >= 6  # the policy calls the tool, reads its result and answers
+    # per later turn: the observation tokens and the turn's last sampled token; nothing of the history again
+    observation = sum(int((t.loss_mask[t.prompt_length :] == 0).sum()) for t in reused)
+    assert fed_reuse["extend"] == observation + sum(t.num_turns - 1 for t in reused)
+    first_turns = sum(t.prompt_length for t in reused[::4])  # one prefill per group
+    m = [t.loss_mask.tolist() for t in reused]
+    histories = sum(i for t, mask in zip(reused, m, strict=True) for i in range(t.prompt_length + 1, len(mask)) if mask[i] and not mask[i - 1])
+    assert fed_reuse["prefill"] == first_turns and fed_full["extend"] == 0 and fed_full["prefill"] == first_turns + histories
 
 
 def test_token_budget_per_task_truncates_and_is_penalized(tool_policy) -> None:

@@ -80,6 +80,23 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
             by_slot[s].append(t)
         logits = decoder.decode(tokens, positions, int(positions.max()) + 1)
         assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in order]), atol=1e-4)
+    # a next turn (`extend`): slots 0, 5, 1 continue after everything they hold with 1, 4 and 3 new tokens (a
+    # tool's result), slot 3 after its first 4 positions only (the rest overwritten); slot 2 is not touched
+    vocab = model.config.vocab_size
+    rows, keep, new = [0, 5, 1, 3], [None, None, None, 4], [[7], [3, 9, 11, 2], [5, 5, 1], [8, 13]]
+    starts = [len(by_slot[s]) if k is None else k for s, k in zip(rows, keep, strict=True)]
+    ids = torch.zeros(len(rows), 4, dtype=torch.long)
+    for i, toks in enumerate(new):
+        ids[i, : len(toks)] = torch.tensor([t % vocab for t in toks])
+        by_slot[rows[i]] = by_slot[rows[i]][: starts[i]] + ids[i, : len(toks)].tolist()
+    logits = decoder.extend(ids, torch.tensor(starts), torch.tensor([len(t) for t in new]), torch.tensor(rows))
+    assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in rows]), atol=1e-4)
+    positions = torch.tensor([len(by_slot[s]) for s in order])
+    tokens = torch.tensor([3 % vocab] * len(order))
+    for s in order:
+        by_slot[s].append(3 % vocab)
+    logits = decoder.decode(tokens, positions, int(positions.max()) + 1)  # and decoding goes on from the extended caches
+    assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in order]), atol=1e-4)
 
 
 def test_a_model_the_decoder_does_not_cover_runs_its_own_forward_to_the_same_tokens() -> None:
