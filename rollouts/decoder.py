@@ -144,14 +144,16 @@ class _MLA:
         o = F.scaled_dot_product_attention(torch.cat([q_pass, q_rot], dim=-1), k, v, is_causal=True, scale=self.scaling)
         return o.transpose(1, 2).reshape(n, t, -1)
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span: int, mask: torch.Tensor, read: slice | torch.Tensor
+    ) -> torch.Tensor:
         n = x.shape[0]
         q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
         self.cache[rows, positions] = torch.cat([latent[:, 0], k_rot[:, 0, 0]], dim=-1)
         w = _weight(self.attn.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
         q_latent = torch.bmm(q_pass[:, :, 0].transpose(0, 1), w[:, : self.nope]).transpose(0, 1)  # [n, H, lora]
         query = torch.cat([q_latent, q_rot[:, :, 0]], dim=-1)  # [n, H, lora + rope]
-        keys = self.cache[:n, :span]  # [n, span, lora + rope]
+        keys = self.cache[read, :span]  # [n, span, lora + rope]
         probs = torch.softmax(torch.baddbmm(mask, query, keys.transpose(1, 2), alpha=self.scaling), dim=-1)  # [n, H, span]
         context = torch.bmm(probs, keys[..., : self.lora])  # [n, H, lora]
         o = torch.bmm(context.transpose(0, 1), w[:, self.nope :].transpose(1, 2)).transpose(0, 1)  # [n, H, v_dim]
@@ -164,11 +166,9 @@ class _MLA:
         q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
         self.cache[rows[:, None].expand(-1, t)[valid], positions[valid]] = torch.cat([latent, k_rot[:, 0]], dim=-1)[valid]
         w = _weight(self.attn.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
-        query = torch.cat([torch.matmul(q_pass, w[:, : self.nope]), q_rot], dim=-1).reshape(e, self.heads * t, -1)  # [e, H t, lora + rope]
-        keys = self.cache[rows, :span]
-        scores_mask = mask[:, None].expand(-1, self.heads, -1, -1).reshape(e, self.heads * t, span)
-        probs = torch.softmax(torch.baddbmm(scores_mask, query, keys.transpose(1, 2), alpha=self.scaling), dim=-1)
-        context = torch.bmm(probs, keys[..., : self.lora]).view(e, self.heads, t, self.lora)
+        query = torch.cat([torch.matmul(q_pass, w[:, : self.nope]), q_rot], dim=-1)  # [e, H, t, lora + rope]
+        keys = self.cache[rows, :span][:, None].expand(-1, self.heads, -1, -1)  # [e, H, span, lora + rope]: one latent "head" every query head reads
+        context = F.scaled_dot_product_attention(query, keys, keys, attn_mask=mask[:, None], scale=self.scaling)[..., : self.lora]
         o = torch.matmul(context, w[:, self.nope :].transpose(1, 2))  # [e, H, t, v_dim]
         return o.transpose(1, 2).reshape(e, t, -1)
 
@@ -211,11 +211,13 @@ class _GQA:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
         return o.transpose(1, 2).reshape(n, t, -1)
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, span: int, mask: torch.Tensor, read: slice | torch.Tensor
+    ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
         self.k_cache[rows, :, positions], self.v_cache[rows, :, positions] = k[:, :, 0], v[:, :, 0]
-        keys, values = self.k_cache[:n, :, :span], self.v_cache[:n, :, :span]
+        keys, values = self.k_cache[read, :, :span], self.v_cache[read, :, :span]
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling, enable_gqa=self.kv_heads != self.heads)
         return o.transpose(1, 2).reshape(n, 1, -1)
 
@@ -387,15 +389,17 @@ class Decoder:
         h = self._run(ids, lambda attn, x: attn.prefill(x, cos, sin, dest, src))
         return self._logits(h[torch.arange(u, device=self.device), lengths - 1])
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """One token for each of slots 0..n-1 (`tokens`, `positions` [n]): write its cache entry at its position,
-        attend over the slot's positions ≤ its own (`span` > every position bounds the read); logits [n, vocab]."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One token for each of slots 0..n-1, or of slots `rows` [n] (`tokens`, `positions` [n]): write its cache
+        entry at its position, attend over the slot's positions ≤ its own (`span` > every position bounds the
+        read); logits [n, vocab]. Slots 0..n-1 read their caches as a view; other rows gather theirs (a copy)."""
         n = tokens.shape[0]
-        rows = torch.arange(n, device=self.device)
+        read = slice(0, n) if rows is None else rows
+        rows = torch.arange(n, device=self.device) if rows is None else rows
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         visible = torch.arange(span, device=self.device)[None] <= positions[:, None]
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))[:, None]  # [n, 1, span]
-        h = self._run(tokens[:, None], lambda attn, x: attn.decode(x, cos, sin, rows, positions, span, mask))
+        h = self._run(tokens[:, None], lambda attn, x: attn.decode(x, cos, sin, rows, positions, span, mask, read))
         return self._logits(h[:, 0])
 
     def extend(self, ids: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ from transformers import DynamicCache
 from rollouts.decoder import SUPPORTED_MODEL_TYPES, Decoder
 
 StopReason = Literal["stop", "length", "repeat"]
+GATHER_BELOW = 0.75
+"""A decode step runs only the occupied slots (gathered) once fewer than this share of slots 0..width-1 are."""
 
 
 @dataclass
@@ -240,14 +242,14 @@ class Batcher(_Queue):
             logits[-1] = logits[-1][torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)]
             order += [s for p in prompts for s in unique[p]]
             by_slot.update(zip(slots, fresh, strict=True))
-        if continued:
-            slots = [slot for slot, _, _ in continued]
-            tails = [item[0].prompt[start:] for _, start, item in continued]
-            starts = torch.tensor([start for _, start, _ in continued], device=self.device)
+        for bucket in _by_length(continued, lambda c: len(c[2][0].prompt) - c[1]):
+            slots = [slot for slot, _, _ in bucket]
+            tails = [item[0].prompt[start:] for _, start, item in bucket]
+            starts = torch.tensor([start for _, start, _ in bucket], device=self.device)
             lengths = torch.tensor([len(t) for t in tails], device=self.device)
             logits.append(self.decoder.extend(self._padded(tails).to(self.device), starts, lengths, torch.tensor(slots, device=self.device)))
             order += slots
-            by_slot.update((slot, item) for slot, _, item in continued)
+            by_slot.update((slot, item) for slot, _, item in bucket)
             self.reused_tokens += int(starts.sum())
         idx = torch.tensor(order, device=self.device)
         for s in order:
@@ -313,14 +315,19 @@ class Batcher(_Queue):
         self.done[rows] = done | (tok == self.engine.stop_token_id) | (count >= self.budget[rows]) | looping
 
     def _decode(self, width: int) -> None:
-        rows = slice(0, width)
-        span = min(max(self.host_pos[:width]) + 1, self.max_len)
-        logits = self.decoder.decode(self.tok[rows], self.pos[rows].clamp(max=self.max_len - 1), span)
+        """One token for the slots in use: slots 0..width-1 as one slice while few of them are idle, else only
+        the occupied ones (gathered: with prefix reuse, episodes keep their slots and the occupied ones scatter)."""
+        occupied = [s for s in range(width) if self.running[s] is not None]
+        rows: slice | torch.Tensor = slice(0, width)
+        if len(occupied) < GATHER_BELOW * width:
+            rows = torch.tensor(occupied, device=self.device)
+        span = min(max(self.host_pos[s] for s in occupied) + 1, self.max_len)
+        positions = self.pos[rows].clamp(max=self.max_len - 1)
+        logits = self.decoder.decode(self.tok[rows], positions, span, None if isinstance(rows, slice) else rows)
         self.pos[rows] = self.pos[rows] + (~self.done[rows]).long()
         self._record(rows, logits)
-        for s in range(width):
-            if self.running[s] is not None:
-                self.host_pos[s] = min(self.host_pos[s] + 1, self.max_len - 1)
+        for s in occupied:
+            self.host_pos[s] = min(self.host_pos[s] + 1, self.max_len - 1)
 
     def _retire(self, width: int) -> None:
         done = self.done[:width].tolist()
@@ -412,6 +419,15 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic)."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _by_length(items: list, length: Callable[[Any], int]) -> list[list]:
+    """`items` in buckets of lengths within a factor of 2 (1-2, 3-4, 5-8, ...), shortest first: padded to its
+    longest, a bucket runs at least half real tokens (one long tool error no longer pads every other row)."""
+    buckets: dict[int, list] = {}
+    for item in items:
+        buckets.setdefault((length(item) - 1).bit_length(), []).append(item)
+    return [buckets[k] for k in sorted(buckets)]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
