@@ -97,6 +97,12 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
         by_slot[s].append(3 % vocab)
     logits = decoder.decode(tokens, positions, int(positions.max()) + 1)  # and decoding goes on from the extended caches
     assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in order]), atol=1e-4)
+    some = [5, 1]  # a decode of some slots only (the others idle): their caches gathered
+    positions = torch.tensor([len(by_slot[s]) for s in some])
+    for s in some:
+        by_slot[s].append(11 % vocab)
+    logits = decoder.decode(torch.tensor([11 % vocab] * 2), positions, int(positions.max()) + 1, rows=torch.tensor(some))
+    assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in some]), atol=1e-4)
 
 
 def test_a_model_the_decoder_does_not_cover_runs_its_own_forward_to_the_same_tokens() -> None:
