@@ -189,7 +189,6 @@ class _GQA:
         self.v_cache = torch.zeros_like(self.k_cache)
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        a = self.attn
         n, t, _ = x.shape
         q, k, v = torch.split(self.qkv(x), [self.heads * self.dim, self.kv_heads * self.dim, self.kv_heads * self.dim], dim=-1)
         q, k = q.reshape(n, t, self.heads, self.dim), k.reshape(n, t, self.kv_heads, self.dim)

@@ -74,6 +74,10 @@ class Request:
     """The conversation (episode) this request continues: its next request may reuse this one's cache slot."""
 
 
+_Item = tuple[Request, Callable[[Generation], None]]
+"""A submitted request and the callback its result goes to."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -178,8 +182,8 @@ class Batcher(_Queue):
         self.slots, self.max_len = slots, max_len
         self.device = decoder.device
         self.sync_every = 1 if self.device.type == "cpu" else 8
-        self.waiting: deque[tuple[Request, Callable[[Generation], None]]] = deque()
-        self.running: list[tuple[Request, Callable[[Generation], None]] | None] = [None] * slots
+        self.waiting: deque[_Item] = deque()
+        self.running: list[_Item | None] = [None] * slots
         self.host_pos = [0] * slots  # upper bound of each slot's next position, for the attention span
         dev = self.device
         self.tok = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -214,12 +218,15 @@ class Batcher(_Queue):
                 self._retire(width)
 
     def _admit(self) -> None:
+        """Waiting requests into free slots: a request that continues its session in the slot holding the
+        session's cache extends it by its new tokens; the others are prefilled (each distinct prompt once) in
+        slots that hold no reusable cache first."""
         free = [s for s, r in enumerate(self.running) if r is None]
         if not free or not self.waiting:
             return
         admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-        continued: list[tuple[int, int, tuple[Request, Callable[[Generation], None]]]] = []  # (slot, cached prefix, item)
-        fresh = []
+        continued: list[tuple[int, int, _Item]] = []  # (slot, cached positions kept, item)
+        fresh: list[_Item] = []
         for item in admitted:
             found = self._reusable(item[0], {slot for slot, _, _ in continued})
             if found is None:
@@ -227,37 +234,44 @@ class Batcher(_Queue):
             else:
                 continued.append((*found, item))
         taken = {slot for slot, _, _ in continued}
-        spare = sorted((s for s in free if s not in taken), key=lambda s: (self.cached[s] is not None, s))  # no reusable cache first
-        order: list[int] = []
-        by_slot: dict[int, tuple[Request, Callable[[Generation], None]]] = {}
-        logits = []
-        if fresh:
-            slots = spare[: len(fresh)]
-            unique: dict[tuple[int, ...], list[int]] = {}
-            for slot, (request, _) in zip(slots, fresh, strict=True):
-                unique.setdefault(tuple(request.prompt), []).append(slot)
-            prompts = list(unique)
-            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-            logits.append(self.decoder.prefill(self._padded(prompts).to(self.device), lengths, [unique[p] for p in prompts]))
-            logits[-1] = logits[-1][torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)]
-            order += [s for p in prompts for s in unique[p]]
-            by_slot.update(zip(slots, fresh, strict=True))
+        spare = sorted((s for s in free if s not in taken), key=lambda s: (self.cached[s] is not None, s))
+        placed, logits = self._prefill(list(zip(spare, fresh)))  # zip stops at the fresh requests
         for bucket in _by_length(continued, lambda c: len(c[2][0].prompt) - c[1]):
-            slots = [slot for slot, _, _ in bucket]
-            tails = [item[0].prompt[start:] for _, start, item in bucket]
-            starts = torch.tensor([start for _, start, _ in bucket], device=self.device)
-            lengths = torch.tensor([len(t) for t in tails], device=self.device)
-            logits.append(self.decoder.extend(self._padded(tails).to(self.device), starts, lengths, torch.tensor(slots, device=self.device)))
-            order += slots
-            by_slot.update((slot, item) for slot, _, item in bucket)
-            self.reused_tokens += int(starts.sum())
-        idx = torch.tensor(order, device=self.device)
-        for s in order:
-            request = by_slot[s][0]
-            self.running[s] = by_slot[s]
-            self.host_pos[s] = len(request.prompt)
-            self._bind(s, request.session)
-        reqs = [by_slot[s][0] for s in order]
+            logits.append(self._extend(bucket))
+            placed += [(slot, item) for slot, _, item in bucket]
+        self._start(placed, torch.cat(logits))
+
+    def _prefill(self, placed: list[tuple[int, _Item]]) -> tuple[list[tuple[int, _Item]], list[torch.Tensor]]:
+        """Prefill each distinct prompt of `placed` (slot, request) once into all its slots; returns the slots in
+        logits order and the logits (one row per slot)."""
+        if not placed:
+            return [], []
+        unique: dict[tuple[int, ...], list[int]] = {}
+        for slot, (request, _) in placed:
+            unique.setdefault(tuple(request.prompt), []).append(slot)
+        prompts = list(unique)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        logits = self.decoder.prefill(self._padded(prompts).to(self.device), lengths, [unique[p] for p in prompts])
+        by_slot = dict(placed)
+        order = [(s, by_slot[s]) for p in prompts for s in unique[p]]
+        return order, [logits[torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)]]
+
+    def _extend(self, bucket: list[tuple[int, int, _Item]]) -> torch.Tensor:
+        """Continue each (slot, kept positions, request) of `bucket` past the positions its slot keeps."""
+        tails = [item[0].prompt[keep:] for _, keep, item in bucket]
+        starts = torch.tensor([keep for _, keep, _ in bucket], device=self.device)
+        lengths = torch.tensor([len(t) for t in tails], device=self.device)
+        self.reused_tokens += int(starts.sum())
+        return self.decoder.extend(self._padded(tails).to(self.device), starts, lengths, torch.tensor([slot for slot, _, _ in bucket], device=self.device))
+
+    def _start(self, placed: list[tuple[int, _Item]], logits: torch.Tensor) -> None:
+        """Slots of `placed` (slot, request) start their requests; `logits` (one row each) give their first tokens."""
+        for s, item in placed:
+            self.running[s] = item
+            self.host_pos[s] = len(item[0].prompt)
+            self._bind(s, item[0].session)
+        idx = torch.tensor([s for s, _ in placed], device=self.device)
+        reqs = [item[0] for _, item in placed]
         self.pos[idx] = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
         self.budget[idx] = torch.tensor([r.max_new_tokens for r in reqs], device=self.device)
         self.seeds[idx] = torch.tensor([r.seed for r in reqs], device=self.device)
@@ -266,7 +280,7 @@ class Batcher(_Queue):
         self.looped[idx] = False
         if self.loops is not None:
             self.loops.reset(idx, [r.turn_prefix for r in reqs])
-        self._record(idx, torch.cat(logits))
+        self._record(idx, logits)
 
     def _padded(self, seqs: list[list[int]] | list[tuple[int, ...]]) -> torch.Tensor:
         ids = torch.full((len(seqs), max(map(len, seqs))), self.engine.pad_token_id, dtype=torch.long)
@@ -353,7 +367,7 @@ class WaveBatcher(_Queue):
 
     def __init__(self, engine: Engine, sampling: SamplingParams) -> None:
         self.engine, self.sampling = engine, sampling
-        self.waiting: list[tuple[Request, Callable[[Generation], None]]] = []
+        self.waiting: list[_Item] = []
 
     @property
     def busy(self) -> bool:
