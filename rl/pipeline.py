@@ -3,7 +3,8 @@ generate step k+1 while the learner trains on step k.
 
 Timeline with staleness 1 (the default): step k collects the rollouts started one step earlier, starts step k+1's
 with the weights the workers hold now (version k-1), scores and trains step k (version k), and pushes version k,
-which each worker loads once it has finished step k+1's generation (calls on an actor run in order). Step k+1
+which each worker loads once it has finished step k+1's generation (calls on an actor run in order; the push does
+not wait for the loads). Step k+1
 then trains on samples one version old: `policy_lag_mean` says how old, and the loss sees the rollout logprobs,
 so PPO's clipping (or `algorithm.rollout_correction`'s truncated importance weights) accounts for the gap.
 Staleness 0 is the synchronous loop: start, wait, train, push.

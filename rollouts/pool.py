@@ -60,23 +60,47 @@ class RolloutPool:
         self.source: Any = None  # collective weight sync: the learner actor the weights come from
         self.group_source: Any = None  # ... and the one the current broadcast group was formed with
         self.group_stale = False
+        self.loading: list[tuple[int, ray.ObjectRef, int]] = []  # weight loads sent, answer not yet checked: (worker, ref, version)
 
     # -- weights and reward models -------------------------------------------------------------------------------
     def publish(self, weights: Any, version: int) -> None:
         """Have every worker load `weights` (a payload or an ObjectRef to one, put in the object store once) as
-        policy `version`; kept, so a restarted worker starts from them."""
+        policy `version`; kept, so a restarted worker starts from them.
+
+        Returns without waiting for the loads: calls on an actor run in order, so every later call to a worker
+        (the next step's rollouts, an evaluation, a checkpoint's state) runs on the new weights, and the
+        controller scores and batches the next step while the learner packs and the workers load them. Each
+        load's answer is checked once it is in (`_check_loads`); a worker that dies meanwhile is met, restarted
+        with these weights and its groups re-issued by the next call that needs it."""
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        self._check_loads()
         self.weights, self.source = (ref, version), None
-        loaded = self._on_all(lambda w: w.load_weights.remote(ref, version))
-        if any(v != version for v in loaded):
-            raise RuntimeError(f"weight sync: workers report versions {loaded}, expected {version}")
+        self.loading = [(i, w.load_weights.remote(ref, version), version) for i, w in enumerate(self.workers)]
         self.version = version
+
+    def _check_loads(self, wait: bool = False) -> None:
+        """Check the answers of the weight loads that are in (all of them with `wait`): each names the version it
+        was sent. A load lost with its worker is left to the next call on that worker, which restarts it."""
+        if not self.loading:
+            return
+        refs = [ref for _, ref, _ in self.loading]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        done = set(ready)
+        for i, ref, version in [entry for entry in self.loading if entry[1] in done]:
+            try:
+                loaded = ray.get(ref)
+            except ACTOR_LOST:
+                continue
+            if loaded != version:
+                raise RuntimeError(f"weight sync: rollout worker {i} reports version {loaded}, expected {version}")
+        self.loading = [entry for entry in self.loading if entry[1] not in done]
 
     def broadcast_from(self, source: Any, version: int, backend: str) -> None:
         """Collective weight sync (`cluster.weight_sync: collective`): `source` (learner rank 0) broadcasts its
         payload to every worker in one collective. The group is formed on first use and formed again when a
         member was replaced; if a worker dies during the broadcast it is restarted with the weights through the
         object store and the group is formed again at the next push."""
+        self._check_loads(wait=True)
         if self.group_source is not source or self.group_stale:
             self._form_group(source, backend)
         manifest = ray.get(source.prepare_broadcast.remote())
@@ -137,6 +161,7 @@ class RolloutPool:
         with (see `_restart`)."""
         results = self._run(lambda i, reissue: handle.refs[i])  # after a restart, `handle.refs[i]` is the re-issued call
         self.outstanding.remove(handle)
+        self._check_loads()
         out: list[Trajectory] = []
         for i in sorted(results):
             for gid in {t.group_id for t in results[i]}:

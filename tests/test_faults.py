@@ -125,10 +125,11 @@ def test_a_job_whose_rollout_worker_dies_mid_step_completes_with_exact_counts(tm
     cfg = make_cfg(f"env.name={env}:KillsItsWorkerOnce", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "trainer.steps=3", "eval.enabled=false")
     train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    # async (staleness 1): step 2's rollouts run while step 1 trains, so the death is met by step 1's weight push,
-    # which restarts the worker and re-issues step 2's groups at once (or, when the kill came before step 1's
-    # result left the worker, by step 1's collect, which regenerates both steps' groups, each with its own step)
-    assert [r["step"] for r in rows] == [1, 2, 3] and [r["worker_restarts"] for r in rows] == [1.0, 1.0, 1.0]
+    # async (staleness 1): step 2's rollouts run while step 1 trains, and the weight push does not wait for the
+    # workers, so the death is met by the next call that needs the worker: step 2's collect, which restarts it and
+    # regenerates step 2's and step 3's groups (each with its own step; counted at step 2), or step 1's collect
+    # when the kill came before step 1's result left the worker (counted at step 1)
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["worker_restarts"] for r in rows] in ([1.0, 1.0, 1.0], [0.0, 1.0, 1.0])
     assert all(r["num_samples"] == 8 and r["failed_samples"] == 0 for r in rows)
     step2 = [json.loads(line) for line in (tmp_path / "run" / "trajectories" / "step_000002.jsonl").read_text().splitlines()]
     assert Counter(s["group_id"] for s in step2) == {gid: 2 for gid in range(4, 8)}
