@@ -114,6 +114,11 @@ class _MLA:
         self.q_kv = _projection(a.q_proj if a.q_proj is not None else a.q_a_proj, a.kv_a_proj_with_mqa)
         self.q_b = None if a.q_proj is not None else _projection(a.q_b_proj)
         self.kv_b, self.out = _projection(a.kv_b_proj), _projection(a.o_proj)
+        # kv_b's key and value halves per head, for attention in the latent space (absorbed; contiguous, and an INT4
+        # kv_b dequantized once per batch rather than every step)
+        w = _weight(a.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
+        self.absorb_k = w[:, : self.nope].contiguous()  # [H, nope, lora]
+        self.absorb_v = w[:, self.nope :].transpose(1, 2).contiguous()  # [H, lora, v_dim]
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [n, t, hidden] → q_pass, q_rot [n, H, t, ·], latent [n, t, lora], k_rot [n, 1, t, rope]."""
@@ -150,13 +155,12 @@ class _MLA:
         n = x.shape[0]
         q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
         self.cache[rows, positions] = torch.cat([latent[:, 0], k_rot[:, 0, 0]], dim=-1)
-        w = _weight(self.attn.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
-        q_latent = torch.bmm(q_pass[:, :, 0].transpose(0, 1), w[:, : self.nope]).transpose(0, 1)  # [n, H, lora]
+        q_latent = torch.bmm(q_pass[:, :, 0].transpose(0, 1), self.absorb_k).transpose(0, 1)  # [n, H, lora]
         query = torch.cat([q_latent, q_rot[:, :, 0]], dim=-1)  # [n, H, lora + rope]
         keys = self.cache[read, :span]  # [n, span, lora + rope]
         probs = torch.softmax(torch.baddbmm(mask, query, keys.transpose(1, 2), alpha=self.scaling), dim=-1)  # [n, H, span]
         context = torch.bmm(probs, keys[..., : self.lora])  # [n, H, lora]
-        o = torch.bmm(context.transpose(0, 1), w[:, self.nope :].transpose(1, 2)).transpose(0, 1)  # [n, H, v_dim]
+        o = torch.bmm(context.transpose(0, 1), self.absorb_v).transpose(0, 1)  # [n, H, v_dim]
         return o.reshape(n, 1, -1)
 
     def extend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, span: int, mask: torch.Tensor) -> torch.Tensor:
@@ -165,11 +169,10 @@ class _MLA:
         e, t, _ = x.shape
         q_pass, q_rot, latent, k_rot = self._project(x, cos, sin)
         self.cache[rows[:, None].expand(-1, t)[valid], positions[valid]] = torch.cat([latent, k_rot[:, 0]], dim=-1)[valid]
-        w = _weight(self.attn.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
-        query = torch.cat([torch.matmul(q_pass, w[:, : self.nope]), q_rot], dim=-1)  # [e, H, t, lora + rope]
+        query = torch.cat([torch.matmul(q_pass, self.absorb_k), q_rot], dim=-1)  # [e, H, t, lora + rope]
         keys = self.cache[rows, :span][:, None].expand(-1, self.heads, -1, -1)  # [e, H, span, lora + rope]: one latent "head" every query head reads
         context = F.scaled_dot_product_attention(query, keys, keys, attn_mask=mask[:, None], scale=self.scaling)[..., : self.lora]
-        o = torch.matmul(context, w[:, self.nope :].transpose(1, 2))  # [e, H, t, v_dim]
+        o = torch.matmul(context, self.absorb_v)  # [e, H, t, v_dim]
         return o.transpose(1, 2).reshape(e, t, -1)
 
 

@@ -75,7 +75,7 @@ class RolloutPool:
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         self._check_loads()
         self.weights, self.source = (ref, version), None
-        self.loading = [(i, w.load_weights.remote(ref, version), version) for i, w in enumerate(self.workers)]
+        self.loading += [(i, w.load_weights.remote(ref, version), version) for i, w in enumerate(self.workers)]
         self.version = version
 
     def _check_loads(self, wait: bool = False) -> None:
