@@ -391,6 +391,12 @@ class Decoder:
         h = self._run(ids, lambda attn, x: attn.prefill(x, cos, sin, dest, src))
         return self._logits(h[torch.arange(u, device=self.device), lengths - 1])
 
+    def _mask(self, positions: torch.Tensor, span: int) -> torch.Tensor:
+        """Additive attention mask [..., t, span] for queries at `positions` [..., t]: a query sees its slot's
+        positions up to its own."""
+        visible = torch.arange(span, device=self.device) <= positions[..., None]
+        return torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """One token for each of slots 0..n-1, or of slots `rows` [n] (`tokens`, `positions` [n]): write its cache
         entry at its position, attend over the slot's positions ≤ its own (`span` > every position bounds the
@@ -399,8 +405,7 @@ class Decoder:
         read = slice(0, n) if rows is None else rows
         rows = torch.arange(n, device=self.device) if rows is None else rows
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        visible = torch.arange(span, device=self.device)[None] <= positions[:, None]
-        mask = torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))[:, None]  # [n, 1, span]
+        mask = self._mask(positions[:, None], span)  # [n, 1, span]
         h = self._run(tokens[:, None], lambda attn, x: attn.decode(x, cos, sin, rows, positions, span, mask, read))
         return self._logits(h[:, 0])
 
@@ -415,7 +420,6 @@ class Decoder:
         positions = (starts[:, None] + offsets).clamp(max=self.max_len - 1)  # pads' positions only bound their reads
         span = int((starts + lengths).max())
         cos, sin = self.cos[positions], self.sin[positions]  # [e, t, rotary dim]
-        visible = torch.arange(span, device=self.device)[None, None] <= positions[:, :, None]
-        mask = torch.zeros(visible.shape, device=self.device, dtype=self.cos.dtype).masked_fill_(~visible, float("-inf"))  # [e, t, span]
+        mask = self._mask(positions, span)  # [e, t, span]
         h = self._run(ids, lambda attn, x: attn.extend(x, cos, sin, rows, positions, valid, span, mask))
         return self._logits(h[torch.arange(e, device=self.device), lengths - 1])
