@@ -5,6 +5,7 @@ submitted at any time and each `step()` (1) admits waiting requests into free ca
 prompt once and copying its cache entries to every slot that shares it (a GRPO group's samples), (2) decodes one
 token for every running sequence, (3) retires finished sequences, calling their `on_done`. A finished sequence
 leaves at once and a waiting one takes its slot at the next step: no one waits for the batch's longest sample.
+`Engine.generate(prompts, ...)` is the one-shot form (submit all, step until done).
 
 Prefix reuse across turns (`Engine(prefix_reuse=True)`, `rollout.prefix_reuse`): a retired sequence's slot keeps
 its cache, remembered under the request's `session` (an episode). When the session's next request (its next turn:
@@ -12,7 +13,6 @@ the history, the turn just generated and the tool's result) finds that slot free
 longest prefix the slot holds and prefills only the new tokens (`Decoder.extend`); new sessions take slots that
 hold no reusable cache first. SGLang's RadixAttention and vLLM's automatic prefix caching do this by content
 across requests; one slot per episode is the case that matters for agentic rollouts, and it costs no lookup.
-`Engine.generate(prompts, ...)` is the one-shot form (submit all, step until done).
 
 Per step, on the device and without a host round trip: temperature, top-k and top-p sampling, the logprob of each
 sampled token under logits / temperature (what the learner recomputes), the stop token, each sequence's budget and
