@@ -201,7 +201,6 @@ class Batcher(_Queue):
         self.cached: list[list[int] | None] = [None] * slots
         self.slot_session: list[Hashable | None] = [None] * slots
         self.session_slot: dict[Hashable, int] = {}
-        self.reused_tokens = 0  # prompt tokens not prefilled again, over this batch
 
     @property
     def busy(self) -> bool:
@@ -227,13 +226,14 @@ class Batcher(_Queue):
         admitted = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
         continued: list[tuple[int, int, _Item]] = []  # (slot, cached positions kept, item)
         fresh: list[_Item] = []
+        taken: set[int] = set()
         for item in admitted:
-            found = self._reusable(item[0], {slot for slot, _, _ in continued})
+            found = self._reusable(item[0], taken)
             if found is None:
                 fresh.append(item)
             else:
                 continued.append((*found, item))
-        taken = {slot for slot, _, _ in continued}
+                taken.add(found[0])
         spare = sorted((s for s in free if s not in taken), key=lambda s: (self.cached[s] is not None, s))
         placed, logits = self._prefill(list(zip(spare, fresh)))  # zip stops at the fresh requests
         for bucket in _by_length(continued, lambda c: len(c[2][0].prompt) - c[1]):
@@ -261,7 +261,6 @@ class Batcher(_Queue):
         tails = [item[0].prompt[keep:] for _, keep, item in bucket]
         starts = torch.tensor([keep for _, keep, _ in bucket], device=self.device)
         lengths = torch.tensor([len(t) for t in tails], device=self.device)
-        self.reused_tokens += int(starts.sum())
         return self.decoder.extend(self._padded(tails).to(self.device), starts, lengths, torch.tensor([slot for slot, _, _ in bucket], device=self.device))
 
     def _start(self, placed: list[tuple[int, _Item]], logits: torch.Tensor) -> None:
