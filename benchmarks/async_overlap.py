@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from rl.config import load_config
-from rl.controller import train
-from rl.warmstart import prepare_policy
+from rl.loop.controller import train
+from rl.policy.warmstart import prepare_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_STAGES = ("time_score_s", "time_advantages_s", "time_update_s", "time_sync_s")

@@ -31,8 +31,8 @@ import torch
 from envs.calculator import CalculatorEnv
 from envs.registry import register_env
 from rl.config import load_config
-from rl.data import builtin_rows, to_prompt_row
-from rl.warmstart import prepare_policy
+from rl.loop.data import builtin_rows, to_prompt_row
+from rl.policy.warmstart import prepare_policy
 from rollouts.worker import RolloutWorker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def main() -> None:
 
     policy = prepare_policy(config(0.0))
     rows = [to_prompt_row(i, r) for i, r in enumerate(builtin_rows("calculator", args.envs // args.samples, 7, "eval"))]
-    slow, instant = RolloutWorker(str(policy), config(args.max_latency), 0), RolloutWorker(str(policy), config(0.0), 0)
+    slow, instant = RolloutWorker(str(policy), config(args.max_latency).worker_spec(), 0), RolloutWorker(str(policy), config(0.0).worker_spec(), 0)
     run(instant, rows[:1], 2, 10_000)  # warm-up: first-call allocations and kernel selection
 
     results = {}

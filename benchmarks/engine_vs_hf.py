@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from rl.config import load_config
-from rl.data import builtin_rows, to_prompt_row
-from rl.policy import load_policy
-from rl.quant import QuantSpec, targeted_parameters
-from rl.warmstart import prepare_policy
+from rl.loop.data import builtin_rows, to_prompt_row
+from rl.policy.warmstart import prepare_policy
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4
+from rollouts.model import load_policy
+from rollouts.quant import QuantSpec, targeted_parameters
 from rollouts.renderer import Renderer
 from rollouts.worker import int4_kernel_settings
 
@@ -73,7 +73,7 @@ def main() -> None:
         model, tokenizer = load_policy(policy, cfg.model)
         if weights == "int4":
             spec = QuantSpec.from_config(cfg.quant)
-            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg))
+            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype))
         renderer = Renderer(tokenizer)
         engine = Engine(model, renderer.pad_token_id, stop_token_id=-1)  # never stops early: both sides do the same work
         rows = [to_prompt_row(i, r) for i, r in enumerate(builtin_rows("calculator", max(args.batches), seed=3, split="eval"))]

@@ -18,9 +18,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV3Config
 
-from rl.quant import ALL_LINEAR, ROUTED_EXPERTS, QuantSpec, targeted_parameters
 from rollouts.engine import Engine
 from rollouts.int4 import Int4Experts, Int4Linear, convert_to_int4
+from rollouts.quant import ALL_LINEAR, ROUTED_EXPERTS, QuantSpec, targeted_parameters
 
 PRESETS = {
     # ~60M parameters: big enough that weight reads, not Python, dominate a CPU decode step

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from rl.config import load_config
-from rl.data import builtin_rows, to_prompt_row
-from rl.warmstart import prepare_policy
+from rl.loop.data import builtin_rows, to_prompt_row
+from rl.policy.warmstart import prepare_policy
 from rollouts.decoder import Decoder
 from rollouts.worker import RolloutWorker
 
@@ -66,7 +66,7 @@ def main() -> None:
     rows = [to_prompt_row(i, r) for i, r in enumerate(builtin_rows(base.data.task, n * (args.rounds + 1), base.seed, "train"))]
     counter = PrefillCounter()
     workers = {
-        reuse: RolloutWorker(str(policy), load_config(ROOT / "configs" / "calculator.yaml", [*args.overrides, f"rollout.prefix_reuse={str(reuse).lower()}"]), 0)
+        reuse: RolloutWorker(str(policy), load_config(ROOT / "configs" / "calculator.yaml", [*args.overrides, f"rollout.prefix_reuse={str(reuse).lower()}"]).worker_spec(), 0)
         for reuse in (True, False)
     }
     for worker in workers.values():

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from rl.config import load_config
-from rl.controller import train
-from rl.warmstart import prepare_policy
+from rl.loop.controller import train
+from rl.policy.warmstart import prepare_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

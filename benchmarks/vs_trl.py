@@ -80,13 +80,13 @@ from envs.registry import make_env
 from rewards.api import detect_style
 from rewards.registry import get_reward
 from rewards.scoring import RewardScorer
-from rl import controller
-from rl.cluster import ray_session
 from rl.config import JobConfig, load_config
-from rl.data import PromptSampler, load_split
-from rl.placement import place
-from rl.policy import load_policy, save_policy
-from rl.warmstart import prepare_policy
+from rl.launch.cluster import ray_session
+from rl.launch.placement import place
+from rl.loop import controller
+from rl.loop.data import PromptSampler, load_split
+from rl.policy.warmstart import prepare_policy
+from rollouts.model import load_policy, save_policy
 from rollouts.renderer import Renderer
 
 # tiderl's chat template writes `<think>` inside the content and `<tool_call>{json}</tool_call>` after it (Hermes);

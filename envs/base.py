@@ -11,7 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from rl.records import PromptRow
+
+@dataclass
+class PromptRow:
+    """One prompt in verl's parquet layout, as the environment and the reward functions see it."""
+
+    index: int
+    """Position of the row in its dataset; with `data_source` it identifies the prompt in logs."""
+    messages: list[dict[str, Any]]
+    """Opening chat messages (`[{"role": ..., "content": ...}]`)."""
+    data_source: str
+    """Which task the row comes from; reward functions may dispatch on it (verl convention)."""
+    ground_truth: Any
+    """`reward_model.ground_truth`: what the verifier checks the answer against."""
+    extra_info: dict[str, Any] = field(default_factory=dict)
+    """Free-form per-row data passed through to environments and reward functions."""
 
 
 @dataclass

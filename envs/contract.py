@@ -13,10 +13,9 @@ from typing import Any
 
 import jsonschema
 
-from envs.base import StepResult, ToolCall
+from envs.base import PromptRow, StepResult, ToolCall
+from envs.config import EnvConfig
 from envs.registry import make_env
-from rl.config import EnvConfig
-from rl.records import PromptRow
 
 DEFAULT_ROW = PromptRow(index=0, messages=[{"role": "user", "content": "Hello."}], data_source="tiderl/contract", ground_truth="0")
 _EXAMPLES = {"string": "1", "integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}, "null": None}

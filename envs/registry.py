@@ -1,4 +1,10 @@
-"""Registry of environments: `@register_env("name")` on a class whose instances follow `envs.base.Env`.
+"""Open, named registries, and the one for environments.
+
+`Registry` is the generic table every layer's registry is built on (environments here; reward functions in
+`rewards.registry`; advantage estimators, losses and tasks in `rl`): it sits in the bottom layer so that every
+layer can use it. Users extend a registry three ways: the decorator (`@register_env("name")`) in code that gets
+imported, a `path/to/file.py:attr` reference in the job config, or a package entry point in the registry's group
+(`tiderl.envs`, `tiderl.rewards`, ...). A name that is not found is an error listing the known names.
 
 An environment is constructed once per sample with the job's `env` section: `cls.from_config(cfg)` when the class
 defines it (the python tool takes its sandbox limits that way), else `cls(**cfg.kwargs)`.
@@ -6,10 +12,86 @@ defines it (the python tool takes its sandbox limits that way), else `cls(**cfg.
 
 from __future__ import annotations
 
-from typing import Any
+import difflib
+import importlib.metadata
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
-from rl.config import EnvConfig
-from rl.registry import Registry
+from envs.config import EnvConfig
+
+T = TypeVar("T")
+
+
+class RegistryError(LookupError):
+    """A name or a file reference could not be resolved."""
+
+
+class Registry(Generic[T]):
+    """A name -> object table with file and entry-point loading."""
+
+    def __init__(self, kind: str, entry_point_group: str) -> None:
+        self.kind = kind
+        self.entry_point_group = entry_point_group
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: `@registry.register("name")`."""
+
+        def decorator(obj: T) -> T:
+            existing = self._items.get(name)
+            if existing is not None and existing is not obj:
+                raise RegistryError(f"{self.kind} {name!r} is already registered (by {existing!r})")
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(set(self._items) | {ep.name for ep in self._entry_points()})
+
+    def get(self, ref: str) -> T:
+        """Resolve a registered name, an entry point name, or `path/to/file.py:attr`."""
+        if ":" in ref and ref.split(":", 1)[0].endswith(".py"):
+            return self._load_from_file(ref)
+        if ref in self._items:
+            return self._items[ref]
+        for ep in self._entry_points():
+            if ep.name == ref:
+                obj = ep.load()
+                self._items[ref] = obj
+                return obj
+        known = self.names()
+        close = difflib.get_close_matches(ref, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RegistryError(
+            f"unknown {self.kind} {ref!r}.{hint} Known: {', '.join(known) or '(none)'}. "
+            f"Add your own with a 'path/to/file.py:name' reference or an entry point in group "
+            f"{self.entry_point_group!r}."
+        )
+
+    def _entry_points(self) -> list[importlib.metadata.EntryPoint]:
+        return list(importlib.metadata.entry_points(group=self.entry_point_group))
+
+    def _load_from_file(self, ref: str) -> T:
+        path_str, attr = ref.rsplit(":", 1)
+        path = Path(path_str).expanduser().resolve()
+        if not path.is_file():
+            raise RegistryError(f"{self.kind} reference {ref!r}: file {path} does not exist")
+        module_name = f"tiderl_user_{path.stem}_{abs(hash(str(path)))}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise RegistryError(f"{self.kind} reference {ref!r}: cannot import {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        if not hasattr(module, attr):
+            raise RegistryError(f"{self.kind} reference {ref!r}: {path} defines no {attr!r}")
+        return getattr(module, attr)
 
 ENVS: Registry[type] = Registry("environment", "tiderl.envs")
 register_env = ENVS.register

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rl.config import SandboxConfig
+from envs.config import SandboxConfig
 
 UNPRIVILEGED_UID = 65534  # `nobody`
 SCRATCH = "/tmp/scratch"

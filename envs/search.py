@@ -1,4 +1,4 @@
-"""A local search tool over a document collection, and the `search_qa` task that needs it.
+"""A local search tool over a document collection (the `search_qa` task, `rl.tasks.search_qa`, needs it).
 
 `search(query, k)` ranks documents with BM25 (`bm25s`, a maintained pure-Python/numpy implementation) and returns
 the top `k` as numbered snippets. The collection is a JSONL file of `{"id", "title", "text"}` objects; the project
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ from envs.registry import register_env
 from envs.tools import ToolEnv, ToolError, tool
 
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "islands.jsonl"
-DATA_SOURCE = "tiderl/search_qa"
-SYSTEM_PROMPT = "Answer the question. Search the documents first: the answer is in them."
 MAX_K = 10
 
 
@@ -82,30 +79,3 @@ class SearchEnv(ToolEnv):
         if not hits:
             return "No document matches."
         return "\n".join(f"[{i}] {d.get('title', d.get('id', ''))}: {d['text']}" for i, d in enumerate(hits, 1))
-
-
-_QUESTIONS = {
-    "capital": "What is the capital of {island}?",
-    "founded": "In which year was {island} founded?",
-    "export": "What is the main export of {island}?",
-}
-
-
-def make_search_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
-    """`n` questions about the shipped collection, in verl's layout; train and eval ask about disjoint islands."""
-    facts = [d["facts"] for d in load_corpus(str(DEFAULT_CORPUS)).docs]
-    cut = len(facts) * 3 // 4
-    pool = facts[:cut] if split == "train" else facts[cut:]
-    rng = random.Random(f"{split}-{seed}")
-    rows = []
-    for i in range(n):
-        f, field = rng.choice(pool), rng.choice(sorted(_QUESTIONS))
-        rows.append(
-            {
-                "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _QUESTIONS[field].format(**f)}],
-                "data_source": DATA_SOURCE,
-                "reward_model": {"style": "rule", "ground_truth": f[field]},
-                "extra_info": {"split": split, "index": i, "island": f["island"], "field": field},
-            }
-        )
-    return rows

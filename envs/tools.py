@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 import jsonschema
 from transformers.utils import get_json_schema
 
-from envs.base import StepResult, ToolCall
-from rl.records import PromptRow
+from envs.base import PromptRow, StepResult, ToolCall
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MARK = "__tiderl_tool__"

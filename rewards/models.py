@@ -23,9 +23,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rl.cluster import ACTOR_LOST
-from rl.config import RewardModelConfig
-from rl.records import completion_messages
+from rewards.config import RewardModelConfig
+from rollouts.actors import ACTOR_LOST
+from rollouts.records import completion_messages
 
 log = logging.getLogger("tiderl")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rl.registry import Registry
+from envs.registry import Registry
 
 RewardFn = Callable[..., Any]
 REWARDS: Registry[RewardFn] = Registry("reward function", "tiderl.rewards")

@@ -17,10 +17,11 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from rl.config import RewardConfig
-from rl.records import ScoredTrajectory, Trajectory, TrajectoryStatus, completion_messages
 from rewards.api import Failure, RewardFunction, RewardInput, Scores
+from rewards.config import RewardConfig
+from rewards.records import ScoredTrajectory
 from rewards.registry import get_reward
+from rollouts.records import Trajectory, TrajectoryStatus, completion_messages
 
 log = logging.getLogger(__name__)
 

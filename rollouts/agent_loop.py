@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from envs.base import StepResult, ToolCall
-from rl.config import EnvConfig, RolloutConfig
-from rl.records import PromptRow, Trajectory, TrajectoryStatus
+from envs.base import PromptRow, StepResult, ToolCall
+from envs.config import EnvConfig
+from rollouts.config import RolloutConfig
 from rollouts.engine import Engine, Generation, Request, SamplingParams
+from rollouts.records import Trajectory, TrajectoryStatus
 from rollouts.renderer import Renderer
 from rollouts.tool_parsers import TOOL_CALL_PARSERS
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl.quant import PackedInt4, QuantSpec, WeightPayload, pack_state_dict
+from rollouts.quant import PackedInt4, QuantSpec, WeightPayload, pack_state_dict
 
 _CUDA_INNER_K_TILES = (8, 4, 2)
 

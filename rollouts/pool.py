@@ -22,8 +22,9 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from rl.cluster import ACTOR_LOST
-from rl.records import PromptRow, Trajectory
+from envs.base import PromptRow
+from rollouts.actors import ACTOR_LOST
+from rollouts.records import Trajectory
 
 log = logging.getLogger("tiderl")
 
@@ -55,6 +56,7 @@ class RolloutPool:
         self.samples_per_prompt: int | None = None
         self.weights: tuple[Any, int] | None = None
         self.reward_models: dict[str, Any] = {}
+        self.reward_model_item: Callable[[Any], Any] | None = None
         self.restarts = 0  # over the job
         self.version: int | None = None
         self.source: Any = None  # collective weight sync: the learner actor the weights come from
@@ -131,10 +133,12 @@ class RolloutPool:
         ray.get([m.join_broadcast.remote(rank, len(members), address, port, backend) for rank, m in enumerate(members)])
         self.group_source, self.group_stale = source, False
 
-    def set_reward_models(self, handles: dict[str, Any]) -> None:
-        """Reward model actors the workers send finished groups to (`reward.models_async`)."""
+    def set_reward_models(self, handles: dict[str, Any], make_item: Callable[[Any], Any]) -> None:
+        """Reward model actors the workers send finished groups to (`reward.models_async`), and the reward layer's
+        function that turns an episode into what they score."""
         self.reward_models = dict(handles)
-        self._on_all(lambda w: w.set_reward_models.remote(self.reward_models))
+        self.reward_model_item = make_item
+        self._on_all(lambda w: w.set_reward_models.remote(self.reward_models, make_item))
 
     # -- rollouts -------------------------------------------------------------------------------------------------
     def submit_step(
@@ -224,7 +228,7 @@ class RolloutPool:
             ray.get(worker.load_weights.remote(self.source.get_weights.remote(), self.version))
             self.group_stale = True
         if self.reward_models:
-            ray.get(worker.set_reward_models.remote(self.reward_models))
+            ray.get(worker.set_reward_models.remote(self.reward_models, self.reward_model_item))
         self.workers[i] = worker
         self.restarts += 1
         self._reissue(i)

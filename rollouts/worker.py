@@ -12,42 +12,59 @@ them first in the next `generate` call; it returns only whole groups, so group a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import ray
-from ray import cloudpickle
 import torch
 import transformers
+from ray import cloudpickle
 
+from envs.base import PromptRow
+from envs.config import EnvConfig
 from envs.registry import make_env
-from rl.collective import BroadcastMember, Manifest, buffer_size, unflatten
-from rl.config import JobConfig
-from rl.policy import load_policy
-from rl.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
-from rl.records import PromptRow, Trajectory
-from rewards.models import reward_model_item
 from rollouts.agent_loop import AgentLoop, Episode
+from rollouts.collective import BroadcastMember, Manifest, buffer_size, unflatten
+from rollouts.config import ModelConfig, QuantConfig, RolloutConfig
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
+from rollouts.model import load_policy
+from rollouts.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
+from rollouts.records import Trajectory
 from rollouts.renderer import Renderer
-from rl.shipping import ShippedDir, open_dir
-from rl.warmstart import shipped_cache
+from rollouts.shipping import ShippedDir, open_dir, shipped_cache
 
 log = logging.getLogger("tiderl")
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a rollout worker needs of the job: its own sections (`rl.config.JobConfig.worker_spec()` builds it)."""
+
+    model: ModelConfig
+    rollout: RolloutConfig
+    env: EnvConfig
+    quant: QuantConfig
+    seed: int
+    """The job's seed: worker i samples from its own stream, seeded `seed * 1009 + i`."""
+    cache_dir: str | None = None
+    """Where a policy shipped through Ray is unpacked on a node that lacks the driver's disk (None: the default)."""
+
+
 class RolloutWorker(BroadcastMember):
-    def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig, worker_index: int) -> None:
+    def __init__(self, policy_dir: str | ShippedDir, cfg: WorkerSpec, worker_index: int) -> None:
         torch.set_num_threads(cfg.rollout.threads_per_worker)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         self.cfg = cfg
-        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg)), cfg.model)
+        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg.cache_dir)), cfg.model)
         if cfg.rollout.gpus_per_worker > 0 and torch.cuda.is_available():  # a worker given GPUs generates there
             self.model.to("cuda")
         self.int4_targets: set[str] = set()
         if cfg.quant.enabled:
             spec = QuantSpec.from_config(cfg.quant)
             targets = targeted_parameters(self.model, spec)
-            convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg))
+            convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg.quant, cfg.model.dtype))
             self.int4_targets = set(targets)
         self.renderer = Renderer(self.tokenizer)
         r = cfg.rollout
@@ -60,11 +77,14 @@ class RolloutWorker(BroadcastMember):
         self.version = 0
         self.open_groups: dict[int, list[Episode]] = {}
         self.reward_models: dict[str, ray.actor.ActorHandle] = {}
+        self.reward_model_item: Callable[[Episode], Any] | None = None
         self.model_refs: dict[int, dict[str, ray.ObjectRef]] = {}
 
-    def set_reward_models(self, handles: dict) -> None:
-        """Reward model actors to send each finished group to (`reward.models_async`)."""
+    def set_reward_models(self, handles: dict, make_item: Callable[[Episode], Any]) -> None:
+        """Reward model actors to send each finished group to (`reward.models_async`), and the function that turns
+        an episode into what they score (the reward layer's, passed in: rollouts never import rewards)."""
         self.reward_models = dict(handles)
+        self.reward_model_item = make_item
 
     def load_weights(self, weights: WeightPayload, version: int) -> int:
         """Install a weight-sync payload (dense tensors and packed INT4 ones) as policy `version`."""
@@ -121,7 +141,8 @@ class RolloutWorker(BroadcastMember):
         group = self.open_groups.get(ep.group_id, [])
         if not group or not all(member.done for member in group) or ep.group_id in self.model_refs:
             return
-        items = [reward_model_item(m) for m in group]
+        assert self.reward_model_item is not None  # set with the handles
+        items = [self.reward_model_item(m) for m in group]
         self.model_refs[ep.group_id] = {name: actor.score.remote(items) for name, actor in self.reward_models.items()}
 
     def export_paused(self) -> list[tuple[int, PromptRow, bytes | None]]:
@@ -172,19 +193,19 @@ class RolloutWorker(BroadcastMember):
 RolloutWorkerActor = ray.remote(RolloutWorker)
 
 
-def int4_kernel_settings(cfg: JobConfig) -> tuple[torch.dtype, int | None]:
+def int4_kernel_settings(quant: QuantConfig, model_dtype: str) -> tuple[torch.dtype, int | None]:
     """The INT4 kernels' activation dtype and `dense_min_rows`, with the config's defaults resolved.
 
     auto activations = the policy's dtype (fp32 stays fp32; bf16 and fp16 run bf16, the half type torch's INT4
     kernels take). Unset `dense_min_rows` = 8 with fp32 activations, where torch's CPU kernel loses from ~8 rows
     on, and never with bf16 (see benchmarks/int4_decode.py).
     """
-    choice = cfg.quant.rollout_activation_dtype
+    choice = quant.rollout_activation_dtype
     if choice == "auto":
-        activation = torch.float32 if cfg.model.dtype == "float32" else torch.bfloat16
+        activation = torch.float32 if model_dtype == "float32" else torch.bfloat16
     else:
         activation = getattr(torch, choice)
-    dense_min_rows = cfg.quant.dense_min_rows or (8 if activation == torch.float32 else None)
+    dense_min_rows = quant.dense_min_rows or (8 if activation == torch.float32 else None)
     return activation, dense_min_rows
 
 

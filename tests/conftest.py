@@ -50,7 +50,7 @@ def make_cfg(cache_dir: Path):
 
 @pytest.fixture(scope="session")
 def tiny_policy_dir(make_cfg) -> Path:
-    from rl.warmstart import prepare_policy
+    from rl.policy.warmstart import prepare_policy
 
     return prepare_policy(make_cfg(), log=lambda *_: None)
 
@@ -59,7 +59,7 @@ def tiny_policy_dir(make_cfg) -> Path:
 def tool_policy_dir(make_cfg) -> Path:
     """The tiny policy after a 60-step warm start on tool-calling demonstrations (~6 s): it calls `calc`, reads
     the result and answers (often wrongly), so multi-turn episodes with real tool calls come from a real model."""
-    from rl.warmstart import prepare_policy
+    from rl.policy.warmstart import prepare_policy
 
     cfg = make_cfg(
         "warm_start.enabled=true", "warm_start.steps=60", "warm_start.batch_size=16", "warm_start.tool_use_rate=1.0",

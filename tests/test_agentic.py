@@ -8,17 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from envs.base import PromptRow
 from envs.calculator import CALC_TOOL, CalculatorEnv
+from envs.config import EnvConfig
 from envs.tools import tool
-from rl.config import EnvConfig, RewardConfig, RolloutConfig
-from rl.data import builtin_rows, to_prompt_row
-from rl.policy import load_policy
-from rl.records import PromptRow, TrajectoryStatus
+from rewards.config import RewardConfig
 from rewards.scoring import RewardScorer
+from rl.loop.data import builtin_rows, to_prompt_row
 from rollouts.agent_loop import AgentLoop
+from rollouts.config import RolloutConfig
 from rollouts.engine import Engine, _LoopDetector
-from rollouts.renderer import Renderer
+from rollouts.model import load_policy
 from rollouts.pool import RolloutPool
+from rollouts.records import TrajectoryStatus
+from rollouts.renderer import Renderer
 from rollouts.worker import RolloutWorkerActor
 
 
@@ -240,7 +243,7 @@ def test_64_concurrent_environments_with_random_latencies_on_one_worker(tool_pol
     env_file = tmp_path / "slow_env.py"
     env_file.write_text(SLOW_ENV.format(ms=100))
     cfg = make_cfg(f"model.path={tool_policy_dir}", f"env.name={env_file}:SlowCalculator", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, i), 1)
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg.worker_spec(), i), 1)
     rows = calculator_rows(16)
     trajectories = pool.generate_step(rows, first_group_id=100, samples_per_prompt=4, iteration_budget=0)
     assert len(trajectories) == 64 and len({t.sample_id for t in trajectories}) == 64
@@ -252,7 +255,7 @@ def test_64_concurrent_environments_with_random_latencies_on_one_worker(tool_pol
 
 def test_worker_returns_only_whole_groups_and_resumes_the_rest(tool_policy_dir, make_cfg, ray_local) -> None:
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=2")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg, i), 1)
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg.worker_spec(), i), 1)
     rows = calculator_rows(3)
     first = pool.generate_step(rows, 0, 2, iteration_budget=4)
     assert first == [] and pool.num_paused() == 6 and pool.in_flight == [{0: rows[0], 1: rows[1], 2: rows[2]}]  # no sample ends within 4 tokens

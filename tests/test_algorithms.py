@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from rl.advantages import ADVANTAGES, grpo
-from rl.losses import LOSSES, aggregate, ppo_clip, token_band_mask, token_mean
+from rl.trainer.advantages import ADVANTAGES, grpo
+from rl.trainer.losses import LOSSES, aggregate, ppo_clip, token_band_mask, token_mean
 
 
 def test_grpo_hand_worked() -> None:
@@ -105,8 +105,8 @@ def test_token_mask_zeroes_gradient_outside_the_band_for_both_signs_of_advantage
 
 
 def test_prioritized_sampling_frequencies_match_their_targets_over_20k_draws() -> None:
-    from rl.data import PromptSampler
-    from rl.records import PromptRow
+    from envs.base import PromptRow
+    from rl.loop.data import PromptSampler
 
     rows = [PromptRow(i, [{"role": "user", "content": str(i)}], "t", "0") for i in range(6)]
     sampler = PromptSampler(rows, seed=0, mode="prioritized", success_ema=1.0)
@@ -127,8 +127,8 @@ def test_prioritized_sampling_frequencies_match_their_targets_over_20k_draws() -
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_policy_dir, make_cfg) -> None:
-    from rl.optim import build_optimizer, muon_parameters
-    from rl.policy import load_policy
+    from rl.trainer.optim import build_optimizer, muon_parameters
+    from rollouts.model import load_policy
 
     cfg = make_cfg("trainer.optimizer=muon")
     model, _ = load_policy(tiny_policy_dir, cfg.model)
@@ -149,7 +149,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_policy_dir, make
 
 
 def test_rollout_corrections_truncate_or_mask_the_importance_weights() -> None:
-    from rl.losses import rollout_correction
+    from rl.trainer.losses import rollout_correction
 
     rollout = torch.zeros(1, 4)
     learner = torch.log(torch.tensor([[0.25, 0.9, 1.5, 3.0]]))  # pi_learner / pi_rollout per token
@@ -166,7 +166,7 @@ def test_dapo_overlong_penalty_is_soft_then_hard() -> None:
 
 
 def test_kl_estimators_hand_worked() -> None:
-    from rl.losses import kl_penalty
+    from rl.trainer.losses import kl_penalty
 
     logp, ref = torch.tensor([math.log(0.5), math.log(0.2)]), torch.tensor([math.log(0.25), math.log(0.2)])
     r = math.log(2.0)
@@ -176,8 +176,8 @@ def test_kl_estimators_hand_worked() -> None:
 
 
 def test_curriculum_walks_easy_to_hard_and_names_rows_without_difficulty() -> None:
-    from rl.data import DataError, PromptSampler
-    from rl.records import PromptRow
+    from envs.base import PromptRow
+    from rl.loop.data import DataError, PromptSampler
 
     rows = [PromptRow(i, [{"role": "user", "content": str(i)}], "t", "0", {"difficulty": d}) for i, d in enumerate([3, 1, 2, 1, 3])]
     sampler = PromptSampler(rows, seed=0, mode="curriculum")
@@ -191,7 +191,7 @@ def test_curriculum_walks_easy_to_hard_and_names_rows_without_difficulty() -> No
 
 def test_temperature_schedule_decays_linearly() -> None:
     from rl.config import load_config
-    from rl.controller import rollout_temperature
+    from rl.loop.controller import rollout_temperature
 
     cfg = load_config(None, ["model={}", "rollout.temperature=1.0", "rollout.temperature_final=0.6", "rollout.temperature_decay_steps=4"])
     assert [round(rollout_temperature(cfg, s), 6) for s in range(1, 7)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.6]

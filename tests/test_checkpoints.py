@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rl.checkpoint import WORKERS_FILE
-from rl.controller import train
+from rl.loop.checkpoint import WORKERS_FILE
+from rl.loop.controller import train
 from rollouts.pool import RolloutPool
 from rollouts.worker import RolloutWorkerActor
 from tests.test_rl_step import calculator_rows
@@ -24,7 +24,7 @@ def test_paused_groups_move_to_new_workers_and_finish_token_for_token(tool_polic
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=2")
 
     def pool() -> RolloutPool:
-        return RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg, i), 2)
+        return RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2)
 
     original = pool()
     assert original.generate_step(calculator_rows(4), 0, 2, iteration_budget=6) == [] and original.num_paused() == 8
@@ -67,7 +67,7 @@ def test_resume_with_paused_rollouts_in_the_checkpoint_is_exact(tool_policy_dir,
 
 def test_resume_names_settings_that_differ_from_the_run(tmp_path: Path, capsys) -> None:
     from rl.config import dump_config, load_config
-    from rl.controller import _warn_changed_config
+    from rl.loop.controller import _warn_changed_config
 
     config = Path(__file__).parents[1] / "configs" / "calculator.yaml"
     (tmp_path / "config.yaml").write_text(dump_config(load_config(config, [])))

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from rl.config import load_config
-from rl.jobs import JobsError, cluster_path, local_token, plan_submission, resolve_address
+from rl.launch.jobs import JobsError, cluster_path, local_token, plan_submission, resolve_address
 from tests.conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ class Cluster:
         return _clean_env(RAY_AUTH_TOKEN_PATH=str(self.token_file), **extra)
 
     def tiderl(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "rl.cli", *args]
+        cmd = [sys.executable, "-m", "rl.launch.cli", *args]
         return subprocess.run(cmd, check=False, cwd=REPO, env=env or self.env(), capture_output=True, text=True, timeout=timeout)
 
     def api(self, path: str, **params) -> dict:
@@ -246,7 +246,7 @@ def test_submit_runs_the_job_on_the_cluster(cluster: Cluster, cache_dir: Path, t
     status = cluster.tiderl("status", job, "--address", cluster.address)
     assert status.returncode == 0, status.stderr
     assert re.search(r"^status:\s+SUCCEEDED$", status.stdout, re.MULTILINE), status.stdout
-    assert f"run directory: {run_dir}" in status.stdout and "python -m rl.cli train configs/calculator.yaml" in status.stdout
+    assert f"run directory: {run_dir}" in status.stdout and "python -m rl.launch.cli train configs/calculator.yaml" in status.stdout
 
     logs = cluster.tiderl("logs", job, "--address", cluster.address)
     assert logs.returncode == 0, logs.stderr
@@ -346,7 +346,7 @@ def _driver(cluster: Cluster, cache_dir: Path, run: Path, log: Path, *, resume: 
     """`tiderl train` run here, connected to the cluster as its driver, in its own process group: killed whole
     when the test ends first."""
     cmd = [
-        sys.executable, "-m", "rl.cli", "train", "configs/calculator.yaml", *DRIVER_OVERRIDES, f"warm_start.cache_dir={cache_dir}",
+        sys.executable, "-m", "rl.launch.cli", "train", "configs/calculator.yaml", *DRIVER_OVERRIDES, f"warm_start.cache_dir={cache_dir}",
         f"cluster.address={cluster.gcs}", "--resume" if resume else "--run-dir", str(run),
     ]
     with log.open("w") as out:
@@ -401,7 +401,7 @@ def test_a_driver_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted
 ):
     import torch
 
-    from rl.checkpoint import latest_checkpoint
+    from rl.loop.checkpoint import latest_checkpoint
     from tests.test_faults import _final_state
 
     run, log = tmp_path / "run", tmp_path / "driver.log"
@@ -464,7 +464,7 @@ def test_plan_builds_the_entrypoint_and_runtime_env(workdir: Path, tmp_path: Pat
     plan = _plan(tmp_path, "trainer.steps=3", "cluster.env_vars={HF_HOME: /data/hf}", "cluster.pip=[bm25s]", submission_id="j1")
     assert plan.submission_id == "j1" and plan.run_dir == "~/tiderl-runs/j1"
     assert plan.entrypoint == (
-        "python -m rl.cli train job.yaml trainer.steps=3 'cluster.env_vars={HF_HOME: /data/hf}' 'cluster.pip=[bm25s]' "
+        "python -m rl.launch.cli train job.yaml trainer.steps=3 'cluster.env_vars={HF_HOME: /data/hf}' 'cluster.pip=[bm25s]' "
         '--run-dir "$HOME"/tiderl-runs/j1'
     )
     env = plan.runtime_env
@@ -498,7 +498,7 @@ def test_plan_rewrites_local_paths_relative_to_the_working_dir(workdir: Path, tm
 def _as_on_the_cluster(plan, workdir: Path):
     """The config the job's driver loads: the entrypoint's config and overrides, read from the working dir."""
     args = shlex.split(plan.entrypoint)
-    assert args[:4] == ["python", "-m", "rl.cli", "train"] and args[-2] in ("--run-dir", "--resume")
+    assert args[:4] == ["python", "-m", "rl.launch.cli", "train"] and args[-2] in ("--run-dir", "--resume")
     return load_config(workdir / args[4], args[5:-2])
 
 

@@ -94,7 +94,7 @@ def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_tex
     path.write_text(yaml_text)
     before = _ray_processes()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rl.cli", "train", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "rl.launch.cli", "train", str(path)], capture_output=True, text=True, cwd=tmp_path)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2
     assert expected in proc.stderr

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from rl.data import DataError, PromptSampler, load_split
-from rl.records import PromptRow, Trajectory, TrajectoryStatus
+from envs.base import PromptRow
+from rewards.config import RewardConfig
 from rewards.registry import REWARDS
 from rewards.scoring import RewardScorer
-from rl.config import RewardConfig
+from rl.loop.data import DataError, PromptSampler, load_split
+from rollouts.records import Trajectory, TrajectoryStatus
 
 
 def _verl_rows() -> list[dict]:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
-from rl.policy import load_policy
-from rl.quant import QuantSpec, targeted_parameters
 from rollouts.decoder import Decoder
 from rollouts.engine import Engine, Request, SamplingParams, _sample, uniform
 from rollouts.int4 import convert_to_int4
+from rollouts.model import load_policy
+from rollouts.quant import QuantSpec, targeted_parameters
 from rollouts.worker import int4_kernel_settings
 
 VOCAB = 97
@@ -55,7 +55,7 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
         if kind.endswith("int4"):
             cfg = make_cfg("quant.enabled=true")
             spec = QuantSpec.from_config(cfg.quant)
-            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg))
+            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype))
         vocab = model.config.vocab_size
         prompts = [[t % vocab for t in p] for p in ragged_prompts(5)]
     else:

@@ -11,18 +11,17 @@ from typing import Literal
 import pytest
 from typer.testing import CliRunner
 
-from envs.base import ToolCall
+from envs.base import PromptRow, ToolCall
 from envs.calculator import CALC_TOOL, CalculatorEnv
+from envs.config import EnvConfig
 from envs.contract import ContractError, check_env
 from envs.registry import ENVS, load_builtin_envs, make_env
 from envs.sandbox import SandboxUnavailable
 from envs.tools import ToolEnv, ToolError, tool, tool_spec
-from rl.cli import app
-from rl.config import EnvConfig
-from rl.data import builtin_rows, to_prompt_row
-from rl.records import PromptRow
 from rewards.answers import compute_score as contains_answer
 from rewards.calculator import compute_score as numeric_answer
+from rl.launch.cli import app
+from rl.loop.data import builtin_rows, to_prompt_row
 from rollouts.tool_parsers import parse_hermes, parse_kimi_k2
 
 ROW = PromptRow(0, [{"role": "user", "content": "hi"}], "test", "0")

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rl.controller import train
-from rl.learner import Learner
 from rewards.models import RewardModelPool, fetch_model_scores
+from rl.loop.controller import train
+from rl.trainer.learner import Learner
 from rollouts.pool import RolloutPool
 from rollouts.worker import RolloutWorkerActor
 from tests.test_rewards import classifier_dir  # noqa: F401  (a fixture)
@@ -63,7 +63,7 @@ def kill_when(title: str, condition=lambda: True, timeout_s: float = 120.0) -> d
 
 def test_a_worker_killed_mid_step_is_replaced_and_its_groups_come_back_whole(tool_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg, i), 2, max_restarts=2)
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2, max_restarts=2)
     pool.publish(Learner(str(tool_policy_dir), cfg).get_weights(), 7)  # a restarted worker must get these, not its starting ones
     killed = kill_when("RolloutWorker.generate_step")
     trajectories = pool.generate_step(calculator_rows(8), 100, 4, iteration_budget=0)
@@ -82,7 +82,7 @@ def test_a_worker_killed_with_two_steps_queued_regenerates_each_steps_groups_wit
     """The async pipeline's case: step B is queued behind step A on every worker when one dies inside A's call.
     Both of its calls are lost; each step must get back exactly its own groups (it once gave all of them to A)."""
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg, i), 2, max_restarts=2)
+    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2, max_restarts=2)
     pool.publish(Learner(str(tool_policy_dir), cfg).get_weights(), 3)
     killed = kill_when("RolloutWorker.generate_step")
     a = pool.submit_step(calculator_rows(8), 100, 4, iteration_budget=0)
@@ -139,7 +139,7 @@ def test_a_reward_model_killed_before_scoring_is_restarted_and_scores_the_same(c
     from rollouts.worker import RolloutWorker
 
     cfg = make_cfg(f"reward.models=[{{name: rm, kind: classifier, path: '{classifier_dir}', num_cpus: 0.5}}]")
-    trajectories = RolloutWorker(str(tiny_policy_dir), cfg, 0).generate(calculator_rows(3), 2)
+    trajectories = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0).generate(calculator_rows(3), 2)
     models = RewardModelPool(cfg.reward.models)
     fetch_model_scores(trajectories, models, score_in_workers=False)
     expected = [t.model_scores["rm"] for t in trajectories]

@@ -9,9 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config
 
-from rl.forward import Prompts, forwarded_positions, head_on_hidden_states, plan, scoring_states, shares_prompt_cache
-from rl.learner import Learner
-from rl.records import TrainBatch
+from rl.trainer.batch import TrainBatch
+from rl.trainer.forward import (
+    Prompts,
+    forwarded_positions,
+    head_on_hidden_states,
+    plan,
+    scoring_states,
+    shares_prompt_cache,
+)
+from rl.trainer.learner import Learner
 from rollouts.worker import RolloutWorker
 from tests.test_engine import small
 from tests.test_rl_step import LENGTH_REWARD
@@ -84,7 +91,7 @@ def test_scoring_only_the_policy_tokens_gives_the_full_forwards_logprobs_and_gra
     """`where=`: the head runs on the policy tokens alone (and, sharing, each group's prompt is forwarded once):
     their logprobs, entropies and gradients equal the full forward's, every other position is 0."""
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", f"trainer.share_prompt={share_prompt}")
-    batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg, 0), cfg, 2)
+    batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), cfg, 2)
     learner = Learner(str(tiny_policy_dir), cfg)
     assert learner._head_on_hidden and learner._share_prompt == share_prompt
     where = batch.loss_mask > 0
@@ -110,7 +117,7 @@ def test_sharing_prompts_gives_the_same_update_on_fewer_positions(tiny_policy_di
     """One learner step on a real batch (8 prompts x 4 samples, QAT) with and without `trainer.share_prompt`: the
     same weights to 1e-6, loss and grad norm to 1e-5, with fewer forwarded positions than the batch has tokens."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=400"]
-    batch = _batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base), 0), make_cfg(*base), 8)
+    batch = _batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base).worker_spec(), 0), make_cfg(*base), 8)
     plain, shared = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.share_prompt=false")), Learner(str(tiny_policy_dir), make_cfg(*base))
     a, b = plain.train_step(batch), shared.train_step(batch)
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
@@ -140,7 +147,7 @@ def test_the_learner_orders_rows_by_length_before_cutting_micro_batches(tiny_pol
 
 def test_the_update_does_not_depend_on_the_order_of_the_sequences(tiny_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_size=3")
-    batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg, 0), cfg, 3)
+    batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), cfg, 3)
     shuffled = batch.select(torch.randperm(batch.num_sequences, generator=torch.Generator().manual_seed(0)))
     a_learner, b_learner = Learner(str(tiny_policy_dir), cfg), Learner(str(tiny_policy_dir), cfg)
     a, b = a_learner.train_step(batch), b_learner.train_step(shuffled)
@@ -152,8 +159,8 @@ def test_the_update_does_not_depend_on_the_order_of_the_sequences(tiny_policy_di
 def test_mla_attention_with_padded_values_is_the_same_attention(tiny_policy_dir, make_cfg) -> None:
     """The K2 policy's values (16 wide) padded to its query width (32) so SDPA runs its flash kernel: the same
     logits as SDPA's math path, and the gradients."""
-    from rl.forward import PADDED_VALUE_SDPA, use_padded_value_attention
-    from rl.policy import load_policy
+    from rl.trainer.forward import PADDED_VALUE_SDPA, use_padded_value_attention
+    from rollouts.model import load_policy
 
     cfg = make_cfg()
     model, _ = load_policy(tiny_policy_dir, cfg.model)
@@ -191,7 +198,7 @@ def test_zero_advantage_sequences_skip_the_backward_and_give_the_same_update(tin
     """A real batch (6 prompts x 4 samples, QAT) where 3 groups got equal rewards: their sequences are forwarded
     without autograd and not backpropagated; weights, loss, grad norm and every metric equal the full backward's."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=300"]
-    batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base), 0), make_cfg(*base), 6), [0, 2, 5], 4)
+    batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base).worker_spec(), 0), make_cfg(*base), 6), [0, 2, 5], 4)
     full, skipping = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.skip_zero_advantage_backward=false")), Learner(str(tiny_policy_dir), make_cfg(*base))
     assert skipping._backward_rows(batch).tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 8 + [False] * 4
     a, b = full.train_step(batch), skipping.train_step(batch)
@@ -216,7 +223,7 @@ def test_unscored_zero_advantage_sequences_give_the_same_update_and_the_trained_
     """`trainer.score_zero_advantage=false`: the sequences without gradient are not forwarded at all; the update is
     still the full backward's, and the metrics are those of the trained sequences alone."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=300"]
-    batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base), 0), make_cfg(*base), 6), [1, 2, 4], 4)
+    batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base).worker_spec(), 0), make_cfg(*base), 6), [1, 2, 4], 4)
     full, unscored = Learner(str(tiny_policy_dir), make_cfg(*base)), Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.score_zero_advantage=false"))
     trained_only = Learner(str(tiny_policy_dir), make_cfg(*base))
     a, b = full.train_step(batch), unscored.train_step(batch)
@@ -231,7 +238,7 @@ def test_unscored_zero_advantage_sequences_give_the_same_update_and_the_trained_
 @pytest.mark.parametrize(("loss", "vanishes"), [("ppo_clip", True), ("gspo", True), ("cispo", True), ("k2", False)])
 def test_which_losses_vanish_at_zero_advantage(loss: str, vanishes: bool) -> None:
     """K2's loss pulls toward pi_old whatever the advantage, so its zero-advantage sequences keep their backward."""
-    from rl.losses import LOSSES, vanishes_at_zero_advantage
+    from rl.trainer.losses import LOSSES, vanishes_at_zero_advantage
 
     assert vanishes_at_zero_advantage(LOSSES.get(loss)) is vanishes
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl.advantages import grpo, reinforce_pp, reinforce_pp_baseline, rloo
-from rl.losses import aggregate, cispo, gspo, ppo_clip, token_mean
+from rl.trainer.advantages import grpo, reinforce_pp, reinforce_pp_baseline, rloo
+from rl.trainer.losses import aggregate, cispo, gspo, ppo_clip, token_mean
 
 ORACLES = Path(__file__).resolve().parents[1] / ".oracles"
 
@@ -188,7 +188,7 @@ def test_policy_losses_match_trl(trl, tiny_policy_dir, tmp_path: Path, loss_type
     of random completions, against our losses fed the same per-token logprobs."""
     from datasets import Dataset
 
-    from rl.losses import LOSSES
+    from rl.trainer.losses import LOSSES
 
     low, high, length = 0.2, 0.28, 6
     args = trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, num_generations=2, per_device_train_batch_size=4, max_completion_length=length,

@@ -10,15 +10,23 @@ import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationConfig
 
-from rl.advantages import grpo
-from rl.config import ConfigError, QuantConfig
-from rl.export import export_policy, load_exported
-from rl.learner import Learner
-from rl.policy import load_policy
-from rl.quant import ALL_LINEAR, PackedInt4, QuantSpec, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
-from rl.records import TrainBatch
 from rewards.scoring import RewardScorer
+from rl.config import ConfigError
+from rl.policy.export import export_policy
+from rl.trainer.advantages import grpo
+from rl.trainer.batch import TrainBatch
+from rl.trainer.learner import Learner
+from rollouts.config import QuantConfig
 from rollouts.int4 import Int4Experts, Int4Linear, convert_to_int4
+from rollouts.model import load_exported, load_policy
+from rollouts.quant import (
+    PackedInt4,
+    QuantSpec,
+    fake_quantize,
+    pack_state_dict,
+    payload_nbytes,
+    targeted_parameters,
+)
 from rollouts.worker import RolloutWorker
 from tests.test_rl_step import LENGTH_REWARD, calculator_rows
 
@@ -63,7 +71,7 @@ def test_straight_through_gradient_is_the_identity() -> None:
 
 def test_compressed_tensors_decompressor_reproduces_fake_quant() -> None:
     """The serving-side library (fp32 scales) reads our packed tensors back to exactly the learner's weights."""
-    from rl.export import quantization_config
+    from rl.policy.export import quantization_config
 
     spec = QuantSpec(group_size=64)
     w = torch.randn(48, 192)
@@ -157,7 +165,7 @@ def _batch(worker: RolloutWorker, cfg) -> TrainBatch:
 def test_qat_learner_matches_int4_rollouts_and_ptq_does_not(tiny_policy_dir, make_cfg) -> None:
     base = (f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true")
     cfg = make_cfg(*base)
-    worker = RolloutWorker(str(tiny_policy_dir), cfg, 0)
+    worker = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0)
     batch = _batch(worker, cfg)
 
     qat = Learner(str(tiny_policy_dir), cfg)
@@ -252,7 +260,7 @@ def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> No
     import subprocess
     import sys
 
-    from rl.controller import train
+    from rl.loop.controller import train
 
     run_dir = tmp_path / "run"
     train(make_cfg("quant.enabled=true", "quant.attribution_every=1", "eval.enabled=false"), run_dir)
@@ -263,7 +271,7 @@ def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> No
     assert sync["int4_vs_bf16"] == pytest.approx(0.28125) and sync["int4_bytes"] > 0
 
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "rl.cli", "export", str(run_dir), str(out), "--step", "2"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "rl.launch.cli", "export", str(run_dir), str(out), "--step", "2"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     master, _ = load_policy(run_dir / "checkpoints" / "step_000002" / "policy", make_cfg().model)
     loaded, _ = load_exported(out)
@@ -272,7 +280,7 @@ def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> No
     for name, tensor in master.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], fake_quantize(tensor, spec) if name in targets else tensor), name
 
-    missing = subprocess.run([sys.executable, "-m", "rl.cli", "export", str(tmp_path / "nope"), str(out)], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, "-m", "rl.launch.cli", "export", str(tmp_path / "nope"), str(out)], capture_output=True, text=True)
     assert missing.returncode == 2 and "no config.yaml" in missing.stderr
-    wrong_step = subprocess.run([sys.executable, "-m", "rl.cli", "export", str(run_dir), str(out), "--step", "7"], capture_output=True, text=True)
+    wrong_step = subprocess.run([sys.executable, "-m", "rl.launch.cli", "export", str(run_dir), str(out), "--step", "7"], capture_output=True, text=True)
     assert wrong_step.returncode == 2 and "no checkpoint for step 7" in wrong_step.stderr

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewards.api import Failure, RewardFunction, RewardInput, RewardSignatureError, detect_style
+from envs.base import PromptRow
+from rewards.api import Failure, RewardFunction, RewardSignatureError, detect_style
+from rewards.config import RewardConfig
 from rewards.math import compute_score as math_score
 from rewards.math import last_boxed
 from rewards.registry import REWARDS
 from rewards.scoring import RewardScorer
 from rewards.shaping import format_reward, length_reward
-from rl.config import RewardConfig
-from rl.controller import train
-from rl.records import PromptRow, Trajectory, TrajectoryStatus
+from rl.loop.controller import train
+from rollouts.records import Trajectory, TrajectoryStatus
 
 DATA = Path(__file__).parent / "data"
 
@@ -160,7 +161,7 @@ def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_pa
     functions = f"reward.functions=[{{name: '{verl}'}}, {{name: '{trl_acc}', weight: 0.5}}, {{name: '{trl_tool}'}}, {{name: format, weight: 0.1}}]"
     import datasets
 
-    from rl.data import builtin_rows
+    from rl.loop.data import builtin_rows
 
     parquet = tmp_path / "train.parquet"  # a verl dataset file: prompt messages, data_source, reward_model, extra_info, ability
     datasets.Dataset.from_list([{**row, "ability": "math"} for row in builtin_rows("calculator", 32, 0, "train")]).to_parquet(str(parquet))
@@ -216,8 +217,8 @@ def test_verdict_parsing() -> None:
 def test_classifier_and_judge_reward_models_score_batches(classifier_dir, tiny_policy_dir) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rewards.config import RewardModelConfig
     from rewards.models import RewardModel
-    from rl.config import RewardModelConfig
 
     items = [{"prompt": [{"role": "user", "content": "Compute 6*7."}], "completion": [{"role": "assistant", "content": t}], "group_id": g, "sample_id": f"{i}"}
              for i, (t, g) in enumerate([("The answer is 42.", 0), ("The answer is 41, after a long detour.", 0), ("42", 1)])]

@@ -7,17 +7,19 @@ import asyncio
 import pytest
 import torch
 
-from envs.calculator import CALC_TOOL, CalculatorEnv, evaluate, make_calculator_rows
-from envs.base import ToolCall
-from rl.config import RolloutConfig, EnvConfig
-from rl.policy import load_policy
-from rl.data import to_prompt_row
-from rl.records import PromptRow, TrajectoryStatus
+from envs.base import PromptRow, ToolCall
+from envs.calculator import CALC_TOOL, CalculatorEnv, evaluate
+from envs.config import EnvConfig
+from rewards.calculator import compute_score
+from rl.loop.data import to_prompt_row
+from rl.tasks.calculator import make_rows as make_calculator_rows
 from rollouts.agent_loop import AgentLoop
+from rollouts.config import RolloutConfig
 from rollouts.engine import Engine, Generation
+from rollouts.model import load_policy
+from rollouts.records import TrajectoryStatus
 from rollouts.renderer import Renderer
 from rollouts.tool_parsers import parse_hermes as parse_tool_calls
-from rewards.calculator import compute_score
 
 
 def calculator_rows(n: int) -> list[PromptRow]:
@@ -161,8 +163,8 @@ def test_engine_batch_of_16_gives_hf_generates_greedy_tokens(tiny_policy_dir, ma
     the routed experts running tiderl's INT4 modules."""
     import copy
 
-    from rl.quant import QuantSpec, targeted_parameters
     from rollouts.int4 import convert_to_int4
+    from rollouts.quant import QuantSpec, targeted_parameters
     from rollouts.worker import int4_kernel_settings
 
     cfg = make_cfg("quant.enabled=true")
@@ -170,7 +172,7 @@ def test_engine_batch_of_16_gives_hf_generates_greedy_tokens(tiny_policy_dir, ma
     model = copy.deepcopy(model)
     if weights == "int4":
         spec = QuantSpec.from_config(cfg.quant)
-        convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg))
+        convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype))
     renderer = Renderer(tokenizer)
     prompts = [renderer.prompt_ids(r.messages, None)[i % 3 :] for i, r in enumerate(calculator_rows(16))]  # uneven: left padding
     outs = Engine(model, renderer.pad_token_id, stop_token_id=-1).generate(prompts, [12] * 16, temperature=1.0, greedy=True)

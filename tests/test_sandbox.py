@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import shutil
-
 import pytest
 
+from envs.config import SandboxConfig
 from envs.sandbox import PythonSandbox, SandboxResult, SandboxUnavailable
-from rl.config import SandboxConfig
 
 # `make setup` installs bubblewrap (as root); where it could not, these tests say so rather than fail on setup.
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (apt-get install bubblewrap)")

@@ -11,13 +11,13 @@ import ray
 import torch
 
 from rewards.scoring import RewardScorer
-from rl.advantages import grpo
-from rl.controller import train
-from rl.forward import Prompts, plan
-from rl.learner import Learner
-from rl.learner_group import LearnerGroup
-from rl.placement import Bundle, PlacementError, check_fits, job_bundles, place
-from rl.records import TrainBatch
+from rl.launch.placement import Bundle, PlacementError, check_fits, job_bundles, place
+from rl.loop.controller import train
+from rl.trainer.advantages import grpo
+from rl.trainer.batch import TrainBatch
+from rl.trainer.forward import Prompts, plan
+from rl.trainer.learner import Learner
+from rl.trainer.learner_group import LearnerGroup
 from rollouts.worker import RolloutWorker
 from tests.test_rl_step import LENGTH_REWARD, calculator_rows
 
@@ -47,7 +47,7 @@ def test_shards_balance_tokens_and_keep_every_sequence_once() -> None:
 
 def test_token_capped_micro_batches_give_the_same_update(tiny_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true")
-    batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg, 0), cfg, 3)
+    batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), cfg, 3)
     whole, capped = Learner(str(tiny_policy_dir), cfg), Learner(str(tiny_policy_dir), cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"micro_batch_tokens": 100})}))
     assert len(plan(batch.attention_mask, 64, 100, Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0))) >= 3
     a, b = whole.train_step(batch), capped.train_step(batch)
@@ -62,7 +62,7 @@ def test_two_learners_stay_identical_and_take_the_single_learner_step(tiny_polic
     (fp32 tolerance) to one learner given the whole batch; the metrics are the whole batch's."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.learner_cpus=0.25", "rollout.cpus_per_worker=0.25"]
     one_cfg, two_cfg = make_cfg(*base), make_cfg(*base, "trainer.num_learners=2", "trainer.micro_batch_size=3")
-    worker = RolloutWorker(str(tiny_policy_dir), one_cfg, 0)
+    worker = RolloutWorker(str(tiny_policy_dir), one_cfg.worker_spec(), 0)
     batches = [_batch(worker, one_cfg, 3, first_row=3 * k) for k in range(3)]
     placements = [place(one_cfg), place(two_cfg)]
     one, two = LearnerGroup(str(tiny_policy_dir), one_cfg, placements[0]), LearnerGroup(str(tiny_policy_dir), two_cfg, placements[1])
@@ -124,8 +124,8 @@ def test_a_job_the_local_cluster_cannot_hold_fails_before_starting(tmp_path: Pat
 
 
 def test_flat_weight_buffer_round_trips_dense_and_int4_tensors(tiny_policy_dir, make_cfg) -> None:
-    from rl.collective import buffer_size, flatten, unflatten
-    from rl.quant import PackedInt4
+    from rollouts.collective import buffer_size, flatten, unflatten
+    from rollouts.quant import PackedInt4
 
     payload = Learner(str(tiny_policy_dir), make_cfg("quant.enabled=true")).get_weights()
     manifest, buffer = flatten(payload)
@@ -159,7 +159,7 @@ def test_collective_weight_sync_over_gloo_matches_the_object_store_path(tmp_path
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_policy_dir_missing_on_a_node_is_unpacked_from_the_object_store(tiny_policy_dir, tmp_path: Path) -> None:
-    from rl.shipping import ShippedDir, open_dir, read_tree, ship_dir
+    from rollouts.shipping import ShippedDir, open_dir, read_tree, ship_dir
 
     shipped = ship_dir(tiny_policy_dir, 2**30)
     assert shipped.files is not None and open_dir(shipped, tmp_path) == str(tiny_policy_dir)  # this node sees the path

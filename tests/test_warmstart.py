@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rl.config import load_config
-from rl.warmstart import policy_key, prepare_policy
+from rl.policy.warmstart import policy_key, prepare_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_warm_start_anneals_once_the_copy_target_is_met_and_is_cached(make_cfg, 
 @pytest.mark.usefixtures("ray_local")
 def test_default_job_learns_to_use_the_tool(tmp_path) -> None:
     """The acceptance run: the default job, as `make run` runs it (~3.5 minutes on 2 cores)."""
-    from rl.controller import train
+    from rl.loop.controller import train
 
     cfg = load_config(ROOT / "configs" / "calculator.yaml", [f"warm_start.cache_dir={tmp_path / 'cache'}", "logging.progress=false"])
     evals = train(cfg, tmp_path / "run")

@@ -1,0 +1,21 @@
+"""The record reward scoring produces: a trajectory with its reward (`ScoredTrajectory`), what advantages are
+computed from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rollouts.records import Trajectory
+
+
+@dataclass
+class ScoredTrajectory:
+    """A trajectory with its reward."""
+
+    trajectory: Trajectory
+    reward: float
+    """Weighted sum of the reward functions' scores: what advantages are computed from."""
+    reward_breakdown: dict[str, float]
+    """Each reward function's own score, by name, for metrics and saved trajectories."""
+    correct: bool
+    """Whether the task's verifier judged the answer correct (what `accuracy` averages)."""

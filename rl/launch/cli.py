@@ -1,0 +1,242 @@
+"""`tiderl` command line. The config is loaded and validated before torch or Ray are imported, so a bad YAML
+fails in well under a second and leaves no processes behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rl.config import ConfigError, dump_config, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="tiderl: INT4-aware agentic RL post-training.")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Job config YAML, e.g. configs/calculator.yaml.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. trainer.steps=40.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<config>-<time>).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint.")] = None,
+) -> None:
+    """Run an RL job (on a local Ray instance unless cluster.address is set)."""
+    cfg = _load(config, overrides or [])
+    if resume is not None and run_dir is not None and resume != run_dir:
+        raise typer.BadParameter("--resume already names the run directory; drop --run-dir")
+    target = resume or run_dir or Path("runs") / f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if resume is not None and not resume.is_dir():
+        _fail(f"--resume {resume}: no such run directory")
+    from rl.loop.controller import train as run_job  # heavy imports (torch, ray) only once the config is known good
+
+    run_job(cfg, target, resume=resume is not None)
+
+
+@app.command()
+def config(
+    config: Annotated[Path, typer.Argument(help="Job config YAML.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides.")] = None,
+) -> None:
+    """Validate a job config and print it resolved, with every default filled in."""
+    typer.echo(dump_config(_load(config, overrides or [])), nl=False)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a finished (or checkpointed) job.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for the Hugging Face checkpoint.")],
+    step: Annotated[int | None, typer.Option("--step", help="Checkpoint step to export (default: the latest).")] = None,
+) -> None:
+    """Write the run's policy as a compressed-tensors pack-quantized (W4A16) Hugging Face checkpoint."""
+    from rl.policy.export import export_run
+
+    try:
+        path = export_run(run_dir, out, step)
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        _fail(str(e))
+    typer.echo(f"exported {path} (compressed-tensors pack-quantized INT4)")
+
+
+@app.command("check-env")
+def check_env(
+    name: Annotated[str, typer.Argument(help="Registered environment name or path/to/file.py:Class.")],
+    kwargs: Annotated[list[str] | None, typer.Argument(help="key=value constructor arguments (env.kwargs), values parsed as YAML.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Reset from the first row of this jsonl/parquet file (verl layout).")] = None,
+) -> None:
+    """Run an environment through the contract the agent loop relies on, with a scripted policy."""
+    from envs.config import EnvConfig
+    from envs.contract import DEFAULT_ROW, ContractError
+    from envs.contract import check_env as run_check
+    from rl.config import apply_override
+
+    raw: dict = {}
+    for item in kwargs or []:
+        apply_override(raw, item)
+    row = DEFAULT_ROW
+    if data is not None:
+        from rl.loop.data import read_rows, to_prompt_row
+
+        row = to_prompt_row(0, read_rows(str(data))[0])
+    from envs.registry import RegistryError
+    from envs.sandbox import SandboxUnavailable
+
+    try:
+        report = run_check(EnvConfig(name=name, kwargs=raw), row)
+    except (ContractError, RegistryError, SandboxUnavailable, TypeError, ValueError, OSError) as e:
+        _fail(f"{type(e).__name__}: {e}")
+    typer.echo(f"{name}: contract holds; tools {', '.join(report['tools']) or '(none)'}")
+    for tool_name, obs in zip(report["tools"], report["observations"], strict=True):
+        typer.echo(f"  {tool_name}(example arguments) -> {obs[:100]!r}")
+
+
+Address = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray dashboard of the cluster, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else an http $RAY_ADDRESS)."),
+]
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Job config YAML, inside the working directory.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. trainer.steps=40.")] = None,
+    address: Address = None,
+    working_dir: Annotated[Path, typer.Option("--working-dir", help="Directory uploaded to the cluster; the job runs from it.")] = Path("."),
+    run_dir: Annotated[str | None, typer.Option("--run-dir", help="Run directory on the cluster (default: ~/tiderl-runs/<job id>).")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue the run in this directory on the cluster from its latest checkpoint.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends; exit 1 unless it succeeded.")] = False,
+    job_id: Annotated[str | None, typer.Option("--job-id", help="Submission id (default: <config>-<time>-<random>).")] = None,
+) -> None:
+    """Submit an RL job to a Ray cluster (Ray Jobs API), with the working directory as its code."""
+    cfg = _load(config, overrides or [])
+    from rl.launch.jobs import JobsClient, JobsError, plan_submission, resolve_address
+
+    try:
+        plan = plan_submission(config, overrides or [], cfg, working_dir=working_dir, run_dir=run_dir, resume=resume, submission_id=job_id)
+        client = JobsClient(resolve_address(address))
+        for note in plan.notes:
+            typer.echo(f"note: {note}")
+        submitted = client.submit(plan)
+    except JobsError as e:
+        _fail(str(e))
+    flag = f"--address {client.address}"
+    typer.echo(f"submitted job {submitted}\nrun directory (on the cluster): {plan.run_dir}")
+    typer.echo(f"  tiderl status {submitted} {flag}\n  tiderl logs {submitted} --follow {flag}\n  tiderl stop {submitted} {flag}")
+    if follow:
+        _follow(client, submitted)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="Job (submission) id; without it, a table of the cluster's jobs.")] = None,
+    address: Address = None,
+) -> None:
+    """Show one job (status, times, entrypoint, message, run directory) or list the cluster's jobs."""
+    from rl.launch.jobs import JobsClient, JobsError, resolve_address
+
+    try:
+        client = JobsClient(resolve_address(address))
+        job = client.details(job_id) if job_id else None
+        jobs = client.list() if job is None else []
+    except JobsError as e:
+        _fail(str(e))
+    if job is not None:
+        meta = job.metadata or {}
+        for key, value in [
+            ("job", job.submission_id), ("status", job.status), ("started", _clock(job.start_time)), ("ended", _clock(job.end_time)),
+            ("run directory", meta.get("tiderl_run_dir")), ("entrypoint", job.entrypoint), ("message", job.message),
+        ]:
+            if value:
+                typer.echo(f"{key + ':':<15}{value}")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()  # ids never cut (people copy them); long paths and messages fold instead of ending in "…"
+    table.add_column("job", no_wrap=True, min_width=max((len(j.submission_id) for j in jobs), default=3))
+    table.add_column("status", no_wrap=True)
+    table.add_column("started")
+    table.add_column("ended")
+    table.add_column("run directory", overflow="fold")
+    table.add_column("message", overflow="fold")
+    for j in jobs:
+        table.add_row(j.submission_id, str(j.status), _clock(j.start_time), _clock(j.end_time), (j.metadata or {}).get("tiderl_run_dir", ""), j.message or "")
+    Console().print(table if jobs else f"no jobs on {client.address}")
+
+
+@app.command()
+def logs(
+    job_id: Annotated[str, typer.Argument(help="Job (submission) id.")],
+    address: Address = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends; exit 1 unless it succeeded.")] = False,
+) -> None:
+    """Print a job's logs (its driver's output)."""
+    from rl.launch.jobs import JobsClient, JobsError, resolve_address
+
+    try:
+        client = JobsClient(resolve_address(address))
+        text = None if follow else client.logs(job_id)
+    except JobsError as e:
+        _fail(str(e))
+    if text is not None:
+        typer.echo(text, nl=False)
+        return
+    _follow(client, job_id)
+
+
+@app.command()
+def stop(
+    job_id: Annotated[str, typer.Argument(help="Job (submission) id.")],
+    address: Address = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the job to end.")] = 60.0,
+) -> None:
+    """Stop a job and wait until it has ended."""
+    from rl.launch.jobs import JobsClient, JobsError, resolve_address
+
+    try:
+        was_running, final = JobsClient(resolve_address(address)).stop(job_id, timeout)
+    except JobsError as e:
+        _fail(str(e))
+    typer.echo(f"job {job_id} {'stopped' if was_running else 'had already ended'}: {final}")
+
+
+def _follow(client, job_id: str) -> None:
+    """Stream logs until the job ends; exit 1 unless it succeeded. Ctrl-C leaves the job running."""
+    import sys
+
+    from rl.launch.jobs import JobsError
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    try:
+        final = client.follow(job_id, write)
+    except JobsError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"\nstopped following; job {job_id} keeps running (tiderl stop {job_id} --address {client.address})", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"job {job_id}: {final}", err=final != "SUCCEEDED")
+    if final != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+def _clock(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""
+
+
+def _load(path: Path, overrides: list[str]):
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+if __name__ == "__main__":
+    app()

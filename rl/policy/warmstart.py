@@ -1,0 +1,193 @@
+"""Build the default policy: tokenizer + tiny DeepseekV3 model + a short supervised warm start, cached.
+
+The warm start fits generated demonstrations of the calculator task in which only `warm_start.tool_use_rate` of
+the solutions call the tool; the rest guess. It runs until the policy copies numbers reliably (the skill a tool
+call needs), then anneals. The resulting policy is imperfect on purpose: it mostly guesses, so its greedy
+accuracy is near zero, yet when it samples a tool call it usually succeeds, which is the signal RL amplifies.
+The result is an ordinary HF directory cached under a hash of everything that shaped it, so only the first job
+pays for it. (The built-in policy is warmed up on the calculator task whatever `data` says; bring a model with
+`model.path` for other tasks.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from envs.calculator import CALC_TOOL
+from rl.config import JobConfig, WarmStartConfig
+from rl.policy.build import build_tiny_policy
+from rl.tasks import calculator
+from rollouts.model import CHAT_TEMPLATE, save_policy
+from rollouts.renderer import Renderer
+from rollouts.shipping import cache_dir
+
+CACHE_FORMAT = 1  # bump when the recipe below changes in a way the config hash cannot see
+
+
+def policy_key(cfg: JobConfig) -> str:
+    shape = {
+        "format": CACHE_FORMAT,
+        "tiny": cfg.model.tiny.model_dump(),
+        "warm_start": cfg.warm_start.model_dump(exclude={"cache_dir"}),
+        "task": cfg.data.task,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_policy(cfg: JobConfig, log=print) -> Path:
+    """The policy directory this job starts from: `model.path`, or the cached built-in policy (built if absent)."""
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    target = cache_dir(cfg.warm_start.cache_dir) / "policies" / f"tiny-k2-{cfg.data.task}-{policy_key(cfg)}"
+    if (target / "config.json").is_file():
+        log(f"using cached warm-started policy {target}")
+        return target
+    log(f"building the default policy (tokenizer, tiny DeepseekV3, warm start) into {target}")
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    report = build_default_policy(cfg, tmp)
+    if report is not None:
+        log(f"warm start: {report['steps']:.0f} steps in {report['seconds']:.0f}s, loss {report['loss']:.3f}, held-out copy accuracy {report['copy_accuracy']:.3f}")
+    if target.exists():  # another job built the same policy meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.replace(target)
+    return target
+
+
+def _demonstrations(cfg: JobConfig, n: int, rng: random.Random, split: str = "warmstart") -> list[tuple[list[dict], list[dict]]]:
+    """(prompt messages, assistant-side messages) pairs; the eval split's problems are never used."""
+    rows = calculator.make_rows(n, seed=cfg.seed, split=split)
+    return [(row["prompt"], calculator.demonstration(row["extra_info"]["expression"], rng.random() < cfg.warm_start.tool_use_rate)) for row in rows]
+
+
+def build_default_policy(cfg: JobConfig, out: Path) -> dict[str, float] | None:
+    """Write the built-in policy into `out`; returns the warm start's report (None when it is disabled)."""
+    ws = cfg.warm_start
+    rng = random.Random(cfg.seed)
+    demos = _demonstrations(cfg, ws.num_demos, rng)
+    model, tokenizer = build_tiny_policy(cfg.model.tiny, _template_texts(demos[:2000]), cfg.seed)
+    renderer = Renderer(tokenizer)
+    sequences = [_demo_tokens(renderer, prompt, turns) for prompt, turns in demos]
+    report = None
+    if ws.enabled:
+        checks = _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check")
+        held_out = [_demo_tokens(renderer, p, t) for p, t in checks if len(t) > 1][:64]  # tool-using ones
+        digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
+        report = supervised_warm_start(model, sequences, held_out, digit_ids, ws, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress)
+    save_policy(model, tokenizer, out)
+    if report is not None:
+        (out / "warm_start.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _template_texts(demos: list[tuple[list[dict], list[dict]]]) -> list[str]:
+    """Whole conversations rendered with the chat template: the tokenizer's training corpus."""
+    conversations = [prompt + turns for prompt, turns in demos]
+    texts, _ = render_jinja_template(conversations, tools=[CALC_TOOL], chat_template=CHAT_TEMPLATE)
+    return texts
+
+
+def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict]) -> tuple[list[int], list[float]]:
+    """Token ids and loss mask of one demonstration, built piece by piece exactly as rollouts build them."""
+    ids = renderer.prompt_ids(prompt, [CALC_TOOL])
+    mask = [0.0] * len(ids)
+    for message in turns:
+        piece = renderer.assistant_ids(message) if message["role"] == "assistant" else renderer.observation_ids([message])
+        ids += piece
+        mask += [1.0 if message["role"] == "assistant" else 0.0] * len(piece)
+    return ids, mask
+
+
+def _batch(sequences: list[tuple[list[int], list[float]]], pick: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and loss mask ([b, t] each)."""
+    width = max(len(sequences[i][0]) for i in pick)
+    ids = torch.full((len(pick), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pick), width))
+    attn = torch.zeros((len(pick), width), dtype=torch.long)
+    for row, i in enumerate(pick):
+        seq, m = sequences[i]
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = torch.tensor(m)
+        attn[row, : len(seq)] = 1
+    return ids, attn, mask
+
+
+@torch.no_grad()
+def copy_accuracy(model: torch.nn.Module, sequences: list[tuple[list[int], list[float]]], digit_ids: torch.Tensor, pad_id: int) -> float:
+    """Teacher-forced accuracy on the digits the policy must write: the skill the warm start is for."""
+    model.eval()
+    ids, attn, mask = _batch(sequences, list(range(len(sequences))), pad_id)
+    pred = model(input_ids=ids, attention_mask=attn).logits[:, :-1].argmax(-1)  # [b, t-1]
+    target = ids[:, 1:]
+    scored = (mask[:, 1:] > 0) & torch.isin(target, digit_ids)
+    model.train()
+    return float((pred == target)[scored].float().mean())
+
+
+def supervised_warm_start(
+    model: torch.nn.Module,
+    sequences: list[tuple[list[int], list[float]]],
+    held_out: list[tuple[list[int], list[float]]],
+    digit_ids: torch.Tensor,
+    ws: WarmStartConfig,
+    pad_id: int,
+    seed: int,
+    progress_bar: bool = True,
+) -> dict[str, float]:
+    """Masked next-token cross-entropy on the assistant tokens until the policy copies numbers, then anneal.
+
+    The learning rate warms up and stays at its peak until teacher-forced digit accuracy on held-out
+    demonstrations reaches `ws.target_copy_accuracy` (checked every `ws.check_every` steps), then decays
+    linearly to zero over `ws.anneal_steps`. Copying is a skill a small transformer acquires suddenly and at a
+    step that varies with the seed and the machine, so a fixed schedule either wastes time or stops short;
+    `ws.steps` caps the whole run.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = 20
+    anneal_from: int | None = None
+    accuracy = 0.0
+    model.train()
+    start = time.time()
+    loss_value = float("nan")
+    columns = [TextColumn("warm start"), BarColumn(), TextColumn("{task.completed}/{task.total}  loss {task.fields[loss]:.3f}  copy acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
+    with Progress(*columns, transient=False, disable=not progress_bar) as progress:
+        task = progress.add_task("warm start", total=ws.steps, loss=float("nan"), acc=0.0)
+        step = 0
+        for step in range(1, ws.steps + 1):
+            if anneal_from is None and step > ws.steps - ws.anneal_steps:
+                anneal_from = step - 1  # the cap is near: anneal anyway
+            scale = min(1.0, step / warmup) if anneal_from is None else max(0.0, 1 - (step - anneal_from) / ws.anneal_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = ws.lr * scale
+            ids, attn, mask = _batch(sequences, torch.randint(len(sequences), (ws.batch_size,), generator=gen).tolist(), pad_id)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [b, t-1, vocab]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, t-1]
+            loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = loss.item()
+            if anneal_from is None and step % ws.check_every == 0:
+                accuracy = copy_accuracy(model, held_out, digit_ids, pad_id)
+                if accuracy >= ws.target_copy_accuracy:
+                    anneal_from = step
+            if anneal_from is not None and step - anneal_from >= ws.anneal_steps:
+                break
+            progress.update(task, completed=step, loss=loss_value, acc=accuracy)
+    accuracy = copy_accuracy(model, held_out, digit_ids, pad_id)
+    model.eval()
+    return {"steps": float(step), "loss": loss_value, "copy_accuracy": accuracy, "seconds": time.time() - start}

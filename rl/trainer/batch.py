@@ -1,0 +1,81 @@
+"""What the learner consumes: a step's scored trajectories right-padded into tensors, with their advantages."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from rewards.records import ScoredTrajectory
+
+
+@dataclass
+class TrainBatch:
+    """A step's trajectories, right-padded into tensors, with their advantages: what the learner consumes."""
+
+    input_ids: torch.Tensor  # [batch, seq] int64
+    attention_mask: torch.Tensor  # [batch, seq] int64, 1 on real tokens
+    loss_mask: torch.Tensor  # [batch, seq] float32, 1 on policy tokens
+    rollout_logprobs: torch.Tensor  # [batch, seq] float32, 0 off the loss mask
+    advantages: torch.Tensor  # [batch, seq] float32, each sequence's advantage on its policy tokens
+    policy_versions: torch.Tensor  # [batch] int64
+    temperature: float | None = None
+    """The sampling temperature the batch was generated at (the learner scores at it); None: `rollout.temperature`."""
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The batch with its tensors on `device` (itself when already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return self._map_tensors(lambda t: t.to(device))
+
+    def select(self, rows: slice | torch.Tensor) -> TrainBatch:
+        """The sequences `rows` (a range, or row indices in any order) as a batch of their own."""
+        return self._map_tensors(lambda t: t[rows])
+
+    def _map_tensors(self, fn) -> TrainBatch:
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **{name: fn(t) for name, t in tensors.items()})
+
+    def shard(self, n: int) -> list[TrainBatch]:
+        """`n` contiguous shards with about equal numbers of real tokens (data-parallel learners); a shard may be
+        empty when there are fewer sequences than shards."""
+        before = [0.0] + self.attention_mask.sum(1).to(torch.float64).cumsum(0).tolist()  # tokens before sequence i
+        total = before[-1]
+        # shard k ends at the sequence boundary nearest to k/n of the tokens
+        cuts = [0] + [min(range(len(before)), key=lambda i, t=total * k / n: abs(before[i] - t)) for k in range(1, n)] + [self.num_sequences]
+        for k in range(1, len(cuts)):
+            cuts[k] = max(cuts[k], cuts[k - 1])
+        return [self.select(slice(cuts[k], cuts[k + 1])) for k in range(n)]
+
+    @staticmethod
+    def from_scored(scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int, temperature: float | None = None) -> TrainBatch:
+        """Right-pad the trajectories; `advantages` is one scalar per trajectory ([batch])."""
+        if not scored:
+            raise ValueError("cannot build a TrainBatch from zero trajectories")
+        lengths = [len(s.trajectory.token_ids) for s in scored]
+        batch, seq = len(scored), max(lengths)
+        input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, seq), dtype=torch.long)
+        loss_mask = torch.zeros((batch, seq), dtype=torch.float32)
+        logprobs = torch.zeros((batch, seq), dtype=torch.float32)
+        for i, s in enumerate(scored):
+            t, n = s.trajectory, lengths[i]
+            input_ids[i, :n] = t.token_ids
+            attention_mask[i, :n] = 1
+            loss_mask[i, :n] = t.loss_mask
+            logprobs[i, :n] = t.logprobs
+        versions = torch.tensor([s.trajectory.policy_version for s in scored], dtype=torch.long)
+        return TrainBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            rollout_logprobs=logprobs,
+            advantages=advantages.to(torch.float32)[:, None] * loss_mask,
+            policy_versions=versions,
+            temperature=temperature,
+        )

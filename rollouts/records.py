@@ -1,0 +1,84 @@
+"""The record a rollout produces: a `Trajectory` (token-in/token-out: ids, per-token rollout logprobs, loss mask and
+the policy version that generated it) and how it ended (`TrajectoryStatus`). Reward scoring wraps each in a
+`rewards.records.ScoredTrajectory`; nothing downstream re-tokenizes text.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from envs.base import PromptRow
+
+
+class TrajectoryStatus(str, enum.Enum):
+    """How a trajectory ended."""
+
+    FINISHED = "finished"  # the model ended its turn without a tool call: a final answer
+    TRUNCATED = "truncated"  # a token or turn budget ran out before a final answer
+    PARTIAL = "partial"  # paused mid-generation, to be resumed in a later iteration
+    ERROR = "error"  # the environment or the engine failed on this sample; it is counted and skipped
+
+
+def completion_messages(messages: list[dict[str, Any]], fallback_prompt: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a conversation into (prompt, completion) at the first assistant turn: what reward functions and
+    reward models see as the question and the answer."""
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+    return messages[:first] or list(fallback_prompt), messages[first:]
+
+
+@dataclass
+class Trajectory:
+    """One sampled episode: the prompt, every model turn and every tool observation, as token ids."""
+
+    sample_id: str
+    """`"{prompt_index}-{k}"` for sample k of a prompt: the id named in logs and errors."""
+    group_id: int
+    """Samples of the same prompt share a group id; group advantages are computed within it."""
+    row: PromptRow
+    """The dataset row the episode started from."""
+    token_ids: torch.Tensor  # [num_tokens] int64
+    """Prompt + all assistant turns + tool observations, exactly the tokens the model saw and produced."""
+    logprobs: torch.Tensor  # [num_tokens] float32
+    """Rollout logprob of each token under the sampling policy; 0 where `loss_mask` is 0."""
+    loss_mask: torch.Tensor  # [num_tokens] float32
+    """1 on tokens the policy generated, 0 on prompt and tool-output tokens."""
+    prompt_length: int
+    """Number of leading prompt tokens."""
+    policy_version: int
+    """Oldest version of the weights that generated a policy token of this trajectory (see `segments`)."""
+    status: TrajectoryStatus
+    """How the episode ended."""
+    response_text: str
+    """The final assistant turn, decoded (what answer verifiers read)."""
+    messages: list[dict[str, Any]]
+    """The whole conversation as chat messages, for logs and for reward functions that want it."""
+    num_turns: int
+    """Assistant turns taken."""
+    num_tool_calls: int
+    """Tool calls parsed and executed (well-formed or not)."""
+    num_tool_errors: int = 0
+    """Tool calls that were malformed or failed; the model saw an error observation for each."""
+    error: str | None = None
+    """What went wrong when `status` is ERROR."""
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """(start, end, policy version) of the generated token spans: more than one version when a partial rollout
+    was paused and resumed under newer weights."""
+    truncation: str | None = None
+    """Which limit truncated the sample (`max_new_tokens_per_turn`, `token_budget`, `max_tokens_per_sample`,
+    `max_turns`, `max_tool_calls`, `repeat`) when `status` is TRUNCATED."""
+    env_reward: float | None = None
+    """The environment's own score of the episode, if it gave one."""
+    model_score_refs: dict[str, tuple[Any, int]] = field(default_factory=dict)
+    """Reward model name -> (Ray ObjectRef of a batch's scores, this sample's position in it), when the worker
+    sent the episode for scoring as soon as its group finished (`reward.models_async`)."""
+    model_scores: dict[str, float | None] | None = None
+    """Reward model name -> score (None: the model gave no verdict), once fetched; None: not scored by models."""
+
+    @property
+    def response_length(self) -> int:
+        """Number of policy-generated tokens."""
+        return int(self.loss_mask.sum().item())
