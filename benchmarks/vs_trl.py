@@ -82,8 +82,8 @@ from rewards.registry import get_reward
 from rewards.scoring import RewardScorer
 from rl.config import JobConfig, load_config
 from rl.launch.cluster import ray_session
-from rl.launch.placement import place
 from rl.loop import controller
+from rl.loop.actors import Actors
 from rl.loop.data import PromptSampler, load_split
 from rl.policy.warmstart import prepare_policy
 from rollouts.model import load_policy, save_policy
@@ -219,7 +219,7 @@ def tiderl_eval(cfg: JobConfig, policy_dir: Path, run_dir: Path) -> dict[str, fl
     run_dir.mkdir(parents=True, exist_ok=True)
     with ray_session(cfg.cluster):
         rows = load_split(cfg, "eval", run_dir / "data")
-        actors = controller.Actors.start(cfg, policy_dir, place(cfg))
+        actors = Actors.start(cfg, policy_dir)
         try:
             actors.sync_weights(cfg, actors.learner.get_version())
             return controller.evaluate(actors.workers, RewardScorer(cfg.reward), rows, cfg)

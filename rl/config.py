@@ -88,6 +88,11 @@ class EvalConfig(Section):
 class ClusterConfig(Section):
     """Where the job runs, how its actors are placed, and what `tiderl submit` ships with it."""
 
+    backend: Literal["ray", "in_process"] = Field(
+        "ray",
+        description="ray: rollout workers, learners and reward models are Ray actors (local instance or cluster); "
+        "in_process: one learner and the rollout workers as objects of this process, no Ray (debugging, fast tests).",
+    )
     address: str | None = Field(
         None,
         description="Ray cluster (GCS) address to connect to, e.g. HEAD:6379 or auto; unset = the cluster of a submitted job "
@@ -144,6 +149,21 @@ class JobConfig(Section):
         from rollouts.worker import WorkerSpec  # torch and the engine load only when a worker is built
 
         return WorkerSpec(model=self.model, rollout=self.rollout, env=self.env, quant=self.quant, seed=self.seed, cache_dir=self.warm_start.cache_dir)
+
+    @model_validator(mode="after")
+    def _check_in_process(self) -> JobConfig:
+        if self.cluster.backend != "in_process":
+            return self
+        needs_ray = {
+            "trainer.num_learners": self.trainer.num_learners != 1,
+            "reward.models": bool(self.reward.models),
+            "cluster.weight_sync": self.cluster.weight_sync != "object_store",
+            "cluster.address": self.cluster.address is not None,
+        }
+        if any(needs_ray.values()):
+            keys = ", ".join(k for k, v in needs_ray.items() if v)
+            raise ValueError(f"cluster.backend=in_process runs without Ray; {keys} need the ray backend")
+        return self
 
     @model_validator(mode="after")
     def _check_eval_data(self) -> JobConfig:

@@ -1,5 +1,5 @@
-"""The rollout workers as the controller sees them: weight pushes, a step's rollouts spread over the workers,
-and recovery when a worker dies.
+"""The Ray implementation of the rollout backend (`rollouts.backend.RolloutBackend`): `RolloutWorker` actors,
+weight pushes, a step's rollouts spread over the workers, and recovery when a worker dies.
 
 The pool remembers which prompt groups each worker has in flight (this step's, and with partial rollouts the
 ones paused from earlier steps). When a worker dies (its process killed, its node lost), the pool starts a new
@@ -24,6 +24,7 @@ import ray.exceptions
 
 from envs.base import PromptRow
 from rollouts.actors import ACTOR_LOST
+from rollouts.backend import spread_paused, spread_rows
 from rollouts.records import Trajectory
 
 log = logging.getLogger("tiderl")
@@ -148,11 +149,8 @@ class RolloutPool:
         i mod n. Calls queue on each worker behind the ones before them (and a weight push submitted later waits
         for them), so several steps can be in flight: the async pipeline."""
         self.samples_per_prompt = samples_per_prompt
-        n = len(self.workers)
-        group_ids = list(range(first_group_id, first_group_id + len(rows)))
         handle = StepHandle(samples_per_prompt, iteration_budget, temperature)
-        for i in range(n):
-            rows_i, ids_i = rows[i::n], group_ids[i::n]
+        for i, (rows_i, ids_i) in enumerate(spread_rows(rows, first_group_id, len(self.workers))):
             self.in_flight[i].update(zip(ids_i, rows_i, strict=True))
             handle.refs[i] = self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
             handle.groups[i] = ids_i
@@ -299,15 +297,13 @@ class RolloutPool:
         if len(state["rng"]) == len(self.workers):
             for w, rng in zip(self.workers, state["rng"], strict=True):
                 ray.get(w.set_rng_state.remote(rng))
-        n = len(self.workers)
-        flat = [g for per_worker in state["paused"] for g in per_worker]
-        per_worker = state["paused"] if len(state["paused"]) == n else [flat[i::n] for i in range(n)]
+        per_worker = spread_paused(state, len(self.workers))
         self.samples_per_prompt = state.get("samples_per_prompt") or self.samples_per_prompt
         self.in_flight = [{gid: row for gid, row, _ in groups} for groups in per_worker]
         for w, groups in zip(self.workers, per_worker, strict=True):
             if groups:
                 ray.get(w.adopt_groups.remote([g[1] for g in groups], [g[0] for g in groups], self.samples_per_prompt, [g[2] for g in groups]))
-        return len(flat)
+        return sum(len(groups) for groups in per_worker)
 
     def kill(self) -> None:
         for w in self.workers:

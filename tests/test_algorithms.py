@@ -191,7 +191,7 @@ def test_curriculum_walks_easy_to_hard_and_names_rows_without_difficulty() -> No
 
 def test_temperature_schedule_decays_linearly() -> None:
     from rl.config import load_config
-    from rl.loop.controller import rollout_temperature
+    from rl.loop.sampling import rollout_temperature
 
     cfg = load_config(None, ["model={}", "rollout.temperature=1.0", "rollout.temperature_final=0.6", "rollout.temperature_decay_steps=4"])
     assert [round(rollout_temperature(cfg, s), 6) for s in range(1, 7)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.6]

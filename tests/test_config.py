@@ -101,3 +101,9 @@ def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_tex
     assert elapsed < 5.0
     assert _ray_processes() == before
     assert not (tmp_path / "runs").exists()
+
+
+def test_in_process_backend_rejects_what_needs_ray() -> None:
+    with pytest.raises(ConfigError, match="trainer.num_learners, reward.models need the ray backend"):
+        load_config(None, ["model={}", "cluster.backend=in_process", "trainer.num_learners=2", "reward.models=[{name: rm, kind: classifier, path: x}]"])
+    assert load_config(None, ["model={}", "cluster.backend=in_process"]).cluster.backend == "in_process"

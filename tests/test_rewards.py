@@ -20,7 +20,7 @@ from rewards.registry import REWARDS
 from rewards.scoring import RewardScorer
 from rewards.shaping import format_reward, length_reward
 from rl.loop.controller import train
-from rollouts.records import Trajectory, TrajectoryStatus
+from rollouts.records import Sample, Trajectory, TrajectoryStatus
 
 DATA = Path(__file__).parent / "data"
 
@@ -33,7 +33,8 @@ def _traj(i: int, text: str, source: str = "tiderl/calculator", truth: str = "42
     messages.append({"role": "assistant", "content": text})
     n = 3 + i
     mask = torch.tensor([0.0] + [1.0] * (n - 1))
-    return Trajectory(f"{i}-0", i // 2, row, torch.arange(n), torch.zeros(n), mask, 1, 0, TrajectoryStatus.FINISHED, text, messages, 1, int(tool))
+    sample = Sample(f"{i}-0", i // 2, row, messages, text, prompt_length=1, num_turns=1, num_tool_calls=int(tool))
+    return Trajectory(sample, torch.arange(n), torch.zeros(n), mask, policy_version=0, status=TrajectoryStatus.FINISHED)
 
 
 def _inputs(trajs):
@@ -108,6 +109,25 @@ def test_bad_values_none_exceptions_and_timeouts_are_isolated_per_function_and_s
     assert "sample 2-0 left out: reward function 't_sync' timed out after 0.3 s" in caplog.text
 
 
+def test_reward_model_verdicts_add_up_or_fail_their_samples(caplog) -> None:
+    """Fetched reward-model verdicts: a score is weighted into the reward, None is no score, and a model that failed
+    on a sample (`model_score_failures`) or has no score for it fails the sample, logged with the reason."""
+    models = [{"name": "rm", "kind": "classifier", "path": "unused", "weight": 0.5}]
+    scorer = RewardScorer(RewardConfig.model_validate({"functions": [{"name": "calculator"}], "models": models}))
+    scored, no_verdict, failed, missing, not_sent = (_traj(i, "The answer is 42.") for i in range(5))
+    scored.model_scores = {"rm": 0.8}
+    no_verdict.model_scores = {"rm": None}
+    failed.model_scores, failed.model_score_failures = {}, {"rm": "reward model failed: RayTaskError: boom"}
+    missing.model_scores = {}
+    result = scorer.score([scored, no_verdict, failed, missing, not_sent])  # not_sent: no reward models ran on it
+    assert [s.trajectory.sample_id for s in result.scored] == ["0-0", "1-0", "4-0"]
+    assert [s.reward_breakdown for s in result.scored] == [{"calculator": 1.0, "rm": 0.8}, {"calculator": 1.0}, {"calculator": 1.0}]
+    assert result.scored[0].reward == pytest.approx(1.4)
+    assert result.failed == 2 and result.metrics == {"reward_failed/rm": 2.0, "reward_none/rm": 1.0}
+    assert "sample 2-0 left out: reward model 'rm': reward model failed: RayTaskError: boom" in caplog.text
+    assert "sample 3-0 left out: reward model 'rm': no score was fetched" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("truth", "answer", "correct"),
     [
@@ -155,7 +175,6 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_path: Path, make_cfg) -> None:
     verl, trl_acc, trl_tool = f"{DATA}/verl_reward.py:compute_score", f"{DATA}/trl_reward.py:accuracy_reward", f"{DATA}/trl_reward.py:tool_use_reward"
     functions = f"reward.functions=[{{name: '{verl}'}}, {{name: '{trl_acc}', weight: 0.5}}, {{name: '{trl_tool}'}}, {{name: format, weight: 0.1}}]"
@@ -165,7 +184,7 @@ def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_pa
 
     parquet = tmp_path / "train.parquet"  # a verl dataset file: prompt messages, data_source, reward_model, extra_info, ability
     datasets.Dataset.from_list([{**row, "ability": "math"} for row in builtin_rows("calculator", 32, 0, "train")]).to_parquet(str(parquet))
-    train(make_cfg(functions, "data.task=null", f"data.train_files=[{parquet}]", "trainer.steps=2", "eval.enabled=false"), tmp_path / "run")
+    train(make_cfg(functions, "data.task=null", f"data.train_files=[{parquet}]", "trainer.steps=2", "eval.enabled=false", "cluster.backend=in_process"), tmp_path / "run")
     tmp_path = tmp_path / "run"
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and all(r["failed_samples"] == 0 and r["num_samples"] == 8 for r in rows)
@@ -178,11 +197,10 @@ def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_pa
     assert saved[0]["messages"][-1]["role"] == "assistant" and saved[0]["policy_versions"] == [0]
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_a_raising_and_a_sleeping_reward_function_fail_only_their_samples(tmp_path: Path, make_cfg) -> None:
     flaky, sleepy = f"{DATA}/unreliable_rewards.py:flaky", f"{DATA}/unreliable_rewards.py:sleepy"
     functions = f"reward.functions=[{{name: calculator}}, {{name: '{flaky}'}}, {{name: '{sleepy}', timeout_s: 0.5}}]"
-    train(make_cfg(functions, "trainer.steps=3", "eval.enabled=false"), tmp_path)
+    train(make_cfg(functions, "trainer.steps=3", "eval.enabled=false", "cluster.backend=in_process"), tmp_path)
     rows = _metrics(tmp_path)
     assert len(rows) == 3  # the job completed
     assert sum(r.get(f"reward_failed/{flaky}", 0) for r in rows) == 3  # calls 1, 11, 21 of 24

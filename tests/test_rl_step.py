@@ -20,6 +20,7 @@ from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import Learner
 from rollouts.worker import RolloutWorker
 
+IN_PROCESS = "cluster.backend=in_process"  # the loop without Ray: tests of its logic (rollouts.backend)
 LENGTH_REWARD = str(Path(__file__).parent / "data" / "length_reward.py") + ":compute_score"
 
 
@@ -62,7 +63,7 @@ def _policy(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_cfg) -> None:
+def test_job_end_to_end_on_ray_equals_in_process_and_resume_is_exact(tmp_path: Path, make_cfg) -> None:
     overrides = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}, {{name: calculator, weight: 0.5}}]", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5"]
     straight = tmp_path / "straight"
     evals = train(make_cfg(*overrides, "trainer.steps=3"), straight)
@@ -83,14 +84,22 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_000001", "step_000002", "step_000003"]
     assert any(not torch.equal(a, b) for a, b in zip(_policy(straight / "checkpoints/step_000001").values(), _policy(straight / "checkpoints/step_000003").values(), strict=True))
 
+    # the same job without Ray (the in-process rollout backend and learner) is the same job, value for value: what
+    # lets the tests of the loop's logic below run in process
+    in_process = tmp_path / "in-process"
+    assert train(make_cfg(*overrides, "trainer.steps=3", IN_PROCESS), in_process) == evals
+    timeless = lambda r: {k: v for k, v in r.items() if not (k.startswith("time_") or k == "wall_time")}  # noqa: E731
+    assert [timeless(r) for r in _metrics(in_process)] == [timeless(r) for r in rows]
+
     # stop after 2 steps, then resume to 3: same parameters and data cursor as the uninterrupted run. A run that
     # ended started nothing ahead, so extending it is exact for the synchronous loop (an interrupted async run
     # resumes exactly too: tests/test_cluster_jobs.py kills the driver mid-checkpoint)
+    sync = [*overrides, "eval.enabled=false", "rollout.max_staleness=0", IN_PROCESS]
     straight = tmp_path / "straight-sync"
-    train(make_cfg(*overrides, "trainer.steps=3", "eval.enabled=false", "rollout.max_staleness=0"), straight)
+    train(make_cfg(*sync, "trainer.steps=3"), straight)
     resumed = tmp_path / "resumed"
-    train(make_cfg(*overrides, "trainer.steps=2", "eval.enabled=false", "rollout.max_staleness=0"), resumed)
-    train(make_cfg(*overrides, "trainer.steps=3", "eval.enabled=false", "rollout.max_staleness=0"), resumed, resume=True)
+    train(make_cfg(*sync, "trainer.steps=2"), resumed)
+    train(make_cfg(*sync, "trainer.steps=3"), resumed, resume=True)
     assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3]
     a, b = _policy(straight / "checkpoints/step_000003"), _policy(resumed / "checkpoints/step_000003")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -99,22 +108,20 @@ def test_job_end_to_end_writes_run_dir_and_resume_is_exact(tmp_path: Path, make_
     assert _metrics(straight)[2]["reward_mean"] == _metrics(resumed)[2]["reward_mean"]
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_a_step_whose_samples_all_fail_is_skipped_not_fatal(tmp_path: Path, make_cfg) -> None:
     raising = str(Path(__file__).parent / "data" / "raising_reward.py") + ":compute_score"
-    train(make_cfg(f"reward.functions=[{{name: '{raising}'}}]", "trainer.steps=2", "eval.enabled=false"), tmp_path)
+    train(make_cfg(IN_PROCESS, f"reward.functions=[{{name: '{raising}'}}]", "trainer.steps=2", "eval.enabled=false"), tmp_path)
     rows = _metrics(tmp_path)
     assert [(r["step"], r["failed_samples"], r["skipped_step"]) for r in rows] == [(1, 8.0, 1.0), (2, 8.0, 1.0)]
     assert json.loads((tmp_path / "checkpoints" / "step_000002" / "controller_state.json").read_text())["step"] == 2
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_python_math_job_with_partial_rollouts_trains_groups_once_they_finish(tmp_path: Path, make_cfg) -> None:
     """The python tool and the math task through a real job, with a per-step budget smaller than a sample: the
     first step only pauses (nothing to train), the next ones train the groups that finished."""
     if not Path("/usr/bin/bwrap").exists():
         pytest.skip("bubblewrap is not installed (make setup installs it)")
-    train(make_cfg("data.task=python_math", "env.name=python", "reward.functions=[{name: numeric_answer}]", "rollout.partial_rollout_budget=8",
+    train(make_cfg(IN_PROCESS, "data.task=python_math", "env.name=python", "reward.functions=[{name: numeric_answer}]", "rollout.partial_rollout_budget=8",
                    "trainer.steps=3", "eval.enabled=false", "rollout.repeat_window=0"), tmp_path)
     rows = _metrics(tmp_path)
     assert rows[0]["skipped_step"] == 1.0 and rows[0]["failed_samples"] == 0.0 and 6 <= rows[0]["paused_samples"] <= 8
@@ -125,17 +132,16 @@ def test_python_math_job_with_partial_rollouts_trains_groups_once_they_finish(tm
     assert "tiderl/python_math" in next(data).read_text()
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_dynamic_sampling_drops_groups_without_signal_and_refills(tmp_path: Path, make_cfg) -> None:
     """The untrained policy never answers right: every group's rewards are all 0, so DAPO's dynamic sampling drops
     each group and draws new prompts, round after round, then skips the step; with a varying reward it keeps them."""
     common = ["algorithm.dynamic_sampling=true", "algorithm.dynamic_sampling_max_rounds=2", "trainer.steps=1", "eval.enabled=false"]
-    train(make_cfg(*common), tmp_path / "flat")
+    train(make_cfg(IN_PROCESS, *common), tmp_path / "flat")
     (row,) = _metrics(tmp_path / "flat")
     assert (row["dropped_groups"], row["sampling_rounds"], row["skipped_step"]) == (12.0, 3.0, 1.0)
     cursor = json.loads((tmp_path / "flat" / "checkpoints/step_000001/controller_state.json").read_text())["data_cursor"]
     assert cursor["position"] == 12  # 3 rounds x 4 prompts drawn
-    train(make_cfg(*common, f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]"), tmp_path / "varied")
+    train(make_cfg(IN_PROCESS, *common, f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]"), tmp_path / "varied")
     (row,) = _metrics(tmp_path / "varied")
     assert row["num_samples"] == 8 and "loss" in row  # 4 groups with signal, refilled if any was dropped
 
@@ -173,18 +179,16 @@ def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_
         Learner(str(tiny_policy_dir), make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{tmp_path / 'nope.jsonl'}]"))
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_temperature_schedule_reaches_rollouts_and_learner(tmp_path: Path, make_cfg) -> None:
-    train(make_cfg("rollout.temperature_final=0.5", "rollout.temperature_decay_steps=2", "trainer.steps=3", "eval.enabled=false"), tmp_path)
+    train(make_cfg(IN_PROCESS, "rollout.temperature_final=0.5", "rollout.temperature_decay_steps=2", "trainer.steps=3", "eval.enabled=false"), tmp_path)
     rows = _metrics(tmp_path)
     assert [r["temperature"] for r in rows] == [1.0, 0.75, 0.5]
     # the learner scores each batch at its own temperature: rollout and learner logprobs still agree
     assert all(r["mismatch_abs_logp"] < 1e-4 for r in rows)
 
 
-@pytest.mark.usefixtures("ray_local")
 def test_kl_in_the_reward_penalizes_drift_from_the_reference(tmp_path: Path, make_cfg) -> None:
-    train(make_cfg("algorithm.kl_coef=0.5", "algorithm.kl_in=reward", f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]",
+    train(make_cfg(IN_PROCESS, "algorithm.kl_coef=0.5", "algorithm.kl_in=reward", f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]",
                    "trainer.lr=5e-3", "trainer.steps=3", "eval.enabled=false"), tmp_path)
     rows = _metrics(tmp_path)
     assert abs(rows[0]["kl_reward_penalty"]) < 1e-4  # step 1 samples come from the reference itself

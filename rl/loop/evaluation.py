@@ -6,10 +6,10 @@ from envs.base import PromptRow
 from rewards.scoring import RewardScorer
 from rl.config import JobConfig
 from rl.loop.metrics import rollout_metrics
-from rollouts.pool import RolloutPool
+from rollouts.backend import RolloutBackend
 
 
-def evaluate(workers: RolloutPool, scorer: RewardScorer, rows: list[PromptRow], cfg: JobConfig) -> dict[str, float]:
+def evaluate(workers: RolloutBackend, scorer: RewardScorer, rows: list[PromptRow], cfg: JobConfig) -> dict[str, float]:
     """One greedy sample per prompt (`accuracy`, ...) and, if enabled, one sampled one (`accuracy_sampled`, ...)."""
     greedy = scorer.score(workers.generate(rows, 1, greedy=True, seed=cfg.seed))
     out = {**rollout_metrics(greedy.scored), "failed_samples": float(greedy.failed), "num_prompts": float(len(rows))}

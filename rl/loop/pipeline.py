@@ -21,19 +21,20 @@ from dataclasses import dataclass
 
 from rl.config import JobConfig
 from rl.loop.data import PromptSampler
-from rollouts.pool import RolloutPool, StepHandle
+from rollouts.backend import RolloutBackend
 from rollouts.records import Trajectory
 
 
 @dataclass
 class _Ahead:
     step: int
-    handle: StepHandle | None
+    handle: object | None
+    """The backend's handle of the step's rollouts; None once collected."""
     trajectories: list[Trajectory] | None = None
 
 
 class RolloutPipeline:
-    def __init__(self, cfg: JobConfig, workers: RolloutPool, sampler: PromptSampler, first_group_id, temperature) -> None:
+    def __init__(self, cfg: JobConfig, workers: RolloutBackend, sampler: PromptSampler, first_group_id, temperature) -> None:
         """`first_group_id(step)`: the group id of the step's first prompt; `temperature(step)`: its sampling temperature."""
         self.cfg, self.workers, self.sampler = cfg, workers, sampler
         self.first_group_id, self.temperature = first_group_id, temperature
@@ -50,7 +51,7 @@ class RolloutPipeline:
             raise RuntimeError(f"rollout pipeline out of order: step {step} asked, step {item.step} ready")
         return item.trajectories if item.trajectories is not None else self.workers.collect(item.handle)  # type: ignore[arg-type]
 
-    def _submit(self, step: int) -> StepHandle:
+    def _submit(self, step: int) -> object:
         rows = self.sampler.next(self.cfg.trainer.prompts_per_step)
         r = self.cfg.rollout
         return self.workers.submit_step(rows, self.first_group_id(step), r.samples_per_prompt, r.partial_rollout_budget, self.temperature(step))
