@@ -107,3 +107,17 @@ def test_in_process_backend_rejects_what_needs_ray() -> None:
     with pytest.raises(ConfigError, match="trainer.num_learners, reward.models need the ray backend"):
         load_config(None, ["model={}", "cluster.backend=in_process", "trainer.num_learners=2", "reward.models=[{name: rm, kind: classifier, path: x}]"])
     assert load_config(None, ["model={}", "cluster.backend=in_process"]).cluster.backend == "in_process"
+
+
+def test_a_setting_of_another_algorithm_variant_is_an_error_naming_what_it_needs() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model={}", "algorithm.k2_tau=0.5", "algorithm.kl_estimator=k1", "algorithm.dynamic_sampling_max_rounds=2"])
+    text = str(e.value)
+    assert "algorithm.k2_tau applies to loss: k2" in text and "algorithm.kl_estimator applies only with kl_coef > 0" in text
+    assert "algorithm.dynamic_sampling_max_rounds applies only with dynamic_sampling: true" in text
+    with pytest.raises(ConfigError, match="algorithm.clip_ratio_high applies to the clipped losses"):
+        load_config(None, ["model={}", "algorithm.loss=k2", "algorithm.advantage=mean_baseline", "algorithm.clip_ratio_high=0.28"])
+    ok = load_config(None, ["model={}", "algorithm.loss=k2", "algorithm.k2_tau=0.5", "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k1"])
+    assert (ok.algorithm.k2_tau, ok.algorithm.kl_estimator) == (0.5, "k1")
+    # a user's own loss from a file may take k2_tau: not rejected
+    assert load_config(None, ["model={}", "algorithm.loss=my_loss.py:loss", "algorithm.k2_tau=0.3"]).algorithm.k2_tau == 0.3

@@ -10,8 +10,14 @@ from pydantic import Field, model_validator
 from envs.config import Section
 
 
+# The built-in variants whose settings are known (rl/trainer/advantages.py, rl/trainer/losses.py); kept here, not
+# imported, so that a config validates without importing torch.
+_BUILTIN_LOSSES = {"ppo_clip", "gspo", "cispo", "k2"}
+_BUILTIN_ADVANTAGES = {"grpo", "rloo", "mean_baseline", "reinforce_pp", "reinforce_pp_baseline"}
+
+
 class AlgorithmConfig(Section):
-    """Advantage estimator and policy loss (formulas and sources: rl/advantages.py, rl/losses.py)."""
+    """Advantage estimator and policy loss (formulas and sources: rl/trainer/advantages.py, rl/trainer/losses.py)."""
 
     advantage: str = Field(
         "grpo", description="Registered advantage estimator: grpo (normalize_by_std=false: Dr.GRPO), rloo, mean_baseline (K1.5/K2), reinforce_pp, reinforce_pp_baseline."
@@ -49,6 +55,30 @@ class AlgorithmConfig(Section):
     def _check_band(self) -> AlgorithmConfig:
         if self.token_mask is not None and not self.token_mask[0] < 0 < self.token_mask[1]:
             raise ValueError(f"token_mask [alpha, beta] needs alpha < 0 < beta, got {list(self.token_mask)}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_variant_settings(self) -> AlgorithmConfig:
+        """A setting of one variant, set for another, would be silently ignored: it is an error naming what it needs.
+        Built-in estimators and losses only (a user's own, from a file, may take any of them)."""
+        ignored = [
+            f"{key} applies {needs}"
+            for key, needs, applies in (
+                ("k2_tau", "to loss: k2", self.loss == "k2" or self.loss not in _BUILTIN_LOSSES),
+                ("clip_ratio_low", "to the clipped losses (ppo_clip, gspo, cispo)", self.loss != "k2"),
+                ("clip_ratio_high", "to the clipped losses (ppo_clip, gspo, cispo)", self.loss != "k2"),
+                ("normalize_by_std", "to advantage: grpo", self.advantage == "grpo" or self.advantage not in _BUILTIN_ADVANTAGES),
+                ("kl_in", "only with kl_coef > 0", self.kl_coef > 0),
+                ("kl_estimator", "only with kl_coef > 0 and kl_in: loss (kl_in: reward uses the log ratio)", self.kl_coef > 0 and self.kl_in == "loss"),
+                ("ptx_files", "only with ptx_coef > 0", self.ptx_coef > 0),
+                ("ptx_batch_size", "only with ptx_coef > 0", self.ptx_coef > 0),
+                ("dynamic_sampling_max_rounds", "only with dynamic_sampling: true", self.dynamic_sampling),
+                ("rollout_correction_cap", "only with rollout_correction: tis or mis", self.rollout_correction != "none"),
+            )
+            if key in self.model_fields_set and not applies
+        ]
+        if ignored:
+            raise ValueError("settings that do not apply to this algorithm: " + "; ".join(f"algorithm.{x}" for x in ignored))
         return self
 
 
