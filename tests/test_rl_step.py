@@ -18,6 +18,7 @@ from rl.tasks.calculator import make_rows as make_calculator_rows
 from rl.trainer.advantages import grpo
 from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import Learner
+from rl.trainer.losses import token_band_mask
 from rollouts.worker import RolloutWorker
 
 IN_PROCESS = "cluster.backend=in_process"  # the loop without Ray: tests of its logic (rollouts.backend)
@@ -127,7 +128,11 @@ def test_python_math_job_with_partial_rollouts_trains_groups_once_they_finish(tm
     assert rows[0]["skipped_step"] == 1.0 and rows[0]["failed_samples"] == 0.0 and 6 <= rows[0]["paused_samples"] <= 8
     trained = [r for r in rows[1:] if "loss" in r]
     assert trained and all(r["num_samples"] % 2 == 0 and r["num_samples"] >= 2 for r in trained)
-    assert all(r["policy_lag_mean"] >= 0 for r in trained) and rows[-1]["policy_version"] >= 1
+    assert rows[-1]["policy_version"] == len(trained)
+    for r in trained:  # updates between each trained sample's oldest weights and the update that trains it
+        samples = [json.loads(line) for line in (tmp_path / "trajectories" / f"step_{r['step']:06d}.jsonl").read_text().splitlines()]
+        lags = [r["policy_version"] - 1 - min(s["policy_versions"]) for s in samples]
+        assert r["policy_lag_mean"] == pytest.approx(sum(lags) / len(lags))
     data = (tmp_path / "data").glob("python_math-train-*.jsonl")
     assert "tiderl/python_math" in next(data).read_text()
 
@@ -147,7 +152,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(tmp_path: Path
 
 
 def test_learner_with_kl_and_corrections_reports_them(tiny_policy_dir, make_cfg) -> None:
-    cfg = make_cfg("algorithm.kl_coef=0.1", "algorithm.rollout_correction=tis", "algorithm.token_mask=[-0.5, 0.5]", "algorithm.entropy_coef=0.01",
+    cfg = make_cfg("algorithm.kl_coef=0.1", "algorithm.rollout_correction=tis", "algorithm.token_mask=[-0.01, 0.01]", "algorithm.entropy_coef=0.01",
                    "algorithm.loss=cispo", f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]")
     worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg)
     scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(4), 2)).scored
@@ -156,8 +161,12 @@ def test_learner_with_kl_and_corrections_reports_them(tiny_policy_dir, make_cfg)
     first = learner.train_step(batch)
     assert first["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)  # the learner starts at the reference
     assert first["rollout_is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and first["token_mask_fraction"] == 0.0
+    with torch.no_grad():  # the tokens whose log(pi/pi_rollout) left the band after one update: the ones masked next
+        logp, _ = learner.sequence_logprobs(batch.input_ids, batch.attention_mask)
+    outside = float((batch.loss_mask - token_band_mask(logp, batch.rollout_logprobs, batch.loss_mask, (-0.01, 0.01))).sum())
     second = learner.train_step(batch)
-    assert second["kl_to_reference"] > 0 and second["token_mask_fraction"] >= 0.0
+    assert second["kl_to_reference"] > 0 and outside > 0
+    assert second["token_mask_fraction"] == pytest.approx(outside / float(batch.loss_mask.sum()))
 
 
 def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_path: Path) -> None:
