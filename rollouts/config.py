@@ -117,7 +117,7 @@ class RolloutConfig(Section):
 
 class QuantConfig(Section):
     """INT4-aware training: one weight-only INT4 spec for the learner's fake-quant, the weight sync, the rollout
-    engine and the export (see `rl.quant.QuantSpec`)."""
+    engine and the export (see `rollouts.quant.QuantSpec`)."""
 
     enabled: bool = Field(False, description="Quantize the targeted weights to INT4 for rollouts, weight sync and export.")
     mode: Literal["qat", "ptq"] = Field(

@@ -50,7 +50,7 @@ def test_paused_groups_move_to_new_workers_and_finish_token_for_token(tool_polic
 def test_resume_with_paused_rollouts_in_the_checkpoint_is_exact(tool_policy_dir, tmp_path: Path, make_cfg) -> None:
     overrides = [f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.partial_rollout_budget=14", "trainer.checkpoint_every=1",
                  "trainer.keep_checkpoints=5", "eval.enabled=false", "reward.functions=[{name: calculator}]",
-                 "rollout.max_staleness=0"]  # this extends a finished run: with rollouts started ahead it would differ (README: Running jobs)
+                 "rollout.max_staleness=0"]  # this extends a finished run: with rollouts started ahead it would differ (docs/cluster.md)
     train(make_cfg(*overrides, "trainer.steps=4"), tmp_path / "straight")
     train(make_cfg(*overrides, "trainer.steps=2"), tmp_path / "resumed")
     paused = torch.load(tmp_path / "resumed" / "checkpoints" / "step_000002" / WORKERS_FILE, weights_only=False)["paused"]

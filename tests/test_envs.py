@@ -28,7 +28,7 @@ ROW = PromptRow(0, [{"role": "user", "content": "hi"}], "test", "0")
 
 
 class Shop(ToolEnv):
-    """A user environment as the README shows it: typed methods become tools."""
+    """A user environment as docs/agentic.md shows it: typed methods become tools."""
 
     def __init__(self, stock: int = 3) -> None:
         self.stock = stock

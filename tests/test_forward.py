@@ -1,4 +1,4 @@
-"""The learner's forward (rl/forward.py): micro-batches of similar lengths, each prompt forwarded once, the head
+"""The learner's forward (rl/trainer/forward.py): micro-batches of similar lengths, each prompt forwarded once, the head
 on scored tokens only — each pinned to give the plain forward's logprobs, gradients and update."""
 
 from __future__ import annotations

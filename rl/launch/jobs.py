@@ -4,7 +4,7 @@ to a Ray cluster through the Ray Jobs API (`ray.job_submission.JobSubmissionClie
 A submission uploads the working directory (Ray's `working_dir`), so every local file the config names (reward
 or environment code, prompt data, PTX examples, a local model) must lie inside it; paths are rewritten relative to
 it and passed as overrides. On the cluster the job's driver runs `python -m rl.launch.cli train ...`; Ray sets
-RAY_ADDRESS for it, so `rl.cluster.ray_session` joins the cluster instead of starting a local Ray.
+RAY_ADDRESS for it, so `rl.launch.cluster.ray_session` joins the cluster instead of starting a local Ray.
 
 Ray 2.60 protects the Jobs API with a token when the cluster runs in token mode, but its client sends the token
 only when RAY_AUTH_MODE=token is exported. tiderl sends the token it finds here (RAY_AUTH_TOKEN,
@@ -151,7 +151,7 @@ def plan_submission(
     clash = sorted(set(cfg.cluster.env_vars) & set(RAY_ENV))
     if clash:
         raise JobsError(
-            f"cluster.env_vars sets {', '.join(clash)}, which every tiderl job sets itself (rl/cluster.py); Ray refuses "
+            f"cluster.env_vars sets {', '.join(clash)}, which every tiderl job sets itself (rollouts/actors.py); Ray refuses "
             "a job whose submission and driver set the same variable: remove it from cluster.env_vars"
         )
     excludes = DEFAULT_EXCLUDES + list(cfg.cluster.excludes)

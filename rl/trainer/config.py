@@ -89,7 +89,7 @@ class TrainerConfig(Section):
     prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (each sampled `samples_per_prompt` times).")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (AdamW and Muon).")
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon: Muon for hidden 2-D weight matrices, AdamW for the rest (rl/optim.py).")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon: Muon for hidden 2-D weight matrices, AdamW for the rest (rl/trainer/optim.py).")
     reset_optimizer_each_step: bool = Field(False, description="K1.5: fresh optimizer state at every RL iteration (each step's batch is a new problem).")
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per learner forward/backward.")
@@ -99,13 +99,13 @@ class TrainerConfig(Section):
     share_prompt: bool = Field(
         True,
         description="Forward each distinct prompt of a micro-batch once and its samples' continuations on its KV cache "
-        "(same logprobs and gradients, fewer positions: rl/forward.py); models that fail the check at start forward whole sequences.",
+        "(same logprobs and gradients, fewer positions: rl/trainer/forward.py); models that fail the check at start forward whole sequences.",
     )
     skip_zero_advantage_backward: bool = Field(
         True,
         description="Sequences whose every policy token has advantage 0 (a GRPO group of equal rewards) give no gradient "
         "under a loss that vanishes there (checked on the loss; no entropy bonus, no KL in the loss): forward them "
-        "without autograd, for the metrics, and skip their backward (same update, less work: rl/learner.py).",
+        "without autograd, for the metrics, and skip their backward (same update, less work: rl/trainer/learner.py).",
     )
     score_zero_advantage: bool = Field(
         True,
