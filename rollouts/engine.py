@@ -16,8 +16,8 @@ across requests; one slot per episode is the case that matters for agentic rollo
 
 Per step, on the device and without a host round trip: temperature, top-k and top-p sampling, the logprob of each
 sampled token under logits / temperature (what the learner recomputes), the stop token, each sequence's budget and
-the loop detector. The host looks at the finished flags once per step on a CPU (where reading them costs
-nothing) and every `sync_every` steps on a GPU.
+the loop detector (the sampler and the detector: `rollouts/sampling.py`). The host looks at the finished flags
+once per step on a CPU (where reading them costs nothing) and every `sync_every` steps on a GPU.
 
 Sampling is counter-based: the uniform number for token t of a request is a hash of (request seed, t), so a
 sample's tokens do not depend on which other requests shared its batch, or when it was admitted.
@@ -41,6 +41,7 @@ import torch
 from transformers import DynamicCache
 
 from rollouts.decoder import SUPPORTED_MODEL_TYPES, Decoder
+from rollouts.sampling import SamplingParams, _LoopDetector, _sample
 
 StopReason = Literal["stop", "length", "repeat"]
 GATHER_BELOW = 0.75
@@ -78,18 +79,6 @@ _Item = tuple[Request, Callable[[Generation], None]]
 """A submitted request and the callback its result goes to."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    greedy: bool = False
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got {self}")
-
-
 class Engine:
     def __init__(
         self,
@@ -121,7 +110,9 @@ class Engine:
         current = self._decoder
         if current is None or current.slots < slots or current.max_len < max_len:
             self._decoder = None  # free the old cache before allocating the new one
-            self._decoder = Decoder(self.model, max(slots, current.slots if current else 0), max(max_len, current.max_len if current else 0))
+            self._decoder = Decoder(
+                self.model, max(slots, current.slots if current else 0), max(max_len, current.max_len if current else 0)
+            )
         return self._decoder
 
     def batcher(self, sampling: SamplingParams, slots: int, max_len: int) -> Batcher | WaveBatcher:
@@ -148,7 +139,11 @@ class Engine:
         seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()
         prefixes = turn_prefixes or [[] for _ in prompts]
         requests = [Request(p, n, s, t) for p, n, s, t in zip(prompts, max_new_tokens, seeds, prefixes, strict=True)]
-        batcher = self.batcher(SamplingParams(temperature, greedy, top_p, top_k), len(requests), max(len(p) + n for p, n in zip(prompts, max_new_tokens, strict=True)))
+        batcher = self.batcher(
+            SamplingParams(temperature, greedy, top_p, top_k),
+            len(requests),
+            max(len(p) + n for p, n in zip(prompts, max_new_tokens, strict=True)),
+        )
         results: list[Generation | None] = [None] * len(requests)
         for i, request in enumerate(requests):
             batcher.submit(request, lambda g, i=i: results.__setitem__(i, g))
@@ -158,7 +153,8 @@ class Engine:
 
 
 class _Queue:
-    """Request intake shared by both batchers: bad requests are refused naming the problem, empty budgets done at once."""
+    """Request intake shared by both batchers: bad requests are refused naming the problem, empty budgets done at
+    once."""
 
     max_len: int | None = None
     waiting: Any
@@ -167,7 +163,10 @@ class _Queue:
         if not request.prompt:
             raise ValueError("empty prompt")
         if self.max_len is not None and len(request.prompt) + request.max_new_tokens > self.max_len:
-            raise ValueError(f"request of {len(request.prompt)} prompt + {request.max_new_tokens} new tokens exceeds the batch's {self.max_len}-token sequences")
+            raise ValueError(
+                f"request of {len(request.prompt)} prompt + {request.max_new_tokens} new tokens exceeds the batch's "
+                f"{self.max_len}-token sequences"
+            )
         if request.max_new_tokens <= 0:
             on_done(Generation([], [], "length"))
             return
@@ -195,7 +194,9 @@ class Batcher(_Queue):
         self.looped = torch.zeros(slots, dtype=torch.bool, device=dev)
         self.out_ids = torch.zeros(slots, max_len, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(slots, max_len, dtype=torch.float32, device=dev)
-        self.loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, slots, dev) if engine.repeat_window else None
+        self.loops = (
+            _LoopDetector(engine.repeat_window, engine.repeat_max_period, slots, dev) if engine.repeat_window else None
+        )
         self.steps = 0
         # prefix reuse: the tokens whose cache entries each idle slot holds (positions 0..len-1), and whose they are
         self.cached: list[list[int] | None] = [None] * slots
@@ -261,7 +262,12 @@ class Batcher(_Queue):
         tails = [item[0].prompt[keep:] for _, keep, item in bucket]
         starts = torch.tensor([keep for _, keep, _ in bucket], device=self.device)
         lengths = torch.tensor([len(t) for t in tails], device=self.device)
-        return self.decoder.extend(self._padded(tails).to(self.device), starts, lengths, torch.tensor([slot for slot, _, _ in bucket], device=self.device))
+        return self.decoder.extend(
+            self._padded(tails).to(self.device),
+            starts,
+            lengths,
+            torch.tensor([slot for slot, _, _ in bucket], device=self.device),
+        )
 
     def _start(self, placed: list[tuple[int, _Item]], logits: torch.Tensor) -> None:
         """Slots of `placed` (slot, request) start their requests; `logits` (one row each) give their first tokens."""
@@ -396,7 +402,14 @@ class WaveBatcher(_Queue):
             loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, batch, device)
             loops.reset(rows, [r.turn_prefix for r in requests])
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         next_pos = positions[:, -1] + 1
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         looping = torch.zeros_like(done)
@@ -415,23 +428,18 @@ class WaveBatcher(_Queue):
             if bool(done.all()):
                 break
             attention = torch.cat([attention, live.long()[:, None]], dim=-1)
-            out = model(input_ids=tok[:, None], attention_mask=attention, position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=attention,
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             next_pos = next_pos + 1
         ids, lps = torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()
         counts, looped = count.tolist(), looping.tolist()
         for i, (_, on_done) in enumerate(wave):
             on_done(engine.finished(ids[i, : counts[i]].tolist(), lps[i, : counts[i]].tolist(), looped[i]))
-
-
-# splitmix64 constants as signed int64 (torch integer arithmetic wraps around)
-_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-
-
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def _by_length(items: list, length: Callable[[Any], int]) -> list[list]:
@@ -449,76 +457,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     if a[:n] == b[:n]:
         return n
     return next(i for i in range(n) if a[i] != b[i])
-
-
-def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
-    """One float64 in (0, 1) per row: splitmix64 of (seed, counter). Hand-written because torch's generators
-    draw one stream per generator; a counter-based draw makes each request's stream its own, batch or not."""
-    z = seeds * _GAMMA + (counters + 1) * _MIX2
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    z = z ^ _shr(z, 31)
-    return (_shr(z, 11).double() + 0.5) * 2.0**-53
-
-
-def _sample(logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its logprob under logits / temperature (greedy: argmax). top-k / top-p restrict
-    which tokens can be drawn; the recorded logprob stays the full tempered distribution's, the one the learner
-    recomputes (as vLLM's default raw logprobs)."""
-    scaled = logits.float() / sampling.temperature
-    logp = torch.log_softmax(scaled, dim=-1)
-    if sampling.greedy:
-        tok = logits.argmax(-1)
-    else:
-        allowed = scaled
-        if sampling.top_k and sampling.top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
-            allowed = allowed.masked_fill(allowed < kth, float("-inf"))
-        if sampling.top_p < 1.0:
-            ordered, order = torch.sort(allowed, dim=-1, descending=True)
-            probs = torch.softmax(ordered, dim=-1)
-            drop = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before a token already reaches top_p
-            allowed = allowed.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-        cdf = torch.softmax(allowed, dim=-1).double().cumsum(-1)
-        u = uniform(seeds, counters)[:, None] * cdf[:, -1:]
-        tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=scaled.shape[-1] - 1)
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
-
-
-class _LoopDetector:
-    """Per slot and period p <= `max_period`, how many of its latest tokens each equal the token p places before
-    it; a slot loops once that run reaches `window` for some p (one unit of p tokens repeated over the last
-    window + p tokens).
-
-    Kept as run lengths, so a step compares each new token with `max_period` earlier ones instead of rescanning
-    the window for every period. Positions before a slot's history hold distinct negative ids, so a short history
-    never looks periodic.
-    """
-
-    def __init__(self, window: int, max_period: int, slots: int, device: torch.device) -> None:
-        self.window, self.max_period = window, max_period
-        self.recent = -torch.arange(1, max_period + 1, device=device).repeat(slots, 1)  # [slots, max_period], oldest first
-        self.runs = torch.zeros(slots, max_period, dtype=torch.long, device=device)  # [slots, max_period]: run at period p = index + 1
-        self.periods = torch.arange(1, max_period + 1, device=device)
-        self.back = max_period - self.periods  # where in `recent` the token p places back sits
-
-    def reset(self, rows: torch.Tensor, prefixes: list[list[int]]) -> None:
-        """Start slots `rows` afresh, each with the tokens its turn already produced."""
-        size = self.window + self.max_period  # enough history to tell a run of `window` at every period
-        fresh = -torch.arange(1, size + 1, device=self.recent.device).repeat(len(prefixes), 1)
-        for i, prefix in enumerate(prefixes):
-            kept = prefix[-size:]
-            if kept:
-                fresh[i, size - len(kept) :] = torch.tensor(kept, device=fresh.device)
-        later = torch.arange(self.max_period, size, device=fresh.device)  # the last `window` positions
-        same = fresh[:, later.expand(self.max_period, -1)] == fresh[:, later - self.periods[:, None]]  # [rows, max_period, window]
-        self.runs[rows] = same.flip(-1).long().cumprod(-1).sum(-1)  # trailing matches, capped at the window
-        self.recent[rows] = fresh[:, -self.max_period :]
-
-    def push(self, rows: slice | torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """Append each row's new token; [rows] bool: the row is now looping."""
-        recent = self.recent[rows]
-        runs = (self.runs[rows] + 1) * (recent[:, self.back] == tok[:, None])
-        self.runs[rows] = runs
-        self.recent[rows] = torch.cat([recent[:, 1:], tok[:, None]], dim=1)
-        return (runs >= self.window).any(-1)

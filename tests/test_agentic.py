@@ -17,11 +17,12 @@ from rewards.scoring import RewardScorer
 from rl.loop.data import builtin_rows, to_prompt_row
 from rollouts.agent_loop import AgentLoop
 from rollouts.config import RolloutConfig
-from rollouts.engine import Engine, _LoopDetector
+from rollouts.engine import Engine
 from rollouts.model import load_policy
 from rollouts.pool import RolloutPool
 from rollouts.records import TrajectoryStatus
 from rollouts.renderer import Renderer
+from rollouts.sampling import _LoopDetector
 from rollouts.worker import RolloutWorkerActor
 
 

@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from rollouts.decoder import Decoder
-from rollouts.engine import Engine, Request, SamplingParams, _sample, uniform
+from rollouts.engine import Engine, Request, SamplingParams
 from rollouts.int4 import convert_to_int4
 from rollouts.model import load_policy
 from rollouts.quant import QuantSpec, targeted_parameters
+from rollouts.sampling import _sample, uniform
 from rollouts.worker import int4_kernel_settings
 
 VOCAB = 97
