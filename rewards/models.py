@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -25,7 +25,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rewards.config import RewardModelConfig
 from rollouts.actors import ACTOR_LOST
-from rollouts.records import completion_messages
+from rollouts.records import Trajectory, completion_messages
+
+if TYPE_CHECKING:
+    from rollouts.agent_loop import Episode
 
 log = logging.getLogger("tiderl")
 
@@ -165,22 +168,24 @@ class RewardModelPool:
             ray.kill(actor)
 
 
-def reward_model_item(sample: Any) -> dict[str, Any]:
-    """What a reward model scores of a finished sample (an agent-loop `Episode` or a `Trajectory`)."""
+def reward_model_item(finished: Episode | Trajectory) -> dict[str, Any]:
+    """What a reward model scores of a finished sample (an agent-loop `Episode` or a `Trajectory`; both hold its
+    `Sample`)."""
+    sample = finished.sample
     prompt, completion = completion_messages(sample.messages, sample.row.messages)
     return {"prompt": prompt, "completion": completion, "group_id": sample.group_id, "sample_id": sample.sample_id}
 
 
 def fetch_model_scores(trajectories: list, models: RewardModelPool | None, score_in_workers: bool) -> None:
-    """Fill each trajectory's `model_scores` from the reward model actors.
+    """Fill each trajectory's `model_scores` (and `model_score_failures`) from the reward model actors.
 
     With `score_in_workers`, the workers already sent every finished group (`model_score_refs`), so this only
     collects results that are mostly ready; otherwise the whole batch is sent now (the barrier). A model that
-    fails on a batch marks those samples with the reason (a string), which the scorer counts as failures; a model
-    actor that died is restarted and the samples it held are sent again.
+    fails on a batch marks those samples with the reason (`model_score_failures`), which the scorer counts as
+    failures; a model actor that died is restarted and the samples it held are sent again.
     """
     if score_in_workers:  # already fetched (steps a checkpoint kept) have scores and no refs left
-        trajectories = [t for t in trajectories if t.model_score_refs or not t.model_scores]
+        trajectories = [t for t in trajectories if t.model_score_refs or t.model_scores is None]
     if models is None or not models.actors or not trajectories:
         return
     import ray.exceptions
@@ -194,7 +199,8 @@ def fetch_model_scores(trajectories: list, models: RewardModelPool | None, score
     for t in trajectories:
         for name, (ref, _) in t.model_score_refs.items():
             holders.setdefault((name, ref), []).append(t)
-    results: dict[Any, list[float | None] | str] = {}
+    results: dict[Any, list[float | None]] = {}  # ref -> the scores of its batch
+    failed: dict[Any, str] = {}  # ref -> why its batch has no scores
     for (name, ref), held in holders.items():
         while True:
             try:
@@ -208,16 +214,19 @@ def fetch_model_scores(trajectories: list, models: RewardModelPool | None, score
                     t.model_score_refs[name] = (ref_again, position)
                 ref = ref_again
             except ray.exceptions.RayError as e:
-                results[ref] = f"reward model failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+                failed[ref] = f"reward model failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
                 break
     for t in trajectories:
-        scores: dict[str, float | None | str] = {}
+        scores: dict[str, float | None] = {}
+        failures: dict[str, str] = {}
         for name in models.actors:
             if name not in t.model_score_refs:
-                scores[name] = "was not sent to the reward model"
+                failures[name] = "was not sent to the reward model"
                 continue
             ref, position = t.model_score_refs[name]
-            got = results[ref]
-            scores[name] = got if isinstance(got, str) else got[position]
-        t.model_scores = scores
+            if ref in failed:
+                failures[name] = failed[ref]
+            else:
+                scores[name] = results[ref][position]
+        t.model_scores, t.model_score_failures = scores, failures
         t.model_score_refs = {}

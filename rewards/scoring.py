@@ -6,8 +6,8 @@ one) and `reward.truncation_penalty` (on truncated samples) are added and logged
 reports, and later TRL-style functions receive its verdicts as `correct`. A sample is left out of training, counted
 and logged with its id, when its rollout ended in `error`, when any function failed on it, or when no function
 scored it (all returned None). Reward models' scores (`rewards.models`, fetched into `Trajectory.model_scores`) are
-weighted and added like functions. Per-function counts go to the step's metrics: `reward_failed/<name>` and
-`reward_none/<name>`.
+weighted and added like functions; a model that failed on a sample (`Trajectory.model_score_failures`) fails it.
+Per-function counts go to the step's metrics: `reward_failed/<name>` and `reward_none/<name>`.
 """
 
 from __future__ import annotations
@@ -79,15 +79,17 @@ class RewardScorer:
 
     def _combine(self, traj: Trajectory, values: list[float | None | Failure], acc: bool | None, counts: Counter[str]) -> ScoredTrajectory | None:
         # (how the log names it, metric name, score | None | why it failed) for every function and reward model
-        verdicts = [(f"reward function {fn.name!r} ", fn.name, v.reason if isinstance(v, Failure) else v) for (fn, _), v in zip(self.functions, values, strict=True)]
+        verdicts: list[tuple[str, str, float | None | Failure]] = [
+            (f"reward function {fn.name!r} ", fn.name, v) for (fn, _), v in zip(self.functions, values, strict=True)
+        ]
         if traj.model_scores is not None:  # reward models' scores, fetched by the controller (rewards.models)
-            verdicts += [(f"reward model {name!r}: ", name, traj.model_scores.get(name, "no score was fetched")) for name, _ in self.models]
+            verdicts += [(f"reward model {name!r}: ", name, _model_verdict(traj, name)) for name, _ in self.models]
         breakdown: dict[str, float] = {}
         failures = []
         for label, name, value in verdicts:
-            if isinstance(value, str):
+            if isinstance(value, Failure):
                 counts[f"reward_failed/{name}"] += 1
-                failures.append(label + value)
+                failures.append(label + value.reason)
             elif value is None:
                 counts[f"reward_none/{name}"] += 1
             else:
@@ -110,6 +112,17 @@ class RewardScorer:
         first = values[0] if values else None
         correct = _correct(first, acc) if isinstance(first, float) else False
         return ScoredTrajectory(trajectory=traj, reward=total, reward_breakdown=breakdown, correct=correct)
+
+
+def _model_verdict(traj: Trajectory, name: str) -> float | None | Failure:
+    """Reward model `name`'s score of a fetched trajectory: the score, None (the model gave no verdict), or why there
+    is none (`Trajectory.model_score_failures`; a model missing from both was never fetched for it)."""
+    assert traj.model_scores is not None
+    if name in traj.model_score_failures:
+        return Failure(traj.model_score_failures[name])
+    if name in traj.model_scores:
+        return traj.model_scores[name]
+    return Failure("no score was fetched")
 
 
 def _correct(value: float | None | Failure, acc: bool | None) -> bool:

@@ -29,48 +29,47 @@ from envs.base import PromptRow, StepResult, ToolCall
 from envs.config import EnvConfig
 from rollouts.config import RolloutConfig
 from rollouts.engine import Engine, Generation, Request, SamplingParams
-from rollouts.records import Trajectory, TrajectoryStatus
+from rollouts.records import Sample, Trajectory, TrajectoryStatus
 from rollouts.renderer import Renderer
 from rollouts.tool_parsers import TOOL_CALL_PARSERS
 
 
 @dataclass
 class Episode:
-    sample_id: str
-    group_id: int
+    """One sample in flight: its `Sample` record (counters, conversation, outcome; the `Trajectory` it becomes holds
+    the same record), its environment, the tokens so far, and where the loop stands in it."""
+
+    sample: Sample
     group_size: int
-    row: PromptRow
     env: Any
-    messages: list[dict[str, Any]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     mask: list[float] = field(default_factory=list)
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
-    """(start, end, policy version) of the generated token spans, adjacent spans of one version merged."""
-    prompt_length: int = 0
     version: int = 0
     """Policy version of the latest iteration that drove this episode."""
     turn_start: int | None = None
     """Index in `ids` where the unfinished assistant turn began (None between turns)."""
     generated: int = 0
     iteration_tokens: int = 0
-    turns: int = 0
-    tool_calls: int = 0
-    tool_errors: int = 0
-    last_text: str = ""
-    env_reward: float | None = None
     status: TrajectoryStatus | None = None
     """None while running; PARTIAL while paused; FINISHED / TRUNCATED / ERROR once done."""
-    truncation: str | None = None
-    error: str | None = None
     started: bool = False
     pending_calls: list[ToolCall] = field(default_factory=list)
     pending_errors: list[str] = field(default_factory=list)
 
+    # the sample's identity, read through (what the rollout worker groups episodes by)
+    @property
+    def group_id(self) -> int:
+        return self.sample.group_id
+
+    @property
+    def row(self) -> PromptRow:
+        return self.sample.row
+
     @property
     def key(self) -> int:
         """A stable number for this sample (its group and sample id), for its sampling seeds."""
-        return zlib.crc32(f"{self.group_id}/{self.sample_id}".encode())
+        return zlib.crc32(f"{self.sample.group_id}/{self.sample.sample_id}".encode())
 
     @property
     def done(self) -> bool:
@@ -82,13 +81,17 @@ class Episode:
         self.mask.extend([1.0 if policy else 0.0] * len(ids))
 
     def add_segment(self, start: int, end: int, version: int) -> None:
-        if self.segments and self.segments[-1][2] == version:
-            self.segments[-1] = (self.segments[-1][0], end, version)
+        segments = self.sample.segments
+        if segments and segments[-1][2] == version:
+            segments[-1] = (segments[-1][0], end, version)
         elif end > start:
-            self.segments.append((start, end, version))
+            segments.append((start, end, version))
 
     def truncate(self, reason: str) -> None:
-        self.status, self.truncation = TrajectoryStatus.TRUNCATED, reason
+        self.status, self.sample.truncation = TrajectoryStatus.TRUNCATED, reason
+
+    def fail(self, error: str) -> None:
+        self.status, self.sample.error = TrajectoryStatus.ERROR, error
 
 
 class AgentLoop:
@@ -105,7 +108,7 @@ class AgentLoop:
         """`samples_per_prompt` episodes per row; `group_ids[i]` names row i's group (default: the row index)."""
         gids = group_ids if group_ids is not None else [row.index for row in rows]
         return [
-            Episode(sample_id=f"{row.index}-{k}", group_id=gid, group_size=samples_per_prompt, row=row, env=self.env_factory())
+            Episode(Sample(f"{row.index}-{k}", gid, row), group_size=samples_per_prompt, env=self.env_factory())
             for row, gid in zip(rows, gids, strict=True)
             for k in range(samples_per_prompt)
         ]
@@ -153,7 +156,9 @@ class AgentLoop:
         async def generate(ep: Episode, budget: int) -> Generation:
             result: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
             prefix = ep.ids[ep.turn_start :] if ep.turn_start is not None else []
-            batcher.submit(Request(list(ep.ids), budget, _mix_seed(base_seed, ep.key, ep.generated), prefix, (ep.group_id, ep.sample_id)), result.set_result)
+            seed = _mix_seed(base_seed, ep.key, ep.generated)
+            request = Request(list(ep.ids), budget, seed, prefix, (ep.sample.group_id, ep.sample.sample_id))
+            batcher.submit(request, result.set_result)
             submitted.set()
             return await result
 
@@ -202,14 +207,14 @@ class AgentLoop:
     async def _reset(self, ep: Episode) -> None:
         ep.started = True
         try:
-            messages, tools = await ep.env.reset(ep.row)
-            ep.messages = list(messages)
-            prompt = self.renderer.prompt_ids(ep.messages, tools)
+            messages, tools = await ep.env.reset(ep.sample.row)
+            ep.sample.messages = list(messages)
+            prompt = self.renderer.prompt_ids(ep.sample.messages, tools)
         except Exception as e:  # the one place a failing sample is isolated: counted as `error`, never raised
-            ep.status, ep.error = TrajectoryStatus.ERROR, f"env reset failed: {type(e).__name__}: {e}"
+            ep.fail(f"env reset failed: {type(e).__name__}: {e}")
             return
         ep.append(prompt, None, policy=False)
-        ep.prompt_length = len(prompt)
+        ep.sample.prompt_length = len(prompt)
         if len(prompt) >= self.rollout.max_tokens_per_sample:
             ep.truncate("max_tokens_per_sample")
 
@@ -218,7 +223,7 @@ class AgentLoop:
         turn_so_far = len(ep.ids) - ep.turn_start if ep.turn_start is not None else 0
         limits = {
             "max_new_tokens_per_turn": self.rollout.max_new_tokens_per_turn - turn_so_far,
-            "token_budget": self._token_budget(ep.row) - ep.generated,
+            "token_budget": self._token_budget(ep.sample.row) - ep.generated,
             "max_tokens_per_sample": self.rollout.max_tokens_per_sample - len(ep.ids),
         }
         if iteration_budget:
@@ -262,18 +267,18 @@ class AgentLoop:
         assert ep.turn_start is not None
         text = self.renderer.decode(ep.ids[ep.turn_start :])
         ep.turn_start = None
-        ep.turns += 1
-        ep.last_text = text
-        ep.messages.append({"role": "assistant", "content": text})
+        ep.sample.num_turns += 1
+        ep.sample.response_text = text
+        ep.sample.messages.append({"role": "assistant", "content": text})
         return text
 
     def _end_turn(self, ep: Episode) -> None:
         calls, errors = self.parse_tool_calls(self._close_turn(ep))
         if not calls and not errors:
             ep.status = TrajectoryStatus.FINISHED
-        elif ep.turns >= self.env_cfg.max_turns:
+        elif ep.sample.num_turns >= self.env_cfg.max_turns:
             ep.truncate("max_turns")  # no turn left to read the result
-        elif ep.tool_calls + len(calls) + len(errors) > self.env_cfg.max_tool_calls:
+        elif ep.sample.num_tool_calls + len(calls) + len(errors) > self.env_cfg.max_tool_calls:
             ep.truncate("max_tool_calls")
         else:
             ep.pending_calls, ep.pending_errors = calls, errors
@@ -282,49 +287,43 @@ class AgentLoop:
         """Send the turn's tool calls to the environment and append the observations (or the parse errors)."""
         calls, errors = ep.pending_calls, ep.pending_errors
         ep.pending_calls, ep.pending_errors = [], []
-        ep.tool_calls += len(calls) + len(errors)
-        ep.tool_errors += len(errors)
+        ep.sample.num_tool_calls += len(calls) + len(errors)
+        ep.sample.num_tool_errors += len(errors)
         observations = [{"role": "tool", "content": msg} for msg in errors]
         result = StepResult(observations=[])
         if calls:
             try:
                 result = await ep.env.step(calls)
             except Exception as e:  # isolate the failing sample, as in _reset
-                ep.status, ep.error = TrajectoryStatus.ERROR, f"env step failed: {type(e).__name__}: {e}"
+                ep.fail(f"env step failed: {type(e).__name__}: {e}")
                 return
-            ep.tool_errors += int(result.info.get("tool_errors", 0))
+            ep.sample.num_tool_errors += int(result.info.get("tool_errors", 0))
         observations.extend(result.observations)
-        ep.messages.extend(observations)
+        ep.sample.messages.extend(observations)
         ep.append(self.renderer.observation_ids(observations), None, policy=False)
         if result.reward is not None:
-            ep.env_reward = float(result.reward)
+            ep.sample.env_reward = float(result.reward)
         if result.done:
             ep.status = TrajectoryStatus.FINISHED
         elif len(ep.ids) >= self.rollout.max_tokens_per_sample:
             ep.truncate("max_tokens_per_sample")
 
     def trajectory(self, ep: Episode) -> Trajectory:
+        """The record of a done episode: its `Sample` with the tokens as tensors, and the oldest policy version that
+        generated one of them."""
         if not ep.done:
-            raise ValueError(f"sample {ep.sample_id} is not done (status {ep.status}); only finished episodes become trajectories")
+            raise ValueError(
+                f"sample {ep.sample.sample_id} is not done (status {ep.status}); "
+                "only finished episodes become trajectories"
+            )
+        assert ep.status is not None  # done
         return Trajectory(
-            sample_id=ep.sample_id,
-            group_id=ep.group_id,
-            row=ep.row,
+            sample=ep.sample,
             token_ids=torch.tensor(ep.ids, dtype=torch.long),
             logprobs=torch.tensor(ep.logprobs, dtype=torch.float32),
             loss_mask=torch.tensor(ep.mask, dtype=torch.float32),
-            prompt_length=ep.prompt_length,
-            policy_version=min((v for _, _, v in ep.segments), default=ep.version),
-            segments=list(ep.segments),
+            policy_version=min((v for _, _, v in ep.sample.segments), default=ep.version),
             status=ep.status,
-            response_text=ep.last_text,
-            messages=ep.messages,
-            num_turns=ep.turns,
-            num_tool_calls=ep.tool_calls,
-            num_tool_errors=ep.tool_errors,
-            truncation=ep.truncation,
-            env_reward=ep.env_reward,
-            error=ep.error,
         )
 
 

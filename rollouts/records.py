@@ -1,5 +1,6 @@
 """The record a rollout produces: a `Trajectory` (token-in/token-out: ids, per-token rollout logprobs, loss mask and
-the policy version that generated it) and how it ended (`TrajectoryStatus`). Reward scoring wraps each in a
+the policy version that generated it), how it ended (`TrajectoryStatus`), and its `Sample` (which sample it is, its
+conversation and counters: what the agent loop's episode fills in as it runs). Reward scoring wraps each in a
 `rewards.records.ScoredTrajectory`; nothing downstream re-tokenizes text.
 """
 
@@ -31,8 +32,9 @@ def completion_messages(messages: list[dict[str, Any]], fallback_prompt: list[di
 
 
 @dataclass
-class Trajectory:
-    """One sampled episode: the prompt, every model turn and every tool observation, as token ids."""
+class Sample:
+    """One sample of a prompt apart from its tokens: which it is, its conversation and what happened in it. The agent
+    loop's `Episode` fills it in as the sample runs; the `Trajectory` the episode becomes holds the same record."""
 
     sample_id: str
     """`"{prompt_index}-{k}"` for sample k of a prompt: the id named in logs and errors."""
@@ -40,45 +42,110 @@ class Trajectory:
     """Samples of the same prompt share a group id; group advantages are computed within it."""
     row: PromptRow
     """The dataset row the episode started from."""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    """The whole conversation as chat messages, for logs and for reward functions that want it."""
+    response_text: str = ""
+    """The final assistant turn, decoded (what answer verifiers read)."""
+    prompt_length: int = 0
+    """Number of leading prompt tokens."""
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """(start, end, policy version) of the generated token spans, adjacent spans of one version merged: more than
+    one version when a partial rollout was paused and resumed under newer weights."""
+    num_turns: int = 0
+    """Assistant turns taken."""
+    num_tool_calls: int = 0
+    """Tool calls parsed and executed (well-formed or not)."""
+    num_tool_errors: int = 0
+    """Tool calls that were malformed or failed; the model saw an error observation for each."""
+    truncation: str | None = None
+    """Which limit truncated the sample (`max_new_tokens_per_turn`, `token_budget`, `max_tokens_per_sample`,
+    `max_turns`, `max_tool_calls`, `repeat`) when its status is TRUNCATED."""
+    error: str | None = None
+    """What went wrong when its status is ERROR."""
+    env_reward: float | None = None
+    """The environment's own score of the episode, if it gave one."""
+
+
+@dataclass
+class Trajectory:
+    """One sampled episode: the prompt, every model turn and every tool observation, as token ids, with its `Sample`
+    record (whose fields read through: `traj.num_turns` is `traj.sample.num_turns`)."""
+
+    sample: Sample
+    """Which sample this is, its conversation and what happened in it."""
     token_ids: torch.Tensor  # [num_tokens] int64
     """Prompt + all assistant turns + tool observations, exactly the tokens the model saw and produced."""
     logprobs: torch.Tensor  # [num_tokens] float32
     """Rollout logprob of each token under the sampling policy; 0 where `loss_mask` is 0."""
     loss_mask: torch.Tensor  # [num_tokens] float32
     """1 on tokens the policy generated, 0 on prompt and tool-output tokens."""
-    prompt_length: int
-    """Number of leading prompt tokens."""
     policy_version: int
     """Oldest version of the weights that generated a policy token of this trajectory (see `segments`)."""
     status: TrajectoryStatus
     """How the episode ended."""
-    response_text: str
-    """The final assistant turn, decoded (what answer verifiers read)."""
-    messages: list[dict[str, Any]]
-    """The whole conversation as chat messages, for logs and for reward functions that want it."""
-    num_turns: int
-    """Assistant turns taken."""
-    num_tool_calls: int
-    """Tool calls parsed and executed (well-formed or not)."""
-    num_tool_errors: int = 0
-    """Tool calls that were malformed or failed; the model saw an error observation for each."""
-    error: str | None = None
-    """What went wrong when `status` is ERROR."""
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
-    """(start, end, policy version) of the generated token spans: more than one version when a partial rollout
-    was paused and resumed under newer weights."""
-    truncation: str | None = None
-    """Which limit truncated the sample (`max_new_tokens_per_turn`, `token_budget`, `max_tokens_per_sample`,
-    `max_turns`, `max_tool_calls`, `repeat`) when `status` is TRUNCATED."""
-    env_reward: float | None = None
-    """The environment's own score of the episode, if it gave one."""
     model_score_refs: dict[str, tuple[Any, int]] = field(default_factory=dict)
     """Reward model name -> (Ray ObjectRef of a batch's scores, this sample's position in it), when the worker
     sent the episode for scoring as soon as its group finished (`reward.models_async`)."""
     model_scores: dict[str, float | None] | None = None
     """Reward model name -> score (None: the model gave no verdict), once fetched; None: not scored by models."""
+    model_score_failures: dict[str, str] = field(default_factory=dict)
+    """Reward model name -> why it has no score for this sample (it failed on the batch, or the sample was never
+    sent to it), once fetched: the scorer counts it as that model's failure and leaves the sample out."""
 
     @property
     def response_length(self) -> int:
         """Number of policy-generated tokens."""
         return int(self.loss_mask.sum().item())
+
+    # the sample's fields, read through
+    @property
+    def sample_id(self) -> str:
+        return self.sample.sample_id
+
+    @property
+    def group_id(self) -> int:
+        return self.sample.group_id
+
+    @property
+    def row(self) -> PromptRow:
+        return self.sample.row
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.sample.messages
+
+    @property
+    def response_text(self) -> str:
+        return self.sample.response_text
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sample.prompt_length
+
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        return self.sample.segments
+
+    @property
+    def num_turns(self) -> int:
+        return self.sample.num_turns
+
+    @property
+    def num_tool_calls(self) -> int:
+        return self.sample.num_tool_calls
+
+    @property
+    def num_tool_errors(self) -> int:
+        return self.sample.num_tool_errors
+
+    @property
+    def truncation(self) -> str | None:
+        return self.sample.truncation
+
+    @property
+    def error(self) -> str | None:
+        return self.sample.error
+
+    @property
+    def env_reward(self) -> float | None:
+        return self.sample.env_reward

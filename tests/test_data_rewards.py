@@ -12,7 +12,7 @@ from rewards.config import RewardConfig
 from rewards.registry import REWARDS
 from rewards.scoring import RewardScorer
 from rl.loop.data import DataError, PromptSampler, load_split
-from rollouts.records import Trajectory, TrajectoryStatus
+from rollouts.records import Sample, Trajectory, TrajectoryStatus
 
 
 def _verl_rows() -> list[dict]:
@@ -81,7 +81,9 @@ def test_builtin_task_splits_differ_and_cursor_walks_epochs(tmp_path, make_cfg) 
 def _trajectory(text: str) -> Trajectory:
     row = PromptRow(3, [{"role": "user", "content": "Compute 6*7."}], "tiderl/calculator", "42")
     ids = torch.tensor([1, 2, 3])
-    return Trajectory("3-0", 3, row, ids, torch.zeros(3), torch.tensor([0.0, 1.0, 1.0]), 1, 0, TrajectoryStatus.FINISHED, text, [], 1, 0)
+    sample = Sample("3-0", 3, row, [], text, prompt_length=1, num_turns=1, num_tool_calls=0)
+    mask = torch.tensor([0.0, 1.0, 1.0])
+    return Trajectory(sample, ids, torch.zeros(3), mask, policy_version=0, status=TrajectoryStatus.FINISHED)
 
 
 def test_reward_weights_breakdown_and_accuracy() -> None:

@@ -1,5 +1,5 @@
 """Data-parallel learners: the torch.distributed process group inside the learner actors, and the two
-collectives a step needs (summing gradients, summing metric sums).
+collectives a step needs (summing gradients, summing the records of counts and metric sums).
 
 Each learner trains on its shard of the batch with the *whole* batch's normalizers (token and sequence
 counts), so the shards' losses add up to the single-learner loss and the sum of their gradients is exactly
@@ -11,11 +11,15 @@ micro-batches accumulate several backwards, so we reduce once per step ourselves
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+Record = TypeVar("Record")  # a dataclass whose fields are all floats (rl.trainer.update_sums)
 
 
 def free_address() -> tuple[str, int]:
@@ -68,6 +72,14 @@ def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def all_reduce_record(record: Record) -> Record:
+    """Sum every field of a dataclass of floats over the ranks: `all_reduce_sums` of its fields by name (float64,
+    in one collective); a new record of the same type, or `record` itself with a single learner."""
+    if not is_distributed():
+        return record
+    return type(record)(**all_reduce_sums(dataclasses.asdict(record)))
 
 
 def destroy() -> None:

@@ -3,10 +3,11 @@
 Each step it recomputes the logprobs of the sampled tokens at the rollout temperature, reports how far they are
 from the rollout logprobs (mean |Δ logp| and a KL estimate, before any update, i.e. at the weights that
 generated the batch when rollouts are synchronous), applies the configured policy loss over micro-batches with
-gradient accumulation, clips the gradient norm and steps the optimizer (AdamW, or Muon + AdamW: rl/optim.py). Its version number counts the updates; weights
-leave as a state dict tagged with that version.
+gradient accumulation, clips the gradient norm and steps the optimizer (AdamW, or Muon + AdamW: rl/trainer/optim.py).
+Its version number counts the updates; weights leave as a state dict tagged with that version. What the update adds
+up for its metrics is one record (`rl.trainer.update_sums`), summed over data-parallel learners.
 
-With `quant.enabled`, the targeted weights (`rl.quant`) leave packed as INT4, and in "qat" mode the forward runs
+With `quant.enabled`, the targeted weights (`rollouts.quant`) leave packed as INT4, and in "qat" mode the forward runs
 through their fake-quant (straight-through gradients into the full-precision master weights), so the loss is that
 of the INT4 policy the rollouts run. The mismatch is then split: `mismatch_quant_abs_logp` is the gap between the
 learner with and without fake-quant on the same batch (what quantization alone accounts for); `policy_lag_mean`
@@ -55,6 +56,7 @@ from rollouts.collective import BroadcastMember, flatten
 DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
 from rl.trainer.batch import TrainBatch
 from rl.trainer.ptx import PtxData
+from rl.trainer.update_sums import BatchTotals, UpdateSums
 from rollouts.model import load_policy
 from rollouts.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
 from rollouts.shipping import ShippedDir, open_dir, read_tree, shipped_cache, write_tree
@@ -81,7 +83,8 @@ class Learner(BroadcastMember):
         self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
         self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
         self._fake_quant_weights: dict[str, torch.Tensor] | None = None  # an update's fake-quant weights (`_step_fake_quant`)
-        # the forward's savings (rl/forward.py), each checked on this model; a model that fails gets the plain forward
+        # the forward's savings (rl/trainer/forward.py), each checked on this model; a model that fails gets the
+        # plain forward
         use_padded_value_attention(self.model)
         self._head_on_hidden = head_on_hidden_states(self.model)
         self._share_prompt = cfg.trainer.share_prompt and self._head_on_hidden and shares_prompt_cache(self.model)
@@ -164,7 +167,7 @@ class Learner(BroadcastMember):
         rollout engine runs as INT4, differentiable into the master weights.
 
         With `where` ([b, t] bool), only those tokens are scored (the others are 0), through the forward's savings
-        (rl/forward.py): the head and the softmax over the vocabulary run on them alone (the loss needs only the
+        (rl/trainer/forward.py): the head and the softmax over the vocabulary run on them alone (the loss needs only the
         policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once.
         """
         temperature = temperature or self.cfg.rollout.temperature
@@ -261,22 +264,27 @@ class Learner(BroadcastMember):
         batch = batch.to(self.device)
         lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
         backward = self._backward_rows(batch)  # [b] bool: the sequences whose gradient is not zero
-        totals = distributed.all_reduce_sums({
-            "tokens": float(batch.loss_mask.sum()), "sequences": float(batch.num_sequences), "lag": float(lag.sum()),
-            "sequence_tokens": float(batch.attention_mask.sum()), "backward": float(backward.sum()), "backward_tokens": float(batch.loss_mask[backward].sum()),
-        })
-        num_tokens, num_sequences = max(totals["tokens"], 1.0), int(totals["sequences"])
+        totals = distributed.all_reduce_record(
+            BatchTotals(
+                tokens=float(batch.loss_mask.sum()),
+                sequences=float(batch.num_sequences),
+                lag=float(lag.sum()),
+                sequence_tokens=float(batch.attention_mask.sum()),
+                backward=float(backward.sum()),
+                backward_tokens=float(batch.loss_mask[backward].sum()),
+            )
+        )
+        num_tokens, num_sequences = max(totals.tokens, 1.0), int(totals.sequences)
         # the sequences without gradient are scored for the metrics (`trainer.score_zero_advantage`), and all of them
         # when none has a gradient (one backward then runs, below); the metrics average over the scored tokens
-        score_all = cfg.trainer.score_zero_advantage or not totals["backward"]
-        metric_scale = num_tokens / max(totals["tokens"] if score_all else totals["backward_tokens"], 1.0)
+        score_all = cfg.trainer.score_zero_advantage or not totals.backward
+        metric_scale = num_tokens / max(totals.tokens if score_all else totals.backward_tokens, 1.0)
         fake_quant = self.fake_quant_active()
         attribute = self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
-        sums = {"loss": 0.0, "abs_dlogp": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "quant": 0.0, "masked": 0.0, "is_weight": 0.0, "kl_ref": 0.0}
-        sums |= {"fresh": 0.0, "fresh_tokens": 0.0, "stale": 0.0, "stale_tokens": 0.0, "ptx": 0.0, "forwarded": 0.0, "backward": 0.0}
+        sums = UpdateSums()
         prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
         micro_batches = self._micro_batches(batch, prompts, backward, score_all)
-        if not totals["backward"] and micro_batches:
+        if not totals.backward and micro_batches:
             # no sequence of the whole batch has a gradient: one backward still runs, so the step is the one the full
             # backward gives (zero gradients: AdamW moves on its moments) and not a skipped optimizer step
             micro_batches[0] = (micro_batches[0][0], True)
@@ -288,19 +296,19 @@ class Learner(BroadcastMember):
                 algo = cfg.algorithm
                 where = mask > 0
                 positions = forwarded_positions(attn, prompts.rows(sl) if prompts is not None else None)
-                sums["forwarded"] += positions
-                sums["backward"] += positions if needs_grad else 0.0
+                sums.forwarded += positions
+                sums.backward += positions if needs_grad else 0.0
                 with torch.set_grad_enabled(needs_grad):  # a sequence without gradient is only scored, for the metrics
                     logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where)
                     train_mask = mask
                     if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
                         train_mask = token_band_mask(logp, old, mask, algo.token_mask)
-                        sums["masked"] += float((mask - train_mask).sum())
+                        sums.masked += float((mask - train_mask).sum())
                     ratio_base, weights = old, None
                     if algo.rollout_correction != "none":
                         weights = rollout_correction(logp, old, algo.rollout_correction, algo.rollout_correction_cap)
                         ratio_base = logp.detach()  # pi_old = the learner before this update
-                        sums["is_weight"] += token_mean(weights, mask, num_tokens).item()
+                        sums.is_weight += token_mean(weights, mask, num_tokens).item()
                     out = self.loss_fn(logp, ratio_base, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
                     if weights is not None:
                         out.loss = out.loss * weights
@@ -309,7 +317,7 @@ class Learner(BroadcastMember):
                         ref_logp = self._reference_logprobs(ids, attn, temperature)
                         kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
                         loss = loss + algo.kl_coef * kl
-                        sums["kl_ref"] += kl.item()
+                        sums.kl_ref += kl.item()
                     if algo.entropy_coef:
                         loss = loss - algo.entropy_coef * token_mean(entropy, mask, num_tokens)
                         entropy = entropy.detach()
@@ -317,59 +325,81 @@ class Learner(BroadcastMember):
                     loss.backward()
                 with torch.no_grad():
                     delta = logp.detach() - old
-                    sums["loss"] += loss.item()
-                    sums["abs_dlogp"] += token_mean(delta.abs(), mask, num_tokens).item()
-                    sums["kl"] += token_mean(torch.expm1(delta) - delta, mask, num_tokens).item()  # k3 estimate of KL(rollout || learner)
-                    sums["clip"] += token_mean(out.clipped.float(), mask, num_tokens).item()
-                    sums["entropy"] += token_mean(entropy, mask, num_tokens).item()
-                    sums["ratio"] += token_mean(out.ratio.detach(), mask, num_tokens).item()
+                    sums.loss += loss.item()
+                    sums.abs_dlogp += token_mean(delta.abs(), mask, num_tokens).item()
+                    # k3 estimate of KL(rollout || learner)
+                    sums.kl += token_mean(torch.expm1(delta) - delta, mask, num_tokens).item()
+                    sums.clip += token_mean(out.clipped.float(), mask, num_tokens).item()
+                    sums.entropy += token_mean(entropy, mask, num_tokens).item()
+                    sums.ratio += token_mean(out.ratio.detach(), mask, num_tokens).item()
                     if attribute:  # the same batch through the other learner mode: the quantization part of the gap
                         other, _ = self.sequence_logprobs(ids, attn, not fake_quant, temperature=temperature, where=where)
-                        sums["quant"] += token_mean((logp.detach() - other).abs(), mask, num_tokens).item()
+                        sums.quant += token_mean((logp.detach() - other).abs(), mask, num_tokens).item()
                     stale = (lag[sl] > 0).float()[:, None] * mask
-                    for key, part in (("fresh", mask - stale), ("stale", stale)):
-                        sums[key] += float((delta.abs() * part).sum())
-                        sums[f"{key}_tokens"] += float(part.sum())
+                    fresh = mask - stale
+                    sums.fresh += float((delta.abs() * fresh).sum())
+                    sums.fresh_tokens += float(fresh.sum())
+                    sums.stale += float((delta.abs() * stale).sum())
+                    sums.stale_tokens += float(stale.sum())
             if self.ptx is not None and self.rank == 0:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
                 ids, attn, ptx_mask = (t.to(self.device) for t in self.ptx.batch())
                 logp, _ = self.sequence_logprobs(ids, attn, fake_quant, temperature=1.0, where=ptx_mask > 0)  # PTX is plain NLL
                 nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
                 (cfg.algorithm.ptx_coef * nll).backward()
-                sums["ptx"] = nll.item()
+                sums.ptx = nll.item()
         distributed.all_reduce_gradients(list(self.model.parameters()))
-        sums = distributed.all_reduce_sums(sums)
+        sums = distributed.all_reduce_record(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if cfg.trainer.reset_optimizer_each_step:
             self.optimizer = build_optimizer(self.model, cfg.trainer)
         self.version += 1
+        return self._metrics(sums, totals, float(grad_norm), metric_scale, fake_quant, attribute)
+
+    def _metrics(
+        self,
+        sums: UpdateSums,
+        totals: BatchTotals,
+        grad_norm: float,
+        metric_scale: float,
+        fake_quant: bool,
+        attribute: bool,
+    ) -> dict[str, float]:
+        """The update's metrics from its all-reduced sums: token means rescaled by `metric_scale` to the tokens
+        scored (the batch's tokens over the scored ones); each optional metric only when its part of the update ran."""
+        algo, num_tokens = self.cfg.algorithm, max(totals.tokens, 1.0)
         metrics = {
-            "loss": sums["loss"],
-            "grad_norm": float(grad_norm),
-            "mismatch_abs_logp": sums["abs_dlogp"] * metric_scale,
-            "mismatch_kl": sums["kl"] * metric_scale,
-            "clip_fraction": sums["clip"] * metric_scale,
-            "entropy": sums["entropy"] * metric_scale,
-            "ratio_mean": sums["ratio"] * metric_scale,
+            "loss": sums.loss,
+            "grad_norm": grad_norm,
+            "mismatch_abs_logp": sums.abs_dlogp * metric_scale,
+            "mismatch_kl": sums.kl * metric_scale,
+            "clip_fraction": sums.clip * metric_scale,
+            "entropy": sums.entropy * metric_scale,
+            "ratio_mean": sums.ratio * metric_scale,
             "train_tokens": num_tokens,
-            "token_mask_fraction": sums["masked"] / num_tokens * metric_scale,
+            "token_mask_fraction": sums.masked / num_tokens * metric_scale,
             # positions the forward ran (padding included, shared prompts once) per token of the batch
-            "train_forward_ratio": sums["forwarded"] / max(totals["sequence_tokens"], 1.0),
-            "train_backward_fraction": sums["backward"] / max(sums["forwarded"], 1.0),  # of those positions, the ones backpropagated
-            **({"rollout_is_weight_mean": sums["is_weight"] * metric_scale} if cfg.algorithm.rollout_correction != "none" else {}),
-            **({"kl_to_reference": sums["kl_ref"]} if self.reference is not None and cfg.algorithm.kl_in == "loss" else {}),
-            **({"ptx_loss": sums["ptx"]} if self.ptx is not None else {}),
-            "policy_version": float(self.version),
-            "policy_lag_mean": totals["lag"] / max(num_sequences, 1),
+            "train_forward_ratio": sums.forwarded / max(totals.sequence_tokens, 1.0),
+            # of those positions, the ones backpropagated
+            "train_backward_fraction": sums.backward / max(sums.forwarded, 1.0),
         }
-        for key in ("fresh", "stale"):
-            if sums[f"{key}_tokens"]:
-                metrics[f"mismatch_{key}_abs_logp"] = sums[key] / sums[f"{key}_tokens"]
+        if algo.rollout_correction != "none":
+            metrics["rollout_is_weight_mean"] = sums.is_weight * metric_scale
+        if self.reference is not None and algo.kl_in == "loss":
+            metrics["kl_to_reference"] = sums.kl_ref
+        if self.ptx is not None:
+            metrics["ptx_loss"] = sums.ptx
+        metrics["policy_version"] = float(self.version)
+        metrics["policy_lag_mean"] = totals.lag / max(int(totals.sequences), 1)
+        if sums.fresh_tokens:
+            metrics["mismatch_fresh_abs_logp"] = sums.fresh / sums.fresh_tokens
+        if sums.stale_tokens:
+            metrics["mismatch_stale_abs_logp"] = sums.stale / sums.stale_tokens
         if self.quant is not None:
             metrics["fake_quant"] = float(fake_quant)
         if attribute:
-            metrics["mismatch_quant_abs_logp"] = sums["quant"] * metric_scale
+            metrics["mismatch_quant_abs_logp"] = sums.quant * metric_scale
         return metrics
 
     def save(self, path: str) -> None:

@@ -2,7 +2,7 @@
 
 With `trainer.num_learners` > 1 the actors form a torch.distributed group (gloo on CPU, NCCL on GPU; rank 0
 hosts the rendezvous); each step the batch is cut into token-balanced shards, one per learner, the gradients
-are summed over the group (`rl.distributed`), and every learner takes the same optimizer step. Rank 0 is the
+are summed over the group (`rl.trainer.distributed`), and every learner takes the same optimizer step. Rank 0 is the
 source of weights and checkpoints; every rank loads a checkpoint.
 """
 
