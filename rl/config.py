@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from envs.config import EnvConfig, Section
 from rewards.config import RewardConfig
-from rl.trainer.config import AlgorithmConfig, TrainerConfig
+from rl.trainer.config import AlgorithmConfig, LearnerSpec, TrainerConfig
 from rollouts.config import ModelConfig, QuantConfig, RolloutConfig
 
 if TYPE_CHECKING:
@@ -143,6 +143,14 @@ class JobConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def learner_spec(self) -> LearnerSpec:
+        """The sections a learner reads (it never sees the rest of the job)."""
+        r = self.rollout
+        return LearnerSpec(
+            model=self.model, trainer=self.trainer, algorithm=self.algorithm, quant=self.quant, seed=self.seed,
+            temperature=r.temperature, max_tokens_per_sample=r.max_tokens_per_sample, cache_dir=self.warm_start.cache_dir,
+        )  # fmt: skip
 
     def worker_spec(self) -> WorkerSpec:
         """The sections a rollout worker reads (it never sees the rest of the job)."""

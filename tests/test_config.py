@@ -119,5 +119,8 @@ def test_a_setting_of_another_algorithm_variant_is_an_error_naming_what_it_needs
         load_config(None, ["model={}", "algorithm.loss=k2", "algorithm.advantage=mean_baseline", "algorithm.clip_ratio_high=0.28"])
     ok = load_config(None, ["model={}", "algorithm.loss=k2", "algorithm.k2_tau=0.5", "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k1"])
     assert (ok.algorithm.k2_tau, ok.algorithm.kl_estimator) == (0.5, "k1")
+    # a default written out (a run's resolved config.yaml, which `tiderl export` and `--resume` read) is not a setting
+    resolved = load_config(None, ["model={}", "algorithm.k2_tau=0.1", "algorithm.kl_estimator=k3", "algorithm.ptx_files=[]"])
+    assert resolved.algorithm.k2_tau == 0.1
     # a user's own loss from a file may take k2_tau: not rejected
     assert load_config(None, ["model={}", "algorithm.loss=my_loss.py:loss", "algorithm.k2_tau=0.3"]).algorithm.k2_tau == 0.3

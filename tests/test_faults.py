@@ -64,7 +64,7 @@ def kill_when(title: str, condition=lambda: True, timeout_s: float = 120.0) -> d
 def test_a_worker_killed_mid_step_is_replaced_and_its_groups_come_back_whole(tool_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
     pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2, max_restarts=2)
-    pool.publish(Learner(str(tool_policy_dir), cfg).get_weights(), 7)  # a restarted worker must get these, not its starting ones
+    pool.publish(Learner(str(tool_policy_dir), cfg.learner_spec()).get_weights(), 7)  # a restarted worker must get these, not its starting ones
     killed = kill_when("RolloutWorker.generate_step")
     trajectories = pool.generate_step(calculator_rows(8), 100, 4, iteration_budget=0)
     assert killed, "no worker was seen mid-step"
@@ -83,7 +83,7 @@ def test_a_worker_killed_with_two_steps_queued_regenerates_each_steps_groups_wit
     Both of its calls are lost; each step must get back exactly its own groups (it once gave all of them to A)."""
     cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
     pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2, max_restarts=2)
-    pool.publish(Learner(str(tool_policy_dir), cfg).get_weights(), 3)
+    pool.publish(Learner(str(tool_policy_dir), cfg.learner_spec()).get_weights(), 3)
     killed = kill_when("RolloutWorker.generate_step")
     a = pool.submit_step(calculator_rows(8), 100, 4, iteration_budget=0)
     b = pool.submit_step(calculator_rows(6), 200, 4, iteration_budget=0)

@@ -92,7 +92,7 @@ def test_scoring_only_the_policy_tokens_gives_the_full_forwards_logprobs_and_gra
     their logprobs, entropies and gradients equal the full forward's, every other position is 0."""
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", f"trainer.share_prompt={share_prompt}")
     batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), cfg, 2)
-    learner = Learner(str(tiny_policy_dir), cfg)
+    learner = Learner(str(tiny_policy_dir), cfg.learner_spec())
     assert learner._head_on_hidden and learner._share_prompt == share_prompt
     where = batch.loss_mask > 0
     if share_prompt:
@@ -118,7 +118,7 @@ def test_sharing_prompts_gives_the_same_update_on_fewer_positions(tiny_policy_di
     same weights to 1e-6, loss and grad norm to 1e-5, with fewer forwarded positions than the batch has tokens."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=400"]
     batch = _batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base).worker_spec(), 0), make_cfg(*base), 8)
-    plain, shared = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.share_prompt=false")), Learner(str(tiny_policy_dir), make_cfg(*base))
+    plain, shared = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.share_prompt=false").learner_spec()), Learner(str(tiny_policy_dir), make_cfg(*base).learner_spec())
     a, b = plain.train_step(batch), shared.train_step(batch)
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     assert b["entropy"] == pytest.approx(a["entropy"], rel=1e-5) and b["mismatch_abs_logp"] == pytest.approx(a["mismatch_abs_logp"], rel=1e-4, abs=1e-7)
@@ -131,7 +131,7 @@ def test_sharing_prompts_gives_the_same_update_on_fewer_positions(tiny_policy_di
 def test_the_learner_orders_rows_by_length_before_cutting_micro_batches(tiny_policy_dir, make_cfg) -> None:
     """Lengths alternating short and long, 4 rows per micro-batch: the positions forwarded are the sorted layout's
     (counted here by hand), less than half of what the given order would pad to."""
-    learner = Learner(str(tiny_policy_dir), make_cfg("trainer.micro_batch_size=4", "trainer.share_prompt=false"))
+    learner = Learner(str(tiny_policy_dir), make_cfg("trainer.micro_batch_size=4", "trainer.share_prompt=false").learner_spec())
     lengths = [6, 30, 7, 29, 6, 31, 8, 28]
     mask = _mask(lengths)
     loss_mask = mask.float()
@@ -149,7 +149,7 @@ def test_the_update_does_not_depend_on_the_order_of_the_sequences(tiny_policy_di
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_size=3")
     batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), cfg, 3)
     shuffled = batch.select(torch.randperm(batch.num_sequences, generator=torch.Generator().manual_seed(0)))
-    a_learner, b_learner = Learner(str(tiny_policy_dir), cfg), Learner(str(tiny_policy_dir), cfg)
+    a_learner, b_learner = Learner(str(tiny_policy_dir), cfg.learner_spec()), Learner(str(tiny_policy_dir), cfg.learner_spec())
     a, b = a_learner.train_step(batch), b_learner.train_step(shuffled)
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     for (name, p), q in zip(a_learner.model.named_parameters(), b_learner.model.parameters(), strict=True):
@@ -199,7 +199,7 @@ def test_zero_advantage_sequences_skip_the_backward_and_give_the_same_update(tin
     without autograd and not backpropagated; weights, loss, grad norm and every metric equal the full backward's."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=300"]
     batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base).worker_spec(), 0), make_cfg(*base), 6), [0, 2, 5], 4)
-    full, skipping = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.skip_zero_advantage_backward=false")), Learner(str(tiny_policy_dir), make_cfg(*base))
+    full, skipping = Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.skip_zero_advantage_backward=false").learner_spec()), Learner(str(tiny_policy_dir), make_cfg(*base).learner_spec())
     assert skipping._backward_rows(batch).tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 8 + [False] * 4
     a, b = full.train_step(batch), skipping.train_step(batch)
     assert a["train_backward_fraction"] == 1.0 and 0.3 < b["train_backward_fraction"] < 0.7
@@ -224,8 +224,8 @@ def test_unscored_zero_advantage_sequences_give_the_same_update_and_the_trained_
     still the full backward's, and the metrics are those of the trained sequences alone."""
     base = [f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true", "trainer.micro_batch_tokens=300"]
     batch = _zero_groups(_batch(RolloutWorker(str(tiny_policy_dir), make_cfg(*base).worker_spec(), 0), make_cfg(*base), 6), [1, 2, 4], 4)
-    full, unscored = Learner(str(tiny_policy_dir), make_cfg(*base)), Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.score_zero_advantage=false"))
-    trained_only = Learner(str(tiny_policy_dir), make_cfg(*base))
+    full, unscored = Learner(str(tiny_policy_dir), make_cfg(*base).learner_spec()), Learner(str(tiny_policy_dir), make_cfg(*base, "trainer.score_zero_advantage=false").learner_spec())
+    trained_only = Learner(str(tiny_policy_dir), make_cfg(*base).learner_spec())
     a, b = full.train_step(batch), unscored.train_step(batch)
     c = trained_only.train_step(batch.select(unscored._backward_rows(batch).nonzero().flatten()))
     assert b["train_forward_ratio"] < 0.7 * a["train_forward_ratio"] and b["train_backward_fraction"] == 1.0
@@ -244,5 +244,5 @@ def test_which_losses_vanish_at_zero_advantage(loss: str, vanishes: bool) -> Non
 
 
 def test_an_entropy_bonus_keeps_every_backward(tiny_policy_dir, make_cfg) -> None:
-    learner = Learner(str(tiny_policy_dir), make_cfg("algorithm.entropy_coef=0.01"))
-    assert not learner._skip_zero_advantage and Learner(str(tiny_policy_dir), make_cfg())._skip_zero_advantage
+    learner = Learner(str(tiny_policy_dir), make_cfg("algorithm.entropy_coef=0.01").learner_spec())
+    assert not learner._skip_zero_advantage and Learner(str(tiny_policy_dir), make_cfg().learner_spec())._skip_zero_advantage

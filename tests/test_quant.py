@@ -168,10 +168,10 @@ def test_qat_learner_matches_int4_rollouts_and_ptq_does_not(tiny_policy_dir, mak
     worker = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0)
     batch = _batch(worker, cfg)
 
-    qat = Learner(str(tiny_policy_dir), cfg)
+    qat = Learner(str(tiny_policy_dir), cfg.learner_spec())
     worker.load_weights(qat.get_weights(), 0)
     metrics_qat = qat.train_step(batch)
-    ptq = Learner(str(tiny_policy_dir), make_cfg(*base, "quant.mode=ptq"))
+    ptq = Learner(str(tiny_policy_dir), make_cfg(*base, "quant.mode=ptq").learner_spec())
     metrics_ptq = ptq.train_step(batch)
 
     assert metrics_qat["fake_quant"] == 1.0 and metrics_ptq["fake_quant"] == 0.0
@@ -193,7 +193,7 @@ def test_qat_learner_matches_int4_rollouts_and_ptq_does_not(tiny_policy_dir, mak
 def test_qat_gradient_is_the_gradient_at_the_fake_quant_weights(tiny_policy_dir, make_cfg) -> None:
     """STE in the learner: d loss / d master weight == d loss / d weight evaluated at fake_quant(master)."""
     cfg = make_cfg("quant.enabled=true", "quant.measure_attribution=false")
-    learner = Learner(str(tiny_policy_dir), cfg)
+    learner = Learner(str(tiny_policy_dir), cfg.learner_spec())
     ids = torch.randint(0, learner.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     attn = torch.ones_like(ids)
     logp, _ = learner.sequence_logprobs(ids, attn, fake_quant=True)
@@ -212,7 +212,7 @@ def test_qat_gradient_is_the_gradient_at_the_fake_quant_weights(tiny_policy_dir,
 
 
 def test_fake_quant_can_start_late(tiny_policy_dir, make_cfg) -> None:
-    learner = Learner(str(tiny_policy_dir), make_cfg("quant.enabled=true", "quant.fake_quant_start_step=3"))
+    learner = Learner(str(tiny_policy_dir), make_cfg("quant.enabled=true", "quant.fake_quant_start_step=3").learner_spec())
     active = []
     for version in range(4):
         learner.version = version

@@ -32,7 +32,7 @@ def calculator_rows(n: int) -> list[PromptRow]:
 
 def test_learner_step_changes_every_parameter_that_got_a_gradient(tiny_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4")
-    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg)
+    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg.learner_spec())
     trajectories = worker.generate(calculator_rows(4), cfg.rollout.samples_per_prompt)
     scored = RewardScorer(cfg.reward).score(trajectories).scored
     rewards = torch.tensor([s.reward for s in scored])
@@ -154,7 +154,7 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills(tmp_path: Path
 def test_learner_with_kl_and_corrections_reports_them(tiny_policy_dir, make_cfg) -> None:
     cfg = make_cfg("algorithm.kl_coef=0.1", "algorithm.rollout_correction=tis", "algorithm.token_mask=[-0.01, 0.01]", "algorithm.entropy_coef=0.01",
                    "algorithm.loss=cispo", f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]")
-    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg)
+    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg.learner_spec())
     scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(4), 2)).scored
     rewards, groups = torch.tensor([s.reward for s in scored]), torch.tensor([s.trajectory.group_id for s in scored])
     batch = TrainBatch.from_scored(scored, grpo(rewards, groups), pad_token_id=worker.pad_token_id())
@@ -177,7 +177,7 @@ def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_
     ]) + "\n")
     cfg = make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{ptx}]", "algorithm.ptx_batch_size=4", "trainer.lr=1e-2",
                    "reward.functions=[{name: calculator}]")
-    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg)
+    worker, learner = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), Learner(str(tiny_policy_dir), cfg.learner_spec())
     _ids, mask = learner.ptx.examples[0]
     assert 0 < sum(mask) < len(mask)  # only the assistant turn is trained on in a chat example
     scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(2), 2)).scored
@@ -185,7 +185,7 @@ def test_ptx_loss_lowers_the_nll_of_its_examples(tiny_policy_dir, make_cfg, tmp_
     losses = [learner.train_step(batch)["ptx_loss"] for _ in range(6)]
     assert losses[-1] < 0.8 * losses[0]
     with pytest.raises(FileNotFoundError, match="algorithm.ptx_files"):
-        Learner(str(tiny_policy_dir), make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{tmp_path / 'nope.jsonl'}]"))
+        Learner(str(tiny_policy_dir), make_cfg("algorithm.ptx_coef=1.0", f"algorithm.ptx_files=[{tmp_path / 'nope.jsonl'}]").learner_spec())
 
 
 def test_temperature_schedule_reaches_rollouts_and_learner(tmp_path: Path, make_cfg) -> None:

@@ -48,7 +48,7 @@ def test_shards_balance_tokens_and_keep_every_sequence_once() -> None:
 def test_token_capped_micro_batches_give_the_same_update(tiny_policy_dir, make_cfg) -> None:
     cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4", "quant.enabled=true")
     batch = _batch(RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0), cfg, 3)
-    whole, capped = Learner(str(tiny_policy_dir), cfg), Learner(str(tiny_policy_dir), cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"micro_batch_tokens": 100})}))
+    whole, capped = Learner(str(tiny_policy_dir), cfg.learner_spec()), Learner(str(tiny_policy_dir), cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"micro_batch_tokens": 100})}).learner_spec())
     assert len(plan(batch.attention_mask, 64, 100, Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0))) >= 3
     a, b = whole.train_step(batch), capped.train_step(batch)
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
@@ -127,7 +127,7 @@ def test_flat_weight_buffer_round_trips_dense_and_int4_tensors(tiny_policy_dir, 
     from rollouts.collective import buffer_size, flatten, unflatten
     from rollouts.quant import PackedInt4
 
-    payload = Learner(str(tiny_policy_dir), make_cfg("quant.enabled=true")).get_weights()
+    payload = Learner(str(tiny_policy_dir), make_cfg("quant.enabled=true").learner_spec()).get_weights()
     manifest, buffer = flatten(payload)
     assert buffer.dtype == torch.uint8 and buffer.numel() == buffer_size(manifest)
     back = unflatten(manifest, buffer)

@@ -3,12 +3,13 @@ loop's size and the learner's optimizer, micro-batches and resources)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from envs.config import Section
-
+from rollouts.config import ModelConfig, QuantConfig
 
 # The built-in variants whose settings are known (rl/trainer/advantages.py, rl/trainer/losses.py); kept here, not
 # imported, so that a config validates without importing torch.
@@ -59,8 +60,9 @@ class AlgorithmConfig(Section):
 
     @model_validator(mode="after")
     def _check_variant_settings(self) -> AlgorithmConfig:
-        """A setting of one variant, set for another, would be silently ignored: it is an error naming what it needs.
-        Built-in estimators and losses only (a user's own, from a file, may take any of them)."""
+        """A setting of one variant, changed from its default for another, would be silently ignored: it is an error
+        naming what it needs (a default written out, as a run's resolved config.yaml does, is not). Built-in
+        estimators and losses only (a user's own, from a file, may take any of them)."""
         ignored = [
             f"{key} applies {needs}"
             for key, needs, applies in (
@@ -75,11 +77,15 @@ class AlgorithmConfig(Section):
                 ("dynamic_sampling_max_rounds", "only with dynamic_sampling: true", self.dynamic_sampling),
                 ("rollout_correction_cap", "only with rollout_correction: tis or mis", self.rollout_correction != "none"),
             )
-            if key in self.model_fields_set and not applies
+            if self._changed(key) and not applies
         ]
         if ignored:
             raise ValueError("settings that do not apply to this algorithm: " + "; ".join(f"algorithm.{x}" for x in ignored))
         return self
+
+    def _changed(self, key: str) -> bool:
+        """Whether `key` was set to something other than its default."""
+        return key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)
 
 
 class TrainerConfig(Section):
@@ -119,3 +125,20 @@ class TrainerConfig(Section):
     learner_threads: int = Field(2, ge=1, description="torch threads inside the learner.")
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What a learner needs of the job: its own sections (`rl.config.JobConfig.learner_spec()` builds it)."""
+
+    model: ModelConfig
+    trainer: TrainerConfig
+    algorithm: AlgorithmConfig
+    quant: QuantConfig
+    seed: int
+    temperature: float
+    """`rollout.temperature`: what a batch is scored at when it carries no temperature of its own."""
+    max_tokens_per_sample: int
+    """`rollout.max_tokens_per_sample`: the horizon of the seq-mean-token-sum-norm loss and the PTX examples' cut."""
+    cache_dir: str | None = None
+    """Where a policy shipped through Ray is unpacked on a node that lacks the driver's disk (None: the default)."""

@@ -18,7 +18,7 @@ class InProcessLearner:
     def __init__(self, policy_dir: str, cfg: JobConfig) -> None:
         if cfg.trainer.num_learners != 1:
             raise ValueError(f"cluster.backend: in_process trains with one learner; got trainer.num_learners={cfg.trainer.num_learners}")
-        self.learner = Learner(policy_dir, cfg)
+        self.learner = Learner(policy_dir, cfg.learner_spec())
 
     @property
     def size(self) -> int:

@@ -29,8 +29,8 @@ import ray
 import torch
 import transformers
 
-from rl.config import JobConfig
 from rl.trainer import distributed
+from rl.trainer.config import LearnerSpec
 from rl.trainer.forward import (
     Prompts,
     forwarded_positions,
@@ -63,19 +63,19 @@ from rollouts.shipping import ShippedDir, open_dir, read_tree, shipped_cache, wr
 
 
 class Learner(BroadcastMember):
-    def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig) -> None:
+    def __init__(self, policy_dir: str | ShippedDir, cfg: LearnerSpec) -> None:
         torch.set_num_threads(cfg.trainer.learner_threads)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg.warm_start.cache_dir)), cfg.model)
+        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg.cache_dir)), cfg.model)
         # a learner given GPUs (trainer.learner_gpus) trains there; batches arrive on the CPU and move per step
         self.device = torch.device("cuda" if cfg.trainer.learner_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.model.to(self.device).train()
         self.optimizer = build_optimizer(self.model, cfg.trainer)
         # the reference policy for the KL penalty: a frozen copy of the starting weights (only when used)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
-        self.ptx = PtxData(cfg.algorithm, self.tokenizer, cfg.seed, cfg.rollout.max_tokens_per_sample) if cfg.algorithm.ptx_coef > 0 else None
+        self.ptx = PtxData(cfg.algorithm, self.tokenizer, cfg.seed, cfg.max_tokens_per_sample) if cfg.algorithm.ptx_coef > 0 else None
         self.loss_fn = LOSSES.get(cfg.algorithm.loss)
         mode = cfg.algorithm.loss_agg_mode
         self.agg_mode = DEFAULT_AGG.get(cfg.algorithm.loss, "token-mean") if mode == "auto" else mode
@@ -170,7 +170,7 @@ class Learner(BroadcastMember):
         (rl/trainer/forward.py): the head and the softmax over the vocabulary run on them alone (the loss needs only the
         policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once.
         """
-        temperature = temperature or self.cfg.rollout.temperature
+        temperature = temperature or self.cfg.temperature
         forward = self._forward(fake_quant)
         if where is None or not self._head_on_hidden:
             logp, entropy = _token_logprobs(forward(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:], temperature)
@@ -247,7 +247,7 @@ class Learner(BroadcastMember):
         penalty `algorithm.kl_in: reward` subtracts from rewards."""
         if self.reference is None:
             raise ValueError("reference_kl needs algorithm.kl_coef > 0 (the learner keeps no reference policy otherwise)")
-        temperature = batch.temperature or self.cfg.rollout.temperature
+        temperature = batch.temperature or self.cfg.temperature
         batch = batch.to(self.device)
         out = []
         for start in range(0, batch.num_sequences, self.cfg.trainer.micro_batch_size):
@@ -260,7 +260,7 @@ class Learner(BroadcastMember):
         """One update on `batch` (with data-parallel learners: this rank's shard; every sum below is then over the
         whole batch, so each rank's loss is its share of the single-learner loss and the gradients add up)."""
         cfg = self.cfg
-        temperature = batch.temperature or cfg.rollout.temperature
+        temperature = batch.temperature or cfg.temperature
         batch = batch.to(self.device)
         lag = (self.version - batch.policy_versions).clamp(min=0)  # [b] updates since each sequence's weights
         backward = self._backward_rows(batch)  # [b] bool: the sequences whose gradient is not zero
@@ -312,7 +312,7 @@ class Learner(BroadcastMember):
                     out = self.loss_fn(logp, ratio_base, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
                     if weights is not None:
                         out.loss = out.loss * weights
-                    loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.rollout.max_tokens_per_sample)
+                    loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.max_tokens_per_sample)
                     if self.reference is not None and algo.kl_in == "loss":
                         ref_logp = self._reference_logprobs(ids, attn, temperature)
                         kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
