@@ -62,7 +62,9 @@ class SlowCalculator(CalculatorEnv):
 
 def run(worker: RolloutWorker, rows, samples: int, first_group: int) -> tuple[float, list]:
     start = time.perf_counter()
-    trajectories = worker.generate_step(rows, list(range(first_group, first_group + len(rows))), samples, iteration_budget=0)
+    trajectories = worker.generate_step(
+        rows, list(range(first_group, first_group + len(rows))), samples, iteration_budget=0
+    )
     return time.perf_counter() - start, trajectories
 
 
@@ -80,12 +82,21 @@ def main() -> None:
     def config(latency: float):
         return load_config(
             ROOT / "configs" / "calculator.yaml",
-            ["env.name=bench_slow_calculator", f"env.kwargs={{max_latency_s: {latency}}}", "warm_start.tool_use_rate=1.0", f"rollout.threads_per_worker={args.threads}", "logging.progress=false"],
+            [
+                "env.name=bench_slow_calculator",
+                f"env.kwargs={{max_latency_s: {latency}}}",
+                "warm_start.tool_use_rate=1.0",
+                f"rollout.threads_per_worker={args.threads}",
+                "logging.progress=false",
+            ],
         )
 
     policy = prepare_policy(config(0.0))
     rows = [to_prompt_row(i, r) for i, r in enumerate(builtin_rows("calculator", args.envs // args.samples, 7, "eval"))]
-    slow, instant = RolloutWorker(str(policy), config(args.max_latency).worker_spec(), 0), RolloutWorker(str(policy), config(0.0).worker_spec(), 0)
+    slow, instant = (
+        RolloutWorker(str(policy), config(args.max_latency).worker_spec(), 0),
+        RolloutWorker(str(policy), config(0.0).worker_spec(), 0),
+    )
     run(instant, rows[:1], 2, 10_000)  # warm-up: first-call allocations and kernel selection
 
     results = {}
@@ -105,15 +116,29 @@ def main() -> None:
 
     calls = sum(t.num_tool_calls for t in trajs) / n
     hidden = 1 - (results["concurrent"] - results["concurrent, no latency"]) / max(slept_concurrent, 1e-9)
-    print(f"{n} episodes, latency U(0, {args.max_latency * 1000:.0f} ms) per reset and per call, {calls:.2f} tool calls per episode, "
-          f"sum of sleeps {slept_concurrent:.1f} s")
+    print(
+        f"{n} episodes, latency U(0, {args.max_latency * 1000:.0f} ms) per reset and per call, {calls:.2f} tool calls "
+        f"per episode, "
+        f"sum of sleeps {slept_concurrent:.1f} s"
+    )
     print(f"{'run':<24}{'wall s':>9}{'traj/s':>9}{'vs one at a time':>18}")
     for name, seconds in results.items():
         print(f"{name:<24}{seconds:>9.2f}{n / seconds:>9.1f}{results['one at a time'] / seconds:>17.1f}x")
     print(f"latency hidden by concurrency: {hidden:.0%}")
     if args.json:
-        args.json.write_text(json.dumps({"episodes": n, "max_latency_s": args.max_latency, "tool_calls_per_episode": calls, "seconds": results,
-                                         "trajectories_per_s": {k: n / v for k, v in results.items()}, "latency_hidden": hidden}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "episodes": n,
+                    "max_latency_s": args.max_latency,
+                    "tool_calls_per_episode": calls,
+                    "seconds": results,
+                    "trajectories_per_s": {k: n / v for k, v in results.items()},
+                    "latency_hidden": hidden,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

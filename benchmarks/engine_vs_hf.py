@@ -7,7 +7,8 @@ Both decode greedily from the same prompts (calculator task prompts rendered wit
 left-padded, the engine one cache slot each) for exactly `--new-tokens` tokens (no early stop: the stop token is
 ignored on both sides, so both do the same work), one torch thread each, in full precision (fp32) and with the
 INT4 rollout weights (routed experts, tiderl's INT4 modules, which HF `generate` runs too since they are ordinary
-modules). Times include the prefill; best of `--repeats` rounds, the two sides alternating. The sequences are checked to be identical. Printed:
+modules). Times include the prefill; best of `--repeats` rounds, the two sides alternating. The sequences are
+checked to be identical. Printed:
 tokens/s per batch size and the ratio engine / HF.
 """
 
@@ -40,8 +41,16 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=pad_id, eos_token_id=None, use_cache=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=None,
+        use_cache=True,
+    )
     return out[:, width:].tolist()
 
 
@@ -73,10 +82,17 @@ def main() -> None:
         model, tokenizer = load_policy(policy, cfg.model)
         if weights == "int4":
             spec = QuantSpec.from_config(cfg.quant)
-            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype))
+            convert_to_int4(
+                model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype)
+            )
         renderer = Renderer(tokenizer)
-        engine = Engine(model, renderer.pad_token_id, stop_token_id=-1)  # never stops early: both sides do the same work
-        rows = [to_prompt_row(i, r) for i, r in enumerate(builtin_rows("calculator", max(args.batches), seed=3, split="eval"))]
+        engine = Engine(
+            model, renderer.pad_token_id, stop_token_id=-1
+        )  # never stops early: both sides do the same work
+        rows = [
+            to_prompt_row(i, r)
+            for i, r in enumerate(builtin_rows("calculator", max(args.batches), seed=3, split="eval"))
+        ]
         results[weights] = {}
         for batch in args.batches:
             prompts = [renderer.prompt_ids(r.messages, None) for r in rows[:batch]]
@@ -87,9 +103,17 @@ def main() -> None:
             )
             same = [g.token_ids for g in ours] == hf
             tokens = batch * args.new_tokens
-            results[weights][batch] = {"engine_tok_s": tokens / ours_s, "hf_tok_s": tokens / hf_s, "ratio": hf_s / ours_s, "identical": same}
-            print(f"{weights:>5} batch {batch:>3}: engine {tokens / ours_s:8.0f} tok/s   HF generate {tokens / hf_s:8.0f} tok/s   "
-                  f"ratio {hf_s / ours_s:5.2f}x   identical greedy tokens: {same}")
+            results[weights][batch] = {
+                "engine_tok_s": tokens / ours_s,
+                "hf_tok_s": tokens / hf_s,
+                "ratio": hf_s / ours_s,
+                "identical": same,
+            }
+            print(
+                f"{weights:>5} batch {batch:>3}: engine {tokens / ours_s:8.0f} tok/s   HF generate "
+                f"{tokens / hf_s:8.0f} tok/s   "
+                f"ratio {hf_s / ours_s:5.2f}x   identical greedy tokens: {same}"
+            )
     if args.json:
         args.json.write_text(json.dumps({"new_tokens": args.new_tokens, "results": results}, indent=2))
 

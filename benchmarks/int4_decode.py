@@ -24,11 +24,29 @@ from rollouts.quant import ALL_LINEAR, ROUTED_EXPERTS, QuantSpec, targeted_param
 
 PRESETS = {
     # ~60M parameters: big enough that weight reads, not Python, dominate a CPU decode step
-    "cpu": dict(hidden_size=1024, num_hidden_layers=4, n_routed_experts=8, moe_intermediate_size=512, intermediate_size=2048,
-                num_attention_heads=8, kv_lora_rank=256, q_lora_rank=None, vocab_size=8192),
+    "cpu": dict(
+        hidden_size=1024,
+        num_hidden_layers=4,
+        n_routed_experts=8,
+        moe_intermediate_size=512,
+        intermediate_size=2048,
+        num_attention_heads=8,
+        kv_lora_rank=256,
+        q_lora_rank=None,
+        vocab_size=8192,
+    ),
     # ~1B parameters for a GPU
-    "1b": dict(hidden_size=2048, num_hidden_layers=12, n_routed_experts=16, moe_intermediate_size=1024, intermediate_size=4096,
-               num_attention_heads=16, kv_lora_rank=512, q_lora_rank=768, vocab_size=32768),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=12,
+        n_routed_experts=16,
+        moe_intermediate_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=16,
+        kv_lora_rank=512,
+        q_lora_rank=768,
+        vocab_size=32768,
+    ),
 }
 
 
@@ -36,9 +54,20 @@ def build_model(preset: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = DeepseekV3Config(
         **PRESETS[preset],
-        num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
-        qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64, max_position_embeddings=4096,
-        num_mtp_layers=0, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=0,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        max_position_embeddings=4096,
+        num_mtp_layers=0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
     )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -53,7 +82,7 @@ def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
                 experts = param.shape[0]
                 share = min(1.0, batch * model.config.num_experts_per_tok / experts)
                 total += int(param.numel() * param.element_size() * share)
-            elif not (module is model.get_input_embeddings()):  # embeddings: one row per token
+            elif module is not model.get_input_embeddings():  # embeddings: one row per token
                 total += param.numel() * param.element_size()
         if isinstance(module, Int4Experts):
             share = min(1.0, batch * model.config.num_experts_per_tok / module.num_experts)
@@ -90,7 +119,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--peak-gbps", type=float, default=24.0, help="memory read bandwidth (this CPU: ~24 GB/s; H100: 3350)")
+    parser.add_argument(
+        "--peak-gbps", type=float, default=24.0, help="memory read bandwidth (this CPU: ~24 GB/s; H100: 3350)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -100,7 +131,10 @@ def main() -> None:
     targets = targeted_parameters(base, spec)
     params = sum(p.numel() for p in base.parameters())
     quantized = sum(base.get_parameter(n).numel() for n in targets)
-    print(f"model: {params / 1e6:.1f}M parameters, {quantized / params:.0%} of them INT4 ({args.modules}, group {spec.group_size}); device {device}")
+    print(
+        f"model: {params / 1e6:.1f}M parameters, {quantized / params:.0%} of them INT4 ({args.modules}, group "
+        f"{spec.group_size}); device {device}"
+    )
 
     variants: dict[str, torch.nn.Module] = {}
     if device.type == "cpu":
@@ -108,7 +142,11 @@ def main() -> None:
     variants["bf16"] = copy.deepcopy(base).to(torch.bfloat16)
     # (label, activation dtype, dense_min_rows): the kernel at every batch size, and the engine's fp32 default
     # (from 8 rows on, unpack on the fly + one dense matmul)
-    int4_variants = [("int4 (fp32 act)", torch.float32, None), ("int4 (fp32 act, auto)", torch.float32, 8)] if device.type == "cpu" else []
+    int4_variants = (
+        [("int4 (fp32 act)", torch.float32, None), ("int4 (fp32 act, auto)", torch.float32, 8)]
+        if device.type == "cpu"
+        else []
+    )
     int4_variants.append(("int4 (bf16 act)", torch.bfloat16, None))
     for label, act, dense_min_rows in int4_variants:
         model = copy.deepcopy(base).to(act)  # the untargeted weights in the activation dtype
@@ -121,12 +159,18 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for batch in args.batch:
-        speeds = {name: decode_tokens_per_s(m, batch, args.new_tokens, args.prompt_len, args.repeats) for name, m in variants.items()}
+        speeds = {
+            name: decode_tokens_per_s(m, batch, args.new_tokens, args.prompt_len, args.repeats)
+            for name, m in variants.items()
+        }
         for name, tps in speeds.items():
             step_bytes = weight_bytes_per_step(variants[name], batch)
             roofline = step_bytes * (tps / batch) / (args.peak_gbps * 1e9)
             vs32 = f"{tps / speeds['fp32']:.2f}x" if "fp32" in speeds else "-"
-            print(f"{name:<22}{batch:>6}{tps:>11.1f}{vs32:>9}{tps / speeds['bf16']:>8.2f}x{step_bytes / 1e6:>9.1f}{roofline:>10.1%}")
+            print(
+                f"{name:<22}{batch:>6}{tps:>11.1f}{vs32:>9}{tps / speeds['bf16']:>8.2f}x"
+                f"{step_bytes / 1e6:>9.1f}{roofline:>10.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -63,10 +63,19 @@ def main() -> None:
     base = load_config(ROOT / "configs" / "calculator.yaml", ["logging.progress=false", *args.overrides])
     policy = prepare_policy(base)
     n, k = base.trainer.prompts_per_step, base.rollout.samples_per_prompt
-    rows = [to_prompt_row(i, r) for i, r in enumerate(builtin_rows(base.data.task, n * (args.rounds + 1), base.seed, "train"))]
+    rows = [
+        to_prompt_row(i, r)
+        for i, r in enumerate(builtin_rows(base.data.task, n * (args.rounds + 1), base.seed, "train"))
+    ]
     counter = PrefillCounter()
     workers = {
-        reuse: RolloutWorker(str(policy), load_config(ROOT / "configs" / "calculator.yaml", [*args.overrides, f"rollout.prefix_reuse={str(reuse).lower()}"]).worker_spec(), 0)
+        reuse: RolloutWorker(
+            str(policy),
+            load_config(
+                ROOT / "configs" / "calculator.yaml", [*args.overrides, f"rollout.prefix_reuse={str(reuse).lower()}"]
+            ).worker_spec(),
+            0,
+        )
         for reuse in (True, False)
     }
     for worker in workers.values():
@@ -93,16 +102,36 @@ def main() -> None:
         }
 
     on, off = summary(True), summary(False)
-    print(f"\none rollout worker, {n} prompts x {k} samples per batch, {args.rounds} batches per mode (alternating), 1 thread\n")
+    print(
+        f"\none rollout worker, {n} prompts x {k} samples per batch, {args.rounds} batches per mode (alternating), 1 "
+        f"thread\n"
+    )
     print("| | s / batch (median) | s / batch (min) | tokens prefilled | tokens extended | turns / sample |")
     print("|---|---|---|---|---|---|")
     for name, s in (("prefix reuse on", on), ("prefix reuse off", off)):
-        print(f"| {name} | {s['seconds_median']:.3f} | {s['seconds_min']:.3f} | {s['prefill_tokens']:.0f} | {s['extend_tokens']:.0f} | {s['turns_per_sample']:.2f} |")
+        print(
+            f"| {name} | {s['seconds_median']:.3f} | {s['seconds_min']:.3f} | {s['prefill_tokens']:.0f} | "
+            f"{s['extend_tokens']:.0f} | {s['turns_per_sample']:.2f} |"
+        )
     speedup = off["seconds_median"] / on["seconds_median"]
     fed = (on["prefill_tokens"] + on["extend_tokens"]) / max(off["prefill_tokens"], 1)
-    print(f"| off / on | **{speedup:.2f}x** | {off['seconds_min'] / on['seconds_min']:.2f}x | {fed:.2f}x the tokens run | | |")
+    print(
+        f"| off / on | **{speedup:.2f}x** | {off['seconds_min'] / on['seconds_min']:.2f}x | {fed:.2f}x the tokens run "
+        f"| | |"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"on": on, "off": off, "speedup_median": speedup, "tokens_run_ratio": fed, "runs": {str(k): v for k, v in runs.items()}}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "on": on,
+                    "off": off,
+                    "speedup_median": speedup,
+                    "tokens_run_ratio": fed,
+                    "runs": {str(k): v for k, v in runs.items()},
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -36,12 +36,22 @@ def build_reward_model(policy_dir: Path, out: Path, layers: int, hidden: int) ->
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForSequenceClassification(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {layers} layers, hidden {hidden}")
+    print(
+        f"reward model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {layers} layers, hidden "
+        f"{hidden}"
+    )
 
 
 def main() -> None:
@@ -57,22 +67,44 @@ def main() -> None:
     policy = prepare_policy(base)
     work = Path(tempfile.mkdtemp(prefix="tiderl-rm-bench-"))
     build_reward_model(policy, work / "rm", args.rm_layers, args.rm_hidden)
-    model = f"reward.models=[{{name: rm, kind: classifier, path: '{work / 'rm'}', num_cpus: {args.rm_cpus}, batch_size: 16, weight: 0.1}}]"
+    model = (
+        f"reward.models=[{{name: rm, kind: classifier, path: '{work / 'rm'}', num_cpus: {args.rm_cpus}, "
+        "batch_size: 16, weight: 0.1}]"
+    )
     results = {}
     for mode, flag in (("async", "true"), ("barrier", "false")):
-        cfg = load_config(ROOT / "configs" / "calculator.yaml", [model, f"reward.models_async={flag}", f"trainer.steps={args.steps}",
-                                                                   "eval.enabled=false", "logging.progress=false", "trainer.checkpoint_every=0",
-                                                                   f"cluster.num_cpus={3 if args.rm_cpus <= 1 else 2 + int(args.rm_cpus + 0.999)}"])
+        cfg = load_config(
+            ROOT / "configs" / "calculator.yaml",
+            [
+                model,
+                f"reward.models_async={flag}",
+                f"trainer.steps={args.steps}",
+                "eval.enabled=false",
+                "logging.progress=false",
+                "trainer.checkpoint_every=0",
+                f"cluster.num_cpus={3 if args.rm_cpus <= 1 else 2 + int(args.rm_cpus + 0.999)}",
+            ],
+        )
         run = work / mode
         train(cfg, run)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
-        results[mode] = {k: sum(r[k] for r in rows) / len(rows) for k in ("time_step_s", "time_generate_s", "time_score_s", "time_update_s")}
+        results[mode] = {
+            k: sum(r[k] for r in rows) / len(rows)
+            for k in ("time_step_s", "time_generate_s", "time_score_s", "time_update_s")
+        }
     print(f"{'mode':<10}{'step s':>9}{'generate s':>12}{'score s':>10}{'update s':>10}")
     for mode, r in results.items():
-        print(f"{mode:<10}{r['time_step_s']:>9.2f}{r['time_generate_s']:>12.2f}{r['time_score_s']:>10.2f}{r['time_update_s']:>10.2f}")
+        print(
+            f"{mode:<10}{r['time_step_s']:>9.2f}{r['time_generate_s']:>12.2f}{r['time_score_s']:>10.2f}{r['time_update_s']:>10.2f}"
+        )
     print(f"async / barrier step time: {results['async']['time_step_s'] / results['barrier']['time_step_s']:.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"steps": args.steps, "rm_layers": args.rm_layers, "rm_hidden": args.rm_hidden, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"steps": args.steps, "rm_layers": args.rm_layers, "rm_hidden": args.rm_hidden, "results": results},
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

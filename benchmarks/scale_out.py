@@ -38,14 +38,33 @@ def main() -> None:
     prepare_policy(load_config(ROOT / "configs" / "calculator.yaml", ["logging.progress=false"]))
     work = Path(tempfile.mkdtemp(prefix="tiderl-scale-bench-"))
     results: dict[str, dict[str, float]] = {}
-    for workers, learners, sync in ((1, 1, "object_store"), (2, 1, "object_store"), (1, 2, "object_store"), (2, 2, "object_store"), (2, 1, "collective")):
-        name = f"{workers} worker{'s' if workers > 1 else ''}, {learners} learner{'s' if learners > 1 else ''}" + (", broadcast" if sync == "collective" else "")
-        cfg = load_config(ROOT / "configs" / "calculator.yaml", [
-            f"trainer.steps={args.steps}", "eval.enabled=false", "logging.progress=false", "trainer.checkpoint_every=0",
-            f"rollout.num_workers={workers}", "rollout.cpus_per_worker=0.5", "rollout.threads_per_worker=1",
-            f"trainer.num_learners={learners}", "trainer.learner_cpus=0.5", f"trainer.learner_threads={max(1, args.learner_threads // learners)}",
-            f"cluster.weight_sync={sync}", "cluster.num_cpus=4",  # logical CPUs: every row's actors fit; the cores are what they share
-        ])
+    for workers, learners, sync in (
+        (1, 1, "object_store"),
+        (2, 1, "object_store"),
+        (1, 2, "object_store"),
+        (2, 2, "object_store"),
+        (2, 1, "collective"),
+    ):
+        name = f"{workers} worker{'s' if workers > 1 else ''}, {learners} learner{'s' if learners > 1 else ''}" + (
+            ", broadcast" if sync == "collective" else ""
+        )
+        cfg = load_config(
+            ROOT / "configs" / "calculator.yaml",
+            [
+                f"trainer.steps={args.steps}",
+                "eval.enabled=false",
+                "logging.progress=false",
+                "trainer.checkpoint_every=0",
+                f"rollout.num_workers={workers}",
+                "rollout.cpus_per_worker=0.5",
+                "rollout.threads_per_worker=1",
+                f"trainer.num_learners={learners}",
+                "trainer.learner_cpus=0.5",
+                f"trainer.learner_threads={max(1, args.learner_threads // learners)}",
+                f"cluster.weight_sync={sync}",
+                "cluster.num_cpus=4",  # logical CPUs: every row's actors fit; the cores are what they share
+            ],
+        )
         run = work / f"w{workers}-l{learners}-{sync}"
         train(cfg, run)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
@@ -54,11 +73,16 @@ def main() -> None:
     base = results["1 worker, 1 learner"]["time_step_s"]
     print(f"{'':<35}{'step s':>8}{'generate s':>12}{'update s':>10}{'sync s':>9}{'vs 1+1':>8}")
     for name, r in results.items():
-        print(f"{name:<35}{r['time_step_s']:>8.2f}{r['time_generate_s']:>12.2f}{r['time_update_s']:>10.2f}{r['time_sync_s']:>9.3f}{r['time_step_s'] / base:>8.2f}")
+        print(
+            f"{name:<35}{r['time_step_s']:>8.2f}{r['time_generate_s']:>12.2f}{r['time_update_s']:>10.2f}"
+            f"{r['time_sync_s']:>9.3f}{r['time_step_s'] / base:>8.2f}"
+        )
     sizes = next(iter(results.values()))["sync_bytes"]
     print(f"one push: {sizes['int4_bytes'] / 1e6:.2f} MB INT4 + {sizes['dense_bytes'] / 1e6:.2f} MB dense weights")
     if args.json:
-        args.json.write_text(json.dumps({"steps": args.steps, "learner_threads": args.learner_threads, "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"steps": args.steps, "learner_threads": args.learner_threads, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

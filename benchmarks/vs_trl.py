@@ -97,8 +97,13 @@ HERMES_RESPONSE_TEMPLATE = {
     "defaults": {"role": "assistant"},
     "start_anchor": "<|im_start|>assistant\n",
     "fields": {
-        "tool_calls": {"open": "<tool_call>", "close_pattern": r"</tool_call>", "repeats": True, "content": "json",
-                       "transform": {"type": "function", "function": "{content}"}},
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close_pattern": r"</tool_call>",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
         "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
     },
 }
@@ -121,10 +126,21 @@ def job_config(args: argparse.Namespace, seed: int, data_dir: Path) -> JobConfig
     os.environ["SMOLLM2_DIR"] = spec.submodule_search_locations[0]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     train, held_out = write_word_problems(data_dir, args.smollm2_train_size, args.smollm2_eval_size, seed)
-    return load_config(ROOT / "configs" / "smollm2_calculator.yaml", common + [
-        "data.task=null", f"data.train_files=[{train}]", f"data.eval_files=[{held_out}]", f"data.eval_size={args.smollm2_eval_size}",
-        "env.max_turns=1", "rollout.max_new_tokens_per_turn=64", "rollout.num_workers=1", "rollout.cpus_per_worker=1",
-    ] + list(args.set))
+    return load_config(
+        ROOT / "configs" / "smollm2_calculator.yaml",
+        common
+        + [
+            "data.task=null",
+            f"data.train_files=[{train}]",
+            f"data.eval_files=[{held_out}]",
+            f"data.eval_size={args.smollm2_eval_size}",
+            "env.max_turns=1",
+            "rollout.max_new_tokens_per_turn=64",
+            "rollout.num_workers=1",
+            "rollout.cpus_per_worker=1",
+        ]
+        + list(args.set),
+    )
 
 
 def split_threads(cfg: JobConfig, threads: int) -> None:
@@ -161,12 +177,17 @@ def write_word_problems(data_dir: Path, n_train: int, n_eval: int, seed: int) ->
                 a, b = max(a, b) + 1, min(a, b)
             values = {"n": rng.choice(names), "i": rng.choice(items), "a": a, "b": b, "c": c}
             expression = expr.format(**values)
-            rows.append({
-                "prompt": [{"role": "system", "content": WORD_SYSTEM}, {"role": "user", "content": text.format(**values)}],
-                "data_source": "benchmarks/word_problems",
-                "reward_model": {"style": "rule", "ground_truth": str(int(calc_evaluate(expression)))},
-                "extra_info": {"split": split, "index": index, "expression": expression},
-            })
+            rows.append(
+                {
+                    "prompt": [
+                        {"role": "system", "content": WORD_SYSTEM},
+                        {"role": "user", "content": text.format(**values)},
+                    ],
+                    "data_source": "benchmarks/word_problems",
+                    "reward_model": {"style": "rule", "ground_truth": str(int(calc_evaluate(expression)))},
+                    "extra_info": {"split": split, "index": index, "expression": expression},
+                }
+            )
         path = data_dir / f"word_problems-{split}-{n}-seed{seed}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -177,8 +198,12 @@ def write_word_problems(data_dir: Path, n_train: int, n_eval: int, seed: int) ->
 def training_rows(cfg: JobConfig, data_dir: Path) -> list:
     """The prompts tiderl's loop draws, step by step, in its order."""
     if cfg.data.sampling != "epoch" or cfg.algorithm.dynamic_sampling:
-        raise SystemExit("vs_trl: TRL gets the prompts up front, so only data.sampling=epoch without dynamic sampling compares")
-    sampler = PromptSampler(load_split(cfg, "train", data_dir), cfg.seed, cfg.data.shuffle, cfg.data.sampling, cfg.data.success_ema)
+        raise SystemExit(
+            "vs_trl: TRL gets the prompts up front, so only data.sampling=epoch without dynamic sampling compares"
+        )
+    sampler = PromptSampler(
+        load_split(cfg, "train", data_dir), cfg.seed, cfg.data.shuffle, cfg.data.sampling, cfg.data.success_ema
+    )
     return [row for _ in range(cfg.trainer.steps) for row in sampler.next(cfg.trainer.prompts_per_step)]
 
 
@@ -204,12 +229,18 @@ def run_tiderl(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
     loop_s = marks[2] - marks[1]  # end of the "before" eval -> start of the "after" eval
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     samples = sum(r.get("num_samples", 0.0) + r.get("failed_samples", 0.0) for r in rows)
-    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
+    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     return {
-        "samples": samples, "loop_s": loop_s, "s_per_step": loop_s / len(rows), "samples_per_s": samples / loop_s,
-        "generate_s": mean("time_generate_s"), "update_s": mean("time_update_s"),
-        "train_reward": [r.get("reward_mean") for r in rows], "tool_calls_per_sample": [r.get("tool_calls_per_sample") for r in rows],
-        "before": evals["before"], "after": evals["after"],
+        "samples": samples,
+        "loop_s": loop_s,
+        "s_per_step": loop_s / len(rows),
+        "samples_per_s": samples / loop_s,
+        "generate_s": mean("time_generate_s"),
+        "update_s": mean("time_update_s"),
+        "train_reward": [r.get("reward_mean") for r in rows],
+        "tool_calls_per_sample": [r.get("tool_calls_per_sample") for r in rows],
+        "before": evals["before"],
+        "after": evals["after"],
     }
 
 
@@ -255,7 +286,11 @@ def trl_reward(cfg: JobConfig):
     def reward(completions, ground_truth, data_source, **kwargs) -> list[float]:
         out = []
         for completion, truth, source in zip(completions, ground_truth, data_source, strict=True):
-            text = completion if isinstance(completion, str) else next((m["content"] for m in reversed(completion) if m["role"] == "assistant"), "")
+            text = (
+                completion
+                if isinstance(completion, str)
+                else next((m["content"] for m in reversed(completion) if m["role"] == "assistant"), "")
+            )
             raw = fn(source, text, truth, None)
             out.append(float(raw["score"] if isinstance(raw, dict) else (raw or 0.0)))
         return out
@@ -286,7 +321,9 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
     renderer, offered = Renderer(tokenizer), make_env(cfg.env).tool_specs()  # what tiderl's rollouts render
     for row in rows[:32]:  # TRL renders the prompt itself: it must be the tokens tiderl's rollouts start from
         ours = renderer.prompt_ids(row.messages, offered)
-        theirs = tokenizer.apply_chat_template(row.messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+        theirs = tokenizer.apply_chat_template(
+            row.messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         if ours != theirs:
             raise RuntimeError(f"prompt tokens differ between tiderl and TRL for row {row.index}")
     longest_prompt = max(len(renderer.prompt_ids(r.messages, offered)) for r in rows)
@@ -298,21 +335,58 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
         [{"prompt": r.messages, "ground_truth": r.ground_truth, "data_source": r.data_source} for r in rows]
     )
     args = GRPOConfig(
-        output_dir=str(out_dir / "trainer"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        seed=cfg.seed, data_seed=cfg.seed, shuffle_dataset=False, max_steps=cfg.trainer.steps,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=group // micro, num_generations=cfg.rollout.samples_per_prompt,
-        num_iterations=1, max_completion_length=min(cfg.rollout.max_tokens_per_sample - longest_prompt, cfg.env.max_turns * cfg.rollout.max_new_tokens_per_turn),
-        generation_kwargs={"max_new_tokens": cfg.rollout.max_new_tokens_per_turn}, max_tool_calling_iterations=cfg.env.max_turns - 1,
-        temperature=cfg.rollout.temperature, top_p=1.0, top_k=0,
-        learning_rate=cfg.trainer.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=cfg.trainer.weight_decay,
-        max_grad_norm=cfg.trainer.grad_clip, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        beta=0.0, epsilon=cfg.algorithm.clip_ratio_low, epsilon_high=cfg.algorithm.clip_ratio_high, loss_type="dapo",
-        scale_rewards="group" if cfg.algorithm.normalize_by_std else "none", router_aux_loss_coef=0.0,
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out_dir / "trainer"),
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        shuffle_dataset=False,
+        max_steps=cfg.trainer.steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=group // micro,
+        num_generations=cfg.rollout.samples_per_prompt,
+        num_iterations=1,
+        max_completion_length=min(
+            cfg.rollout.max_tokens_per_sample - longest_prompt, cfg.env.max_turns * cfg.rollout.max_new_tokens_per_turn
+        ),
+        generation_kwargs={"max_new_tokens": cfg.rollout.max_new_tokens_per_turn},
+        max_tool_calling_iterations=cfg.env.max_turns - 1,
+        temperature=cfg.rollout.temperature,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=cfg.trainer.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=cfg.trainer.weight_decay,
+        max_grad_norm=cfg.trainer.grad_clip,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        beta=0.0,
+        epsilon=cfg.algorithm.clip_ratio_low,
+        epsilon_high=cfg.algorithm.clip_ratio_high,
+        loss_type="dapo",
+        scale_rewards="group" if cfg.algorithm.normalize_by_std else "none",
+        router_aux_loss_coef=0.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     clock = _Clock()
-    trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward(cfg)], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, tools=tools, callbacks=[clock])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[trl_reward(cfg)],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        tools=tools,
+        callbacks=[clock],
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "reward" in e]
     policy = out_dir / "policy"
@@ -320,9 +394,14 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
     save_policy(trainer.model, tokenizer, policy)
     loop_s, samples = clock.end - clock.start, float(group * trainer.state.global_step)
     result = {
-        "samples": samples, "loop_s": loop_s, "s_per_step": loop_s / trainer.state.global_step, "samples_per_s": samples / loop_s,
-        "train_reward": [e["reward"] for e in logs], "tool_calls_per_sample": [e.get("tools/call_frequency") for e in logs],
-        "policy_dir": str(policy), "max_completion_length": args.max_completion_length,
+        "samples": samples,
+        "loop_s": loop_s,
+        "s_per_step": loop_s / trainer.state.global_step,
+        "samples_per_s": samples / loop_s,
+        "train_reward": [e["reward"] for e in logs],
+        "tool_calls_per_sample": [e.get("tools/call_frequency") for e in logs],
+        "policy_dir": str(policy),
+        "max_completion_length": args.max_completion_length,
     }
     del trainer, model
     gc.collect()
@@ -347,19 +426,29 @@ class _Clock(TrainerCallback):
 def differences(cfg: JobConfig) -> list[str]:
     out = []
     if cfg.quant.enabled:
-        out.append(f"tiderl is INT4-aware ({cfg.quant.mode}, {cfg.quant.modules}); TRL trains and samples in full precision; "
-                   "TRL's weights are evaluated both with the job's INT4 evaluator (PTQ) and in float32")
+        out.append(
+            f"tiderl is INT4-aware ({cfg.quant.mode}, {cfg.quant.modules}); TRL trains and samples in full precision; "
+            "TRL's weights are evaluated both with the job's INT4 evaluator (PTQ) and in float32"
+        )
     if cfg.env.max_turns == 1:
-        out.append("single-turn on both sides (SmolLM2's chat template cannot render tool calls, which TRL's tool loop needs)")
+        out.append(
+            "single-turn on both sides (SmolLM2's chat template cannot render tool calls, which TRL's tool loop needs)"
+        )
     else:
         out.append("multi-turn calculator on both sides (TRL: tools= with tiderl's environment and schema)")
     if getattr(cfg.rollout, "max_staleness", 0):
-        out.append(f"tiderl generates up to {cfg.rollout.max_staleness} step(s) ahead (rollout.max_staleness: samples up to that many "
-                   "policy versions old); TRL is on-policy (generate, then update)")
+        out.append(
+            f"tiderl generates up to {cfg.rollout.max_staleness} step(s) ahead (rollout.max_staleness: samples up to "
+            f"that many "
+            "policy versions old); TRL is on-policy (generate, then update)"
+        )
     if cfg.rollout.repeat_window:
         out.append("tiderl stops looping turns (rollout.repeat_window); TRL does not")
-    out.append(f"tiderl: local Ray, {cfg.rollout.num_workers} rollout worker(s) x {cfg.rollout.threads_per_worker} thread(s) + 1 learner actor x "
-               f"{cfg.trainer.learner_threads} thread(s); TRL: this process, transformers generate")
+    out.append(
+        f"tiderl: local Ray, {cfg.rollout.num_workers} rollout worker(s) x {cfg.rollout.threads_per_worker} thread(s) "
+        f"+ 1 learner actor x "
+        f"{cfg.trainer.learner_threads} thread(s); TRL: this process, transformers generate"
+    )
     return out
 
 
@@ -368,8 +457,12 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--steps", type=int, default=None, help="RL steps (default: the config's, 30 tiny / 5 smollm2)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads: TRL's process, tiderl's learner and its workers in all")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more job overrides, applied to both sides")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads: TRL's process, tiderl's learner and its workers in all"
+    )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="more job overrides, applied to both sides"
+    )
     parser.add_argument("--smollm2-train-size", type=int, default=512)
     parser.add_argument("--smollm2-eval-size", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None)
@@ -389,16 +482,34 @@ def main() -> None:
         if cfg.quant.enabled:
             fp32 = cfg.model_copy(deep=True)
             fp32.quant.enabled = False
-            theirs["after_float32"] = tiderl_eval(fp32, Path(theirs["policy_dir"]), work / f"seed{seed}" / "trl-eval-fp32")
+            theirs["after_float32"] = tiderl_eval(
+                fp32, Path(theirs["policy_dir"]), work / f"seed{seed}" / "trl-eval-fp32"
+            )
         runs.append({"seed": seed, "tiderl": ours, "trl": theirs})
-        print(f"seed {seed}: tiderl {ours['samples_per_s']:.1f} samples/s, TRL {theirs['samples_per_s']:.1f} samples/s", flush=True)
+        print(
+            f"seed {seed}: tiderl {ours['samples_per_s']:.1f} samples/s, TRL {theirs['samples_per_s']:.1f} samples/s",
+            flush=True,
+        )
 
     report = summarize(runs, cfg)
     print_report(report, cfg, args)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "steps": cfg.trainer.steps, "prompts_per_step": cfg.trainer.prompts_per_step,
-                                         "samples_per_prompt": cfg.rollout.samples_per_prompt, "threads": args.threads,
-                                         "overrides": args.set, "differences": differences(cfg), "summary": report, "runs": runs}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "steps": cfg.trainer.steps,
+                    "prompts_per_step": cfg.trainer.prompts_per_step,
+                    "samples_per_prompt": cfg.rollout.samples_per_prompt,
+                    "threads": args.threads,
+                    "overrides": args.set,
+                    "differences": differences(cfg),
+                    "summary": report,
+                    "runs": runs,
+                },
+                indent=2,
+            )
+        )
     if args.keep:
         print(f"run directories: {work}")
     else:
@@ -406,7 +517,7 @@ def main() -> None:
 
 
 def summarize(runs: list[dict], cfg: JobConfig) -> dict[str, Any]:
-    mean = lambda xs: sum(xs) / len(xs)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     out: dict[str, Any] = {}
     for side in ("tiderl", "trl"):
         r = [run[side] for run in runs]
@@ -416,28 +527,49 @@ def summarize(runs: list[dict], cfg: JobConfig) -> dict[str, Any]:
         if side == "trl" and "after_float32" in r[0]:
             out[side]["greedy_float32"] = mean([x["after_float32"]["accuracy"] for x in r])
             out[side]["sampled_float32"] = mean([x["after_float32"].get("accuracy_sampled", float("nan")) for x in r])
-    out["before"] = {"greedy": mean([run["tiderl"]["before"]["accuracy"] for run in runs]),
-                     "sampled": mean([run["tiderl"]["before"].get("accuracy_sampled", float("nan")) for run in runs])}
+    out["before"] = {
+        "greedy": mean([run["tiderl"]["before"]["accuracy"] for run in runs]),
+        "sampled": mean([run["tiderl"]["before"].get("accuracy_sampled", float("nan")) for run in runs]),
+    }
     t, b = out["tiderl"], out["trl"]
     best = {k: max(b[k], b.get(f"{k}_float32", -1.0)) for k in ("greedy", "sampled")}
     out["ratio_samples_per_s"] = t["samples_per_s"] / b["samples_per_s"]
     out["ratio_s_per_step"] = t["s_per_step"] / b["s_per_step"]
-    out["checks"] = {"samples_per_s_at_least_3x": out["ratio_samples_per_s"] >= 3.0,
-                     "greedy_at_least_trl": t["greedy"] >= best["greedy"], "sampled_at_least_trl": t["sampled"] >= best["sampled"]}
+    out["checks"] = {
+        "samples_per_s_at_least_3x": out["ratio_samples_per_s"] >= 3.0,
+        "greedy_at_least_trl": t["greedy"] >= best["greedy"],
+        "sampled_at_least_trl": t["sampled"] >= best["sampled"],
+    }
     return out
 
 
 def print_report(s: dict[str, Any], cfg: JobConfig, args: argparse.Namespace) -> None:
     t, b = s["tiderl"], s["trl"]
     fp32 = "greedy_float32" in b
-    print(f"\n{args.model}: {cfg.trainer.steps} steps x {cfg.trainer.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples, "
-          f"seeds {args.seeds}, {args.threads} threads; held-out before RL: greedy {s['before']['greedy']:.3f}, sampled {s['before']['sampled']:.3f}\n")
-    print("| | samples | loop s | s / step | samples / s | greedy after | sampled after |" + (" greedy / sampled, float32 eval |" if fp32 else ""))
+    print(
+        f"\n{args.model}: {cfg.trainer.steps} steps x {cfg.trainer.prompts_per_step} prompts x "
+        f"{cfg.rollout.samples_per_prompt} samples, "
+        f"seeds {args.seeds}, {args.threads} threads; held-out before RL: greedy {s['before']['greedy']:.3f}, sampled "
+        f"{s['before']['sampled']:.3f}\n"
+    )
+    print(
+        "| | samples | loop s | s / step | samples / s | greedy after | sampled after |"
+        + (" greedy / sampled, float32 eval |" if fp32 else "")
+    )
     print("|---|---|---|---|---|---|---|" + ("---|" if fp32 else ""))
-    print(f"| tiderl | {t['samples']:.0f} | {t['loop_s']:.1f} | {t['s_per_step']:.2f} | {t['samples_per_s']:.1f} | {t['greedy']:.3f} | {t['sampled']:.3f} |" + (" |" if fp32 else ""))
-    print(f"| TRL GRPOTrainer | {b['samples']:.0f} | {b['loop_s']:.1f} | {b['s_per_step']:.2f} | {b['samples_per_s']:.1f} | {b['greedy']:.3f} | {b['sampled']:.3f} |"
-          + (f" {b['greedy_float32']:.3f} / {b['sampled_float32']:.3f} |" if fp32 else ""))
-    print(f"| tiderl / TRL | | | {s['ratio_s_per_step']:.2f}x | **{s['ratio_samples_per_s']:.2f}x** | {t['greedy'] - b['greedy']:+.3f} | {t['sampled'] - b['sampled']:+.3f} |" + (" |" if fp32 else ""))
+    print(
+        f"| tiderl | {t['samples']:.0f} | {t['loop_s']:.1f} | {t['s_per_step']:.2f} | {t['samples_per_s']:.1f} | "
+        f"{t['greedy']:.3f} | {t['sampled']:.3f} |" + (" |" if fp32 else "")
+    )
+    print(
+        f"| TRL GRPOTrainer | {b['samples']:.0f} | {b['loop_s']:.1f} | {b['s_per_step']:.2f} | "
+        f"{b['samples_per_s']:.1f} | {b['greedy']:.3f} | {b['sampled']:.3f} |"
+        + (f" {b['greedy_float32']:.3f} / {b['sampled_float32']:.3f} |" if fp32 else "")
+    )
+    print(
+        f"| tiderl / TRL | | | {s['ratio_s_per_step']:.2f}x | **{s['ratio_samples_per_s']:.2f}x** | "
+        f"{t['greedy'] - b['greedy']:+.3f} | {t['sampled'] - b['sampled']:+.3f} |" + (" |" if fp32 else "")
+    )
     print("\nchecks: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in s["checks"].items()))
     print("differences: " + "; ".join(differences(cfg)))
 

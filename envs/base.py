@@ -1,9 +1,9 @@
 """The environment API: a small async protocol the agent loop drives.
 
-An environment is created per sample (`envs.registry.make_env`). `reset(row)` returns the opening chat messages and the tools offered (as
-JSON-schema function specs, the format chat templates take); `step(calls)` executes the tool calls the model
-made in its last turn and returns observation messages; `close()` frees what the environment holds. Malformed
-calls never reach `step`: the agent loop turns them into an error observation itself.
+An environment is created per sample (`envs.registry.make_env`). `reset(row)` returns the opening chat messages and
+the tools offered (as JSON-schema function specs, the format chat templates take); `step(calls)` executes the tool
+calls the model made in its last turn and returns observation messages; `close()` frees what the environment
+holds. Malformed calls never reach `step`: the agent loop turns them into an error observation itself.
 """
 
 from __future__ import annotations

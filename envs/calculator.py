@@ -64,7 +64,8 @@ def format_number(value: int | float) -> str:
 
 
 # Written out rather than derived from `calc`'s signature: it is the default job's prompt, which the warm start
-# and the figures in the README and docs/ were measured with. The derived spec differs only by the argument's description.
+# and the figures in the README and docs/ were measured with. The derived spec differs only by the argument's
+# description.
 CALC_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {

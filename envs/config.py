@@ -24,12 +24,18 @@ class SandboxConfig(Section):
     cpu_seconds: int = Field(5, ge=1, description="CPU time per process (RLIMIT_CPU).")
     wall_seconds: float = Field(10.0, gt=0, description="Wall-clock time; the whole sandbox is killed after it.")
     memory_mb: int = Field(512, ge=32, description="Address space per process (RLIMIT_AS).")
-    max_processes: int = Field(32, ge=1, description="Processes of the sandbox user (RLIMIT_NPROC; fork bombs stop here).")
+    max_processes: int = Field(
+        32, ge=1, description="Processes of the sandbox user (RLIMIT_NPROC; fork bombs stop here)."
+    )
     max_output_bytes: int = Field(16384, ge=256, description="stdout/stderr kept per call; more is cut and reported.")
     max_file_mb: int = Field(16, ge=1, description="Largest file the code may write (RLIMIT_FSIZE).")
-    python: str | None = Field(None, description="Interpreter for model code (default: /usr/bin/python3, else this one).")
+    python: str | None = Field(
+        None, description="Interpreter for model code (default: /usr/bin/python3, else this one)."
+    )
     allow_unisolated: bool = Field(
-        False, description="Without bubblewrap, run model code with rlimits only (no network/filesystem isolation) instead of refusing."
+        False,
+        description="Without bubblewrap, run model code with rlimits only (no network/filesystem isolation) instead "
+        "of refusing.",
     )
 
 
@@ -37,7 +43,9 @@ class EnvConfig(Section):
     """The tool environment the agent loop runs against."""
 
     name: str = Field("calculator", description="Registered environment name or 'path/to/file.py:Class'.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the environment's constructor (your own environments).")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the environment's constructor (your own environments)."
+    )
     max_turns: int = Field(4, ge=1, description="Assistant turns per sample before it is truncated.")
     max_tool_calls: int = Field(4, ge=0, description="Tool calls per sample before it is truncated.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)

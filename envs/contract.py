@@ -17,9 +17,18 @@ from envs.base import PromptRow, StepResult, ToolCall
 from envs.config import EnvConfig
 from envs.registry import make_env
 
-DEFAULT_ROW = PromptRow(index=0, messages=[{"role": "user", "content": "Hello."}], data_source="tiderl/contract", ground_truth="0")
+DEFAULT_ROW = PromptRow(
+    index=0, messages=[{"role": "user", "content": "Hello."}], data_source="tiderl/contract", ground_truth="0"
+)
 _EXAMPLES = {"string": "1", "integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}, "null": None}
-_WRONG = {"string": 12345, "integer": "not a number", "number": "not a number", "boolean": "yes", "array": 1, "object": 1}
+_WRONG = {
+    "string": 12345,
+    "integer": "not a number",
+    "number": "not a number",
+    "boolean": "yes",
+    "array": 1,
+    "object": 1,
+}
 
 
 class ContractError(AssertionError):
@@ -42,11 +51,17 @@ async def _check(cfg: EnvConfig, row: PromptRow) -> dict[str, Any]:
         names = [_check_tool(cfg.name, spec) for spec in tools]
         good = [ToolCall(name, example_arguments(spec)) for name, spec in zip(names, tools, strict=True)]
         observations = await _step(cfg.name, env, good, "well-formed calls")
-        wrong = [ToolCall("no_such_tool", {})] + [ToolCall(n, wrong_arguments(s)) for n, s in zip(names, tools, strict=True)]
+        wrong = [ToolCall("no_such_tool", {})] + [
+            ToolCall(n, wrong_arguments(s)) for n, s in zip(names, tools, strict=True)
+        ]
         errors = await _step(cfg.name, env, [c for c in wrong if c.arguments is not None], "malformed calls")
     finally:
         await env.close()
-    return {"tools": names, "observations": [o["content"] for o in observations], "error_observations": [o["content"] for o in errors]}
+    return {
+        "tools": names,
+        "observations": [o["content"] for o in observations],
+        "error_observations": [o["content"] for o in errors],
+    }
 
 
 def _check_messages(name: str, messages: Any) -> None:
@@ -60,12 +75,17 @@ def _check_messages(name: str, messages: Any) -> None:
 def _check_tool(name: str, spec: Any) -> str:
     fn = spec.get("function") if isinstance(spec, dict) else None
     if spec.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise ContractError(f"{name}: a tool spec must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}, got {spec!r}")
+        raise ContractError(
+            f"{name}: a tool spec must be {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}, got "
+            f"{spec!r}"
+        )
     params = fn.get("parameters", {"type": "object", "properties": {}})
     try:
         jsonschema.Draft202012Validator.check_schema(params)
     except jsonschema.SchemaError as e:
-        raise ContractError(f"{name}: tool {fn['name']!r} parameters are not a valid JSON schema: {e.message}") from None
+        raise ContractError(
+            f"{name}: tool {fn['name']!r} parameters are not a valid JSON schema: {e.message}"
+        ) from None
     if params.get("type") != "object":
         raise ContractError(f"{name}: tool {fn['name']!r} parameters must be a JSON object schema")
     return fn["name"]
@@ -75,7 +95,11 @@ def example_arguments(spec: dict[str, Any]) -> dict[str, Any]:
     """Values for the tool's required parameters, of the schema's types (enums: the first choice)."""
     params = spec["function"].get("parameters", {})
     props = params.get("properties", {})
-    return {k: (props[k]["enum"][0] if "enum" in props[k] else _EXAMPLES.get(props[k].get("type"), "1")) for k in params.get("required", []) if k in props}
+    return {
+        k: (props[k]["enum"][0] if "enum" in props[k] else _EXAMPLES.get(props[k].get("type"), "1"))
+        for k in params.get("required", [])
+        if k in props
+    }
 
 
 def wrong_arguments(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -89,11 +113,15 @@ async def _step(name: str, env: Any, calls: list[ToolCall], what: str) -> list[d
     try:
         result = await env.step(calls)
     except Exception as e:
-        raise ContractError(f"{name}: step raised {type(e).__name__}: {e} on {what}; tool failures must come back as observations") from e
+        raise ContractError(
+            f"{name}: step raised {type(e).__name__}: {e} on {what}; tool failures must come back as observations"
+        ) from e
     if not isinstance(result, StepResult):
         raise ContractError(f"{name}: step must return envs.base.StepResult, got {type(result).__name__}")
     if len(result.observations) != len(calls):
-        raise ContractError(f"{name}: step returned {len(result.observations)} observations for {len(calls)} {what}; one per call")
+        raise ContractError(
+            f"{name}: step returned {len(result.observations)} observations for {len(calls)} {what}; one per call"
+        )
     for obs in result.observations:
         if not (isinstance(obs, dict) and obs.get("role") == "tool" and isinstance(obs.get("content"), str)):
             raise ContractError(f"{name}: observations must be {{'role': 'tool', 'content': str}}, got {obs!r}")

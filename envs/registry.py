@@ -93,6 +93,7 @@ class Registry(Generic[T]):
             raise RegistryError(f"{self.kind} reference {ref!r}: {path} defines no {attr!r}")
         return getattr(module, attr)
 
+
 ENVS: Registry[type] = Registry("environment", "tiderl.envs")
 register_env = ENVS.register
 

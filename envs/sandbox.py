@@ -89,7 +89,14 @@ class PythonSandbox:
     def _command(self, scratch: str) -> list[str]:
         run = [self.python, "-I", "-B", f"{SCRATCH if self.bwrap else scratch}/main.py"]
         if self.drop_privileges:
-            run = ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", "--inh-caps=-all", *run]
+            run = [
+                "setpriv",
+                f"--reuid={UNPRIVILEGED_UID}",
+                f"--regid={UNPRIVILEGED_UID}",
+                "--clear-groups",
+                "--inh-caps=-all",
+                *run,
+            ]
         if self.bwrap is None:
             return run
         return [
@@ -140,7 +147,9 @@ class PythonSandbox:
             stdout, cut_out = _read_capped(Path(host, "stdout"), self.cfg.max_output_bytes)
             stderr, cut_err = _read_capped(Path(host, "stderr"), self.cfg.max_output_bytes)
             code = proc.returncode
-            if self.bwrap is not None and code is not None and code > 128:  # bwrap exits 128 + N for a child killed by N
+            if (
+                self.bwrap is not None and code is not None and code > 128
+            ):  # bwrap exits 128 + N for a child killed by N
                 code = -(code - 128)
             return SandboxResult(stdout, stderr, None if timed_out else code, timed_out, cut_out or cut_err)
         finally:

@@ -38,7 +38,9 @@ class Corpus:
         if not self.docs:
             raise ValueError(f"{path}: no documents")
         self.retriever = bm25s.BM25()
-        self.retriever.index(self._tokenize([f"{d.get('title', '')} {d['text']}" for d in self.docs]), show_progress=False)
+        self.retriever.index(
+            self._tokenize([f"{d.get('title', '')} {d['text']}" for d in self.docs]), show_progress=False
+        )
 
     @staticmethod
     def _tokenize(texts: list[str]) -> Any:
@@ -62,7 +64,9 @@ class SearchEnv(ToolEnv):
     def __init__(self, corpus: str | None = None) -> None:
         path = Path(corpus).expanduser() if corpus else DEFAULT_CORPUS
         if not path.is_file():
-            raise FileNotFoundError(f"env.kwargs.corpus: {path} does not exist (a JSONL file of {{'title', 'text'}} documents)")
+            raise FileNotFoundError(
+                f"env.kwargs.corpus: {path} does not exist (a JSONL file of {{'title', 'text'}} documents)"
+            )
         self.corpus = load_corpus(str(path.resolve()))
 
     @tool

@@ -55,7 +55,9 @@ def tool_spec(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         spec = get_json_schema(fn)
     except Exception as e:  # transformers raises TypeHintParsingException / DocstringParsingException
-        raise ValueError(f"tool {fn.__name__!r}: {e}. Give every parameter a type hint and an `Args:` line in the docstring.") from e
+        raise ValueError(
+            f"tool {fn.__name__!r}: {e}. Give every parameter a type hint and an `Args:` line in the docstring."
+        ) from e
     spec["function"].pop("return", None)  # templates do not show it; it only lengthens the prompt
     return spec
 
@@ -86,7 +88,12 @@ class ToolEnv:
             except ToolError as e:
                 content, errors = f"Error: {e}", errors + 1
             observations.append({"role": "tool", "name": call.name, "content": content})
-        return StepResult(observations=observations, done=self.done, reward=self.reward if self.done else None, info={"tool_errors": errors})
+        return StepResult(
+            observations=observations,
+            done=self.done,
+            reward=self.reward if self.done else None,
+            info={"tool_errors": errors},
+        )
 
     async def close(self) -> None:
         return None
@@ -110,8 +117,13 @@ class ToolEnv:
         schema = _cached_spec(type(self), call.name, fn)["function"]["parameters"]
         unexpected = sorted(set(call.arguments) - set(schema.get("properties", {})))
         if unexpected:
-            raise ToolError(f"unexpected argument(s) for {call.name}: {', '.join(unexpected)}; it takes {', '.join(schema.get('properties', {})) or 'none'}")
-        error = jsonschema.exceptions.best_match(_validator(type(self), call.name, fn).iter_errors(call.arguments))  # what jsonschema.validate raises
+            raise ToolError(
+                f"unexpected argument(s) for {call.name}: {', '.join(unexpected)}; it takes "
+                f"{', '.join(schema.get('properties', {})) or 'none'}"
+            )
+        error = jsonschema.exceptions.best_match(
+            _validator(type(self), call.name, fn).iter_errors(call.arguments)
+        )  # what jsonschema.validate raises
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path)
             raise ToolError(f"bad arguments for {call.name}{f' ({where})' if where else ''}: {error.message}") from None

@@ -81,7 +81,11 @@ def detect_style(name: str, fn: Callable[..., Any]) -> Style:
     if "completions" in names:
         return "trl"
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if all(n in names for n in _VERL_PARAMS) or len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+    if (
+        all(n in names for n in _VERL_PARAMS)
+        or len(positional) >= 3
+        or any(p.kind is p.VAR_POSITIONAL for p in params.values())
+    ):
         return "verl"
     raise RewardSignatureError(
         f"reward function {name!r} takes ({', '.join(names)}): use verl's compute_score(data_source, solution_str, "
@@ -92,7 +96,9 @@ def detect_style(name: str, fn: Callable[..., Any]) -> Style:
 class RewardFunction:
     """A user or built-in reward function, adapted: `await score(inputs, step, correct)` -> Scores."""
 
-    def __init__(self, name: str, fn: Callable[..., Any], timeout_s: float, kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, name: str, fn: Callable[..., Any], timeout_s: float, kwargs: dict[str, Any] | None = None
+    ) -> None:
         self.name = name
         self.fn = functools.partial(fn, **kwargs) if kwargs else fn
         self.style = detect_style(name, fn)
@@ -142,7 +148,10 @@ class RewardFunction:
                         return
                     x = inputs[j]
                     try:
-                        outcome: tuple[bool, Any] = (True, self.fn(x.data_source, x.response_text, x.ground_truth, x.extra_info))
+                        outcome: tuple[bool, Any] = (
+                            True,
+                            self.fn(x.data_source, x.response_text, x.ground_truth, x.extra_info),
+                        )
                     except Exception as e:  # delivered to the loop, which fails this sample only
                         outcome = (False, e)
                     try:
@@ -172,10 +181,17 @@ class RewardFunction:
             if len(inputs) == 1:
                 return Scores([Failure(f"raised {type(e).__name__}: {e}")])
             # find the samples that make it raise: one call per sample
-            parts = await asyncio.gather(*(self._trl([x], step, None if correct is None else [c]) for x, c in zip(inputs, correct or [None] * len(inputs), strict=True)))
+            parts = await asyncio.gather(
+                *(
+                    self._trl([x], step, None if correct is None else [c])
+                    for x, c in zip(inputs, correct or [None] * len(inputs), strict=True)
+                )
+            )
             return Scores([p.values[0] for p in parts])
         if not isinstance(raw, (list, tuple)):
-            return Scores([Failure(f"returned {type(raw).__name__}, expected a list of {len(inputs)} floats")] * len(inputs))
+            return Scores(
+                [Failure(f"returned {type(raw).__name__}, expected a list of {len(inputs)} floats")] * len(inputs)
+            )
         if len(raw) != len(inputs):
             return Scores([Failure(f"returned {len(raw)} scores for {len(inputs)} completions")] * len(inputs))
         return Scores([_check_value(v) for v in raw])

@@ -10,21 +10,39 @@ from envs.config import Section
 
 
 class RewardFunctionConfig(Section):
-    name: str = Field(description="Registered reward name or 'path/to/file.py:fn' (verl's compute_score or a TRL reward function, sync or async).")
+    name: str = Field(
+        description="Registered reward name or 'path/to/file.py:fn' (verl's compute_score or a TRL reward function, "
+        "sync or async)."
+    )
     weight: float = Field(1.0, description="Weight in the summed reward.")
-    timeout_s: float = Field(30.0, gt=0, description="Per call (a sample for verl-style functions, a batch for TRL-style); a call past it fails its samples.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments passed to the function (e.g. a built-in's settings).")
+    timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Per call (a sample for verl-style functions, a batch for TRL-style); a call past it fails its "
+        "samples.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments passed to the function (e.g. a built-in's settings)."
+    )
 
 
 class RewardModelConfig(Section):
     """A reward model served by its own Ray actor (`rewards.models`)."""
 
     name: str = Field(description="Name in metrics (`reward/<name>`) and the breakdown.")
-    kind: Literal["classifier", "judge"] = Field(description="classifier: AutoModelForSequenceClassification; judge: a causal LM prompted with a rubric.")
+    kind: Literal["classifier", "judge"] = Field(
+        description="classifier: AutoModelForSequenceClassification; judge: a causal LM prompted with a rubric."
+    )
     path: str = Field(description="Hugging Face model directory.")
     weight: float = Field(1.0, description="Weight in the summed reward.")
-    mode: Literal["pointwise", "pairwise"] = Field("pointwise", description="judge: rate each response (Score: N of 10), or compare it with its group's first sample ([[A]]/[[B]]/[[C]]).")
-    rubric: str | None = Field(None, description="judge: the system prompt (default: a correctness-first grading rubric).")
+    mode: Literal["pointwise", "pairwise"] = Field(
+        "pointwise",
+        description="judge: rate each response (Score: N of 10), or compare it with its group's first sample "
+        "([[A]]/[[B]]/[[C]]).",
+    )
+    rubric: str | None = Field(
+        None, description="judge: the system prompt (default: a correctness-first grading rubric)."
+    )
     max_new_tokens: int = Field(64, ge=1, description="judge: tokens for the critique and verdict.")
     max_length: int = Field(1024, ge=16, description="Tokens of conversation kept (the end) per item.")
     batch_size: int = Field(16, ge=1, description="Items per forward pass.")
@@ -39,12 +57,18 @@ class RewardConfig(Section):
         min_length=1,
         description="Reward functions; the first is the task verifier that `accuracy` reports.",
     )
-    models: list[RewardModelConfig] = Field(default_factory=list, description="Reward models (classifier or judge actors), added to the functions' sum.")
+    models: list[RewardModelConfig] = Field(
+        default_factory=list, description="Reward models (classifier or judge actors), added to the functions' sum."
+    )
     models_async: bool = Field(
-        True, description="Rollout workers send each finished group to the reward models while the step is still generating; false = score the whole batch after generation."
+        True,
+        description="Rollout workers send each finished group to the reward models while the step is still "
+        "generating; false = score the whole batch after generation.",
     )
     truncation_penalty: float = Field(
-        0.0, description="Added to the reward of a truncated sample (token budget, sequence length, loop, turn or tool-call limit), e.g. -1."
+        0.0,
+        description="Added to the reward of a truncated sample (token budget, sequence length, loop, turn or "
+        "tool-call limit), e.g. -1.",
     )
 
     @model_validator(mode="after")

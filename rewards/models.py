@@ -100,7 +100,12 @@ class RewardModel:
 
     def _judge(self, items: list[dict[str, Any]], batch: list[dict[str, Any]]) -> list[float | None]:
         if self.cfg.mode == "pointwise":
-            prompts = [self._judge_prompt(item["prompt"], f"Response:\n{_text(item['completion'])}", "End with 'Score: N', N from 0 to 10.") for item in items]
+            prompts = [
+                self._judge_prompt(
+                    item["prompt"], f"Response:\n{_text(item['completion'])}", "End with 'Score: N', N from 0 to 10."
+                )
+                for item in items
+            ]
             parse = parse_pointwise
         else:
             firsts: dict[int, dict[str, Any]] = {}
@@ -109,13 +114,16 @@ class RewardModel:
             prompts = [
                 self._judge_prompt(
                     item["prompt"],
-                    f"Response A:\n{_text(item['completion'])}\n\nResponse B:\n{_text(firsts[item['group_id']]['completion'])}",
+                    f"Response A:\n{_text(item['completion'])}\n\nResponse "
+                    f"B:\n{_text(firsts[item['group_id']]['completion'])}",
                     "End with [[A]] if A is better, [[B]] if B is better, [[C]] for a tie.",
                 )
                 for item in items
             ]
             parse = parse_pairwise
-        generations = self.engine.generate(prompts, [self.cfg.max_new_tokens] * len(prompts), temperature=1.0, greedy=True)
+        generations = self.engine.generate(
+            prompts, [self.cfg.max_new_tokens] * len(prompts), temperature=1.0, greedy=True
+        )
         return [parse(self.tokenizer.decode(g.token_ids, skip_special_tokens=True)) for g in generations]
 
     def _judge_prompt(self, prompt: list[dict[str, Any]], responses: str, instruction: str) -> list[int]:
@@ -142,19 +150,33 @@ class RewardModelPool:
     """The reward model actors, one per configured model, each in its placement bundle (`options(i)`), and
     their restarts: a model actor that dies is started again and the groups it had not scored are sent again."""
 
-    def __init__(self, configs: list[RewardModelConfig], options: Callable[[int], dict[str, Any]] | None = None, max_restarts: int = 3) -> None:
+    def __init__(
+        self,
+        configs: list[RewardModelConfig],
+        options: Callable[[int], dict[str, Any]] | None = None,
+        max_restarts: int = 3,
+    ) -> None:
         self.configs = list(configs)
-        self.options = options or (lambda i: {"num_cpus": self.configs[i].num_cpus, "num_gpus": self.configs[i].num_gpus})
+        self.options = options or (
+            lambda i: {"num_cpus": self.configs[i].num_cpus, "num_gpus": self.configs[i].num_gpus}
+        )
         self.max_restarts = max_restarts
-        self.actors = {c.name: RewardModelActor.options(**self.options(i)).remote(c) for i, c in enumerate(self.configs)}
+        self.actors = {
+            c.name: RewardModelActor.options(**self.options(i)).remote(c) for i, c in enumerate(self.configs)
+        }
         self.restarts = 0
 
     def restart(self, name: str, cause: BaseException) -> Any:
         """Replace the (dead) actor of model `name`; returns the new handle."""
         if self.restarts >= self.max_restarts:
-            raise RuntimeError(f"reward model {name!r} died again after {self.restarts} restarts (cluster.max_worker_restarts): {cause}") from cause
+            raise RuntimeError(
+                f"reward model {name!r} died again after {self.restarts} restarts (cluster.max_worker_restarts): "
+                f"{cause}"
+            ) from cause
         i = next(k for k, c in enumerate(self.configs) if c.name == name)
-        log.warning("reward model %r died (%s); restarting it and scoring its samples again", name, type(cause).__name__)
+        log.warning(
+            "reward model %r died (%s); restarting it and scoring its samples again", name, type(cause).__name__
+        )
         try:
             ray.kill(self.actors[name], no_restart=True)
         except Exception:  # already gone

@@ -37,7 +37,9 @@ class ScoringResult:
 
 class RewardScorer:
     def __init__(self, cfg: RewardConfig) -> None:
-        self.functions = [(RewardFunction(f.name, get_reward(f.name), f.timeout_s, f.kwargs), f.weight) for f in cfg.functions]
+        self.functions = [
+            (RewardFunction(f.name, get_reward(f.name), f.timeout_s, f.kwargs), f.weight) for f in cfg.functions
+        ]
         self.models = [(m.name, m.weight) for m in cfg.models]
         self.truncation_penalty = cfg.truncation_penalty
 
@@ -67,17 +69,23 @@ class RewardScorer:
         if inputs and self.functions:
             first, _ = self.functions[0]
             results.append(await first.score(inputs, step, None))
-            verdicts = [_correct(v, a) for v, a in zip(results[0].values, results[0].acc or [None] * len(inputs), strict=True)]
+            verdicts = [
+                _correct(v, a) for v, a in zip(results[0].values, results[0].acc or [None] * len(inputs), strict=True)
+            ]
             results += await asyncio.gather(*(fn.score(inputs, step, verdicts) for fn, _ in self.functions[1:]))
         scored = []
         for i, traj in enumerate(live):
-            item = self._combine(traj, [r.values[i] for r in results], results[0].acc[i] if results and results[0].acc else None, counts)
+            item = self._combine(
+                traj, [r.values[i] for r in results], results[0].acc[i] if results and results[0].acc else None, counts
+            )
             if item is not None:
                 scored.append(item)
         failed = len(trajectories) - len(scored)
         return ScoringResult(scored=scored, failed=failed, metrics={k: float(v) for k, v in sorted(counts.items())})
 
-    def _combine(self, traj: Trajectory, values: list[float | None | Failure], acc: bool | None, counts: Counter[str]) -> ScoredTrajectory | None:
+    def _combine(
+        self, traj: Trajectory, values: list[float | None | Failure], acc: bool | None, counts: Counter[str]
+    ) -> ScoredTrajectory | None:
         # (how the log names it, metric name, score | None | why it failed) for every function and reward model
         verdicts: list[tuple[str, str, float | None | Failure]] = [
             (f"reward function {fn.name!r} ", fn.name, v) for (fn, _), v in zip(self.functions, values, strict=True)

@@ -17,7 +17,9 @@ _THINK = re.compile(r"^\s*<think>(.*?)</think>(.*)$", re.DOTALL)
 
 
 @register_reward("format")
-def format_reward(prompts: list, completions: list[list[dict[str, Any]]], tool_call_format: str = "hermes", **kwargs: Any) -> list[float]:
+def format_reward(
+    prompts: list, completions: list[list[dict[str, Any]]], tool_call_format: str = "hermes", **kwargs: Any
+) -> list[float]:
     """1.0 when every assistant turn is `<think>...</think>` then text, every tool call in it parses, and the
     final turn has a visible answer; else 0.0. `tool_call_format` (hermes | kimi_k2) via the function's kwargs."""
     parse = TOOL_CALL_PARSERS[tool_call_format]
@@ -75,7 +77,14 @@ def length_reward(
 
 
 @register_reward("dapo_overlong")
-def overlong_penalty(prompts: list, completions: list, completion_ids: list[list[int]], max_length: int = 256, cache_length: int = 64, **kwargs: Any) -> list[float]:
+def overlong_penalty(
+    prompts: list,
+    completions: list,
+    completion_ids: list[list[int]],
+    max_length: int = 256,
+    cache_length: int = 64,
+    **kwargs: Any,
+) -> list[float]:
     """DAPO's soft overlong punishment on the generated length L: 0 up to `max_length - cache_length`, then
     linearly down to -1 at `max_length`, and -1 beyond (set `max_length` to the task's token budget)."""
     if not 0 < cache_length <= max_length:

@@ -36,17 +36,28 @@ class WarmStartConfig(Section):
     enabled: bool = Field(True, description="Run the warm start before RL (built-in task and model only).")
     num_demos: int = Field(6000, ge=1, description="Generated demonstrations.")
     tool_use_rate: float = Field(
-        0.3, ge=0.0, le=1.0, description="Share of demonstrations that call the tool; the rest answer unaided (imperfect on purpose)."
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="Share of demonstrations that call the tool; the rest answer unaided (imperfect on purpose).",
     )
-    steps: int = Field(1200, ge=1, description="Most optimizer steps (the warm start stops earlier once the policy copies numbers).")
+    steps: int = Field(
+        1200, ge=1, description="Most optimizer steps (the warm start stops earlier once the policy copies numbers)."
+    )
     target_copy_accuracy: float = Field(
-        0.9, ge=0, le=1.0, description="Held-out teacher-forced accuracy on the digits the policy writes that ends the constant-LR phase (0: anneal from the first check)."
+        0.9,
+        ge=0,
+        le=1.0,
+        description="Held-out teacher-forced accuracy on the digits the policy writes that ends the constant-LR phase "
+        "(0: anneal from the first check).",
     )
     check_every: int = Field(50, ge=1, description="Steps between copy-accuracy checks.")
     anneal_steps: int = Field(150, ge=1, description="Linear learning-rate decay to zero once the target is reached.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer step.")
     lr: float = Field(4e-3, gt=0, description="AdamW learning rate (20 warmup steps, constant, then the anneal).")
-    cache_dir: str | None = Field(None, description="Where built policies are cached; default $TIDERL_CACHE or ~/.cache/tiderl.")
+    cache_dir: str | None = Field(
+        None, description="Where built policies are cached; default $TIDERL_CACHE or ~/.cache/tiderl."
+    )
 
 
 class DataConfig(Section):
@@ -54,21 +65,30 @@ class DataConfig(Section):
 
     task: str | None = Field(
         "calculator",
-        description="Registered generated task (built in: calculator, python_math, search_qa; or 'path/to/file.py:TASK'); "
+        description="Registered generated task (built in: calculator, python_math, search_qa; or "
+        "'path/to/file.py:TASK'); "
         "pair it with its environment and reward (rl/tasks/); null when `train_files` is set.",
     )
-    train_files: list[str] = Field(default_factory=list, description="jsonl/parquet files or saved datasets for training.")
+    train_files: list[str] = Field(
+        default_factory=list, description="jsonl/parquet files or saved datasets for training."
+    )
     eval_files: list[str] = Field(default_factory=list, description="Held-out files for eval.")
     train_size: int = Field(20000, ge=1, description="Generated training prompts (built-in task).")
     eval_size: int = Field(256, ge=1, description="Held-out prompts for eval (built-in task, or a cap on eval_files).")
     shuffle: bool = Field(True, description="Reshuffle training prompts every epoch.")
     sampling: Literal["epoch", "prioritized", "curriculum"] = Field(
         "epoch",
-        description="epoch: every prompt once per epoch; prioritized (K1.5): draw prompts with probability proportional to "
+        description="epoch: every prompt once per epoch; prioritized (K1.5): draw prompts with probability "
+        "proportional to "
         "1 - their tracked success rate (unseen prompts count as 0), so solved prompts fade and hard ones return; "
         "curriculum (K1.5): each epoch walks the prompts from easy to hard by `extra_info.difficulty` (a number).",
     )
-    success_ema: float = Field(0.5, gt=0, le=1, description="prioritized: weight of the newest step's accuracy in a prompt's tracked success rate.")
+    success_ema: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="prioritized: weight of the newest step's accuracy in a prompt's tracked success rate.",
+    )
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:
@@ -95,36 +115,58 @@ class ClusterConfig(Section):
     )
     address: str | None = Field(
         None,
-        description="Ray cluster (GCS) address to connect to, e.g. HEAD:6379 or auto; unset = the cluster of a submitted job "
+        description="Ray cluster (GCS) address to connect to, e.g. HEAD:6379 or auto; unset = the cluster of a "
+        "submitted job "
         "(RAY_ADDRESS), else start a local Ray instance.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for the job's bundles (one per learner, rollout worker and reward model)."
+        "PACK",
+        description="Ray placement-group strategy for the job's bundles (one per learner, rollout worker and reward "
+        "model).",
     )
-    placement_timeout_s: float = Field(60.0, gt=0, description="Seconds to wait for the placement group before failing with what could not be placed.")
+    placement_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to wait for the placement group before failing with what could not be placed."
+    )
     weight_sync: Literal["object_store", "collective"] = Field(
         "object_store",
-        description="How weights reach the rollout workers each step: object_store (put once, every worker pulls; one node, CPU workers) "
+        description="How weights reach the rollout workers each step: object_store (put once, every worker pulls; one "
+        "node, CPU workers) "
         "or collective (learner rank 0 broadcasts one buffer: NCCL when learners and workers have GPUs, else gloo).",
     )
     ship_max_mb: float = Field(
-        2048.0, ge=0, description="The driver ships the policy directory to actors through the object store when it is at most this big "
+        2048.0,
+        ge=0,
+        description="The driver ships the policy directory to actors through the object store when it is at most this "
+        "big "
         "(nodes without a shared filesystem); a bigger one must be at the same path on every node.",
     )
-    max_worker_restarts: int = Field(3, ge=0, description="Restarts of a dead rollout worker or reward-model actor per RL step before the job fails.")
-    max_learner_restarts: int = Field(2, ge=0, description="Times a failed learner is restored from the last checkpoint before the job fails.")
-    pip: list[str] = Field(default_factory=list, description="tiderl submit: pip requirements installed in the job's runtime environment.")
-    env_vars: dict[str, str] = Field(default_factory=dict, description="tiderl submit: environment variables of the job's processes.")
+    max_worker_restarts: int = Field(
+        3, ge=0, description="Restarts of a dead rollout worker or reward-model actor per RL step before the job fails."
+    )
+    max_learner_restarts: int = Field(
+        2, ge=0, description="Times a failed learner is restored from the last checkpoint before the job fails."
+    )
+    pip: list[str] = Field(
+        default_factory=list, description="tiderl submit: pip requirements installed in the job's runtime environment."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="tiderl submit: environment variables of the job's processes."
+    )
     excludes: list[str] = Field(
-        default_factory=list, description="tiderl submit: extra gitignore-style patterns left out of the uploaded working directory."
+        default_factory=list,
+        description="tiderl submit: extra gitignore-style patterns left out of the uploaded working directory.",
     )
 
 
 class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
     progress: bool = Field(True, description="Show a progress bar with the live reward.")
-    save_trajectories: bool = Field(True, description="Write every step's scored samples to trajectories/step_N.jsonl (conversation, reward breakdown, status).")
+    save_trajectories: bool = Field(
+        True,
+        description="Write every step's scored samples to trajectories/step_N.jsonl (conversation, reward breakdown, "
+        "status).",
+    )
 
 
 class JobConfig(Section):
@@ -148,15 +190,28 @@ class JobConfig(Section):
         """The sections a learner reads (it never sees the rest of the job)."""
         r = self.rollout
         return LearnerSpec(
-            model=self.model, trainer=self.trainer, algorithm=self.algorithm, quant=self.quant, seed=self.seed,
-            temperature=r.temperature, max_tokens_per_sample=r.max_tokens_per_sample, cache_dir=self.warm_start.cache_dir,
-        )  # fmt: skip
+            model=self.model,
+            trainer=self.trainer,
+            algorithm=self.algorithm,
+            quant=self.quant,
+            seed=self.seed,
+            temperature=r.temperature,
+            max_tokens_per_sample=r.max_tokens_per_sample,
+            cache_dir=self.warm_start.cache_dir,
+        )
 
     def worker_spec(self) -> WorkerSpec:
         """The sections a rollout worker reads (it never sees the rest of the job)."""
         from rollouts.worker import WorkerSpec  # torch and the engine load only when a worker is built
 
-        return WorkerSpec(model=self.model, rollout=self.rollout, env=self.env, quant=self.quant, seed=self.seed, cache_dir=self.warm_start.cache_dir)
+        return WorkerSpec(
+            model=self.model,
+            rollout=self.rollout,
+            env=self.env,
+            quant=self.quant,
+            seed=self.seed,
+            cache_dir=self.warm_start.cache_dir,
+        )
 
     @model_validator(mode="after")
     def _check_in_process(self) -> JobConfig:
@@ -176,7 +231,9 @@ class JobConfig(Section):
     @model_validator(mode="after")
     def _check_eval_data(self) -> JobConfig:
         if self.eval.enabled and self.data.task is None and not self.data.eval_files:
-            raise ValueError("eval is enabled but there is no held-out data: set `data.eval_files`, or `eval.enabled=false`")
+            raise ValueError(
+                "eval is enabled but there is no held-out data: set `data.eval_files`, or `eval.enabled=false`"
+            )
         return self
 
 

@@ -1,4 +1,5 @@
-"""What every Ray actor of a job shares: the errors that mean an actor is gone, and the environment its process runs with."""
+"""What every Ray actor of a job shares: the errors that mean an actor is gone, and the environment its process
+runs with."""
 
 from __future__ import annotations
 

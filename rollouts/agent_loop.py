@@ -95,7 +95,9 @@ class Episode:
 
 
 class AgentLoop:
-    def __init__(self, engine: Engine, renderer: Renderer, env_factory: Callable[[], Any], rollout: RolloutConfig, env: EnvConfig) -> None:
+    def __init__(
+        self, engine: Engine, renderer: Renderer, env_factory: Callable[[], Any], rollout: RolloutConfig, env: EnvConfig
+    ) -> None:
         self.engine = engine
         self.renderer = renderer
         self.env_factory = env_factory
@@ -104,7 +106,9 @@ class AgentLoop:
         self.parse_tool_calls = TOOL_CALL_PARSERS[rollout.tool_call_format]
         self.temperature = rollout.temperature
 
-    def new_episodes(self, rows: list[PromptRow], samples_per_prompt: int, group_ids: list[int] | None = None) -> list[Episode]:
+    def new_episodes(
+        self, rows: list[PromptRow], samples_per_prompt: int, group_ids: list[int] | None = None
+    ) -> list[Episode]:
         """`samples_per_prompt` episodes per row; `group_ids[i]` names row i's group (default: the row index)."""
         gids = group_ids if group_ids is not None else [row.index for row in rows]
         return [
@@ -113,7 +117,14 @@ class AgentLoop:
             for k in range(samples_per_prompt)
         ]
 
-    def run(self, rows: list[PromptRow], samples_per_prompt: int, policy_version: int, greedy: bool, generator: torch.Generator) -> list[Trajectory]:
+    def run(
+        self,
+        rows: list[PromptRow],
+        samples_per_prompt: int,
+        policy_version: int,
+        greedy: bool,
+        generator: torch.Generator,
+    ) -> list[Trajectory]:
         """Generate every sample to the end (no pausing) and return the trajectories."""
         episodes = self.new_episodes(rows, samples_per_prompt)
         self.run_episodes(episodes, policy_version, greedy, generator)
@@ -139,7 +150,13 @@ class AgentLoop:
         asyncio.run(self._drive(episodes, version, greedy, generator, iteration_budget, on_done))
 
     async def _drive(
-        self, episodes: list[Episode], version: int, greedy: bool, generator: torch.Generator, iteration_budget: int, on_done: Callable[[Episode], None] | None
+        self,
+        episodes: list[Episode],
+        version: int,
+        greedy: bool,
+        generator: torch.Generator,
+        iteration_budget: int,
+        on_done: Callable[[Episode], None] | None,
     ) -> None:
         live = [ep for ep in episodes if not ep.done]
         for ep in live:
@@ -200,7 +217,9 @@ class AgentLoop:
         """Close the environments of episodes dropped unfinished (paused ones given up on a restore)."""
 
         async def close() -> None:
-            await asyncio.gather(*(ep.env.close() for ep in episodes if ep.started and not ep.done), return_exceptions=True)
+            await asyncio.gather(
+                *(ep.env.close() for ep in episodes if ep.started and not ep.done), return_exceptions=True
+            )
 
         asyncio.run(close())
 
@@ -234,7 +253,9 @@ class AgentLoop:
         budget = row.extra_info.get("token_budget", self.rollout.token_budgets.get(row.data_source))
         return int(budget) if budget is not None else self.rollout.max_tokens_per_sample
 
-    async def _turn(self, ep: Episode, iteration_budget: int, generate: Callable[[Episode, int], Awaitable[Generation]]) -> None:
+    async def _turn(
+        self, ep: Episode, iteration_budget: int, generate: Callable[[Episode, int], Awaitable[Generation]]
+    ) -> None:
         """Generate (the rest of) one assistant turn under the smallest of the episode's limits."""
         limits = self._limits(ep, iteration_budget)
         limiter = min(limits, key=limits.__getitem__)

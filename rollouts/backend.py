@@ -41,7 +41,12 @@ class RolloutBackend(Protocol):
     """Workers restarted over the job (a backend that never restarts one keeps 0)."""
 
     def submit_step(
-        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        first_group_id: int,
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> Any:
         """Start a training step's rollouts: row i becomes group `first_group_id + i`; returns a handle for `collect`.
         `iteration_budget` > 0 pauses samples after that many tokens (partial rollouts, resumed by the next step)."""
@@ -52,12 +57,19 @@ class RolloutBackend(Protocol):
         ...
 
     def generate_step(
-        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        first_group_id: int,
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> list[Trajectory]:
         """`submit_step` and `collect` in one."""
         ...
 
-    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
+    def generate(
+        self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None
+    ) -> list[Trajectory]:
         """Every sample to its end (evaluation); with `seed`, repeatable and without touching the training stream."""
         ...
 
@@ -78,7 +90,8 @@ class RolloutBackend(Protocol):
         ...
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint keeps: `{"rng": [per worker], "paused": [per worker: [PausedGroup]], "samples_per_prompt"}`."""
+        """What a checkpoint keeps: `{"rng": [per worker], "paused": [per worker: [PausedGroup]],
+        "samples_per_prompt"}`."""
         ...
 
     def load_state(self, state: dict[str, Any]) -> int:
@@ -121,11 +134,18 @@ class InProcessBackend:
         self.samples_per_prompt: int | None = None
 
     def submit_step(
-        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        first_group_id: int,
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> _Step:
         self.samples_per_prompt = samples_per_prompt
         step = _Step()
-        for worker, (rows_i, ids_i) in zip(self.workers, spread_rows(rows, first_group_id, len(self.workers)), strict=True):
+        for worker, (rows_i, ids_i) in zip(
+            self.workers, spread_rows(rows, first_group_id, len(self.workers)), strict=True
+        ):
             step.trajectories += worker.generate_step(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
         return step
 
@@ -133,11 +153,18 @@ class InProcessBackend:
         return handle.trajectories
 
     def generate_step(
-        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        first_group_id: int,
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> list[Trajectory]:
         return self.collect(self.submit_step(rows, first_group_id, samples_per_prompt, iteration_budget, temperature))
 
-    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
+    def generate(
+        self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None
+    ) -> list[Trajectory]:
         n = len(self.workers)
         return [
             t
@@ -177,7 +204,9 @@ class InProcessBackend:
         for worker, groups in zip(self.workers, per_worker, strict=True):
             if groups:
                 assert self.samples_per_prompt is not None  # a checkpoint with paused groups recorded it
-                worker.adopt_groups([g[1] for g in groups], [g[0] for g in groups], self.samples_per_prompt, [g[2] for g in groups])
+                worker.adopt_groups(
+                    [g[1] for g in groups], [g[0] for g in groups], self.samples_per_prompt, [g[2] for g in groups]
+                )
         return sum(len(groups) for groups in per_worker)
 
     def pad_token_id(self) -> int:

@@ -32,7 +32,9 @@ the dense shape, the dense dtype, the group size)."""
 class BroadcastGroup:
     """One member's handle on the weight-broadcast group."""
 
-    def __init__(self, rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float = 600.0
+    ) -> None:
         timeout = timedelta(seconds=timeout_s)
         self.store = dist.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
         if backend == "nccl":
@@ -72,20 +74,35 @@ def flatten(payload: WeightPayload, device: torch.device | str = "cpu") -> tuple
     for name in sorted(payload):
         value = payload[name]
         if isinstance(value, PackedInt4):
-            manifest.append((name, "int4", ((value.packed.dtype, tuple(value.packed.shape)), (value.scale.dtype, tuple(value.scale.shape)),
-                                            tuple(value.shape), value.dtype, value.group_size)))
+            manifest.append(
+                (
+                    name,
+                    "int4",
+                    (
+                        (value.packed.dtype, tuple(value.packed.shape)),
+                        (value.scale.dtype, tuple(value.scale.shape)),
+                        tuple(value.shape),
+                        value.dtype,
+                        value.group_size,
+                    ),
+                )
+            )
             parts += [value.packed, value.scale]
         else:
             manifest.append((name, "dense", (value.dtype, tuple(value.shape))))
             parts.append(value)
-    buffer = torch.cat([p.detach().contiguous().reshape(-1).view(torch.uint8) for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8)
+    buffer = (
+        torch.cat([p.detach().contiguous().reshape(-1).view(torch.uint8) for p in parts])
+        if parts
+        else torch.zeros(0, dtype=torch.uint8)
+    )
     return manifest, buffer.to(device)
 
 
 def buffer_size(manifest: Manifest) -> int:
     total = 0
     for _, kind, spec in manifest:
-        for dtype, shape in (spec[:2] if kind == "int4" else [spec]):
+        for dtype, shape in spec[:2] if kind == "int4" else [spec]:
             total += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     return total
 
@@ -105,7 +122,9 @@ def unflatten(manifest: Manifest, buffer: torch.Tensor) -> WeightPayload:
     for name, kind, spec in manifest:
         if kind == "int4":
             (pd, ps), (sd, ss), shape, dtype, group_size = spec
-            payload[name] = PackedInt4(packed=take(pd, ps), scale=take(sd, ss), shape=shape, dtype=dtype, group_size=group_size)
+            payload[name] = PackedInt4(
+                packed=take(pd, ps), scale=take(sd, ss), shape=shape, dtype=dtype, group_size=group_size
+            )
         else:
             payload[name] = take(*spec)
     if offset != buffer.numel():

@@ -14,10 +14,17 @@ from envs.config import Section
 class TinyModelConfig(Section):
     """Sizes of the built-in DeepseekV3-architecture policy (used when `model.path` is not set)."""
 
-    vocab_size: int = Field(640, ge=300, description="Upper bound on the vocabulary of the locally trained BPE tokenizer (training stops when no merge is left).")
+    vocab_size: int = Field(
+        640,
+        ge=300,
+        description="Upper bound on the vocabulary of the locally trained BPE tokenizer (training stops when no merge "
+        "is left).",
+    )
     hidden_size: int = Field(128, ge=16, description="Model width.")
     num_layers: int = Field(2, ge=1, description="Transformer layers (depth costs more than width on a CPU).")
-    num_heads: int = Field(8, ge=1, description="Attention heads (more heads: copying is learned sooner and more reliably).")
+    num_heads: int = Field(
+        8, ge=1, description="Attention heads (more heads: copying is learned sooner and more reliably)."
+    )
     n_routed_experts: int = Field(8, ge=1, description="Routed MoE experts per layer.")
     experts_per_token: int = Field(2, ge=1, description="Routed experts each token is sent to (top-k).")
     n_shared_experts: int = Field(1, ge=0, description="Always-on shared experts per layer.")
@@ -42,7 +49,9 @@ class ModelConfig(Section):
     """The policy."""
 
     path: str | None = Field(
-        None, description="A Hugging Face causal-LM directory ($VARS and ~ are expanded); unset = the built-in tiny K2-style model."
+        None,
+        description="A Hugging Face causal-LM directory ($VARS and ~ are expanded); unset = the built-in tiny "
+        "K2-style model.",
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `path`, loaded offline with transformers.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype.")
@@ -63,47 +72,84 @@ class RolloutConfig(Section):
 
     num_workers: int = Field(2, ge=1, description="RolloutWorker actors.")
     cpus_per_worker: float = Field(0.5, gt=0, description="Ray CPUs reserved per rollout worker.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="Ray GPUs per rollout worker (the worker then generates on the GPU).")
+    gpus_per_worker: float = Field(
+        0.0, ge=0, description="Ray GPUs per rollout worker (the worker then generates on the GPU)."
+    )
     threads_per_worker: int = Field(1, ge=1, description="torch threads inside each rollout worker.")
     samples_per_prompt: int = Field(8, ge=1, description="Samples per prompt (the GRPO group size).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the smallest set of tokens holding this much probability (1 = off).")
-    top_k: int = Field(0, ge=0, description="Draw from the k most likely tokens (0 = off). Logprobs stay the full tempered distribution's, the one the learner scores.")
+    temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature; the learner scores at the same temperature."
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Nucleus sampling: draw from the smallest set of tokens holding this much probability (1 = off).",
+    )
+    top_k: int = Field(
+        0,
+        ge=0,
+        description="Draw from the k most likely tokens (0 = off). Logprobs stay the full tempered distribution's, "
+        "the one the learner scores.",
+    )
     max_staleness: int = Field(
         1,
         ge=0,
-        description="Async pipeline: start each step's rollouts up to N steps ahead, so generation overlaps the learner's "
+        description="Async pipeline: start each step's rollouts up to N steps ahead, so generation overlaps the "
+        "learner's "
         "update; samples are then up to N policy versions old (`policy_lag_mean`). 0 = synchronous.",
     )
-    max_num_seqs: int = Field(256, ge=1, description="Sequences a worker decodes at once (KV-cache slots); more wait and join as others finish.")
+    max_num_seqs: int = Field(
+        256,
+        ge=1,
+        description="Sequences a worker decodes at once (KV-cache slots); more wait and join as others finish.",
+    )
     prefix_reuse: bool = Field(
         True,
-        description="A multi-turn episode's next turn continues in its cache slot and prefills only its new tokens (the tool's result), "
+        description="A multi-turn episode's next turn continues in its cache slot and prefills only its new tokens "
+        "(the tool's result), "
         "not its whole history (SGLang's / vLLM's prefix caching, per episode).",
     )
-    temperature_final: float | None = Field(None, gt=0, description="Temperature schedule (K2): decay linearly from `temperature` to this over `temperature_decay_steps` RL steps; null = constant.")
+    temperature_final: float | None = Field(
+        None,
+        gt=0,
+        description="Temperature schedule (K2): decay linearly from `temperature` to this over "
+        "`temperature_decay_steps` RL steps; null = constant.",
+    )
     temperature_decay_steps: int = Field(1, ge=1, description="RL steps of the temperature decay.")
     max_new_tokens_per_turn: int = Field(40, ge=1, description="Token budget of one assistant turn.")
-    max_tokens_per_sample: int = Field(256, ge=16, description="Budget of a whole sample (prompt + turns + observations).")
+    max_tokens_per_sample: int = Field(
+        256, ge=16, description="Budget of a whole sample (prompt + turns + observations)."
+    )
     token_budgets: dict[str, int] = Field(
         default_factory=dict,
-        description="Per-task budgets of generated tokens per sample, by `data_source` (K2's per-task budgets); a row's "
-        "`extra_info.token_budget` overrides them. A sample that reaches its budget is truncated (see reward.truncation_penalty).",
+        description="Per-task budgets of generated tokens per sample, by `data_source` (K2's per-task budgets); a "
+        "row's "
+        "`extra_info.token_budget` overrides them. A sample that reaches its budget is truncated (see "
+        "reward.truncation_penalty).",
     )
     tool_call_format: Literal["hermes", "kimi_k2"] = Field(
         "hermes",
-        description="How the model writes tool calls: hermes = `<tool_call>{json}</tool_call>` (Qwen, Hermes, the built-in model); "
+        description="How the model writes tool calls: hermes = `<tool_call>{json}</tool_call>` (Qwen, Hermes, the "
+        "built-in model); "
         "kimi_k2 = `<|tool_calls_section_begin|>` ... `functions.NAME:IDX<|tool_call_argument_begin|>{json}` ...",
     )
     repeat_window: int = Field(
-        64, ge=0, description="Stop a generation as looping when one unit of at most `repeat_max_period` tokens repeats over its last N tokens (0 = off)."
+        64,
+        ge=0,
+        description="Stop a generation as looping when one unit of at most `repeat_max_period` tokens repeats over "
+        "its last N tokens (0 = off).",
     )
-    repeat_max_period: int = Field(16, ge=1, description="Longest repeating unit (in tokens) the loop detector looks for.")
+    repeat_max_period: int = Field(
+        16, ge=1, description="Longest repeating unit (in tokens) the loop detector looks for."
+    )
     partial_rollout_budget: int = Field(
         0,
         ge=0,
-        description="Partial rollouts (K1.5): tokens a sample may generate per RL step; a sample that reaches it is paused "
-        "(tokens, logprobs, policy version per segment, environment) and resumed next step, and its group trains once all "
+        description="Partial rollouts (K1.5): tokens a sample may generate per RL step; a sample that reaches it is "
+        "paused "
+        "(tokens, logprobs, policy version per segment, environment) and resumed next step, and its group trains once "
+        "all "
         "its samples are done. 0 = off (every sample finishes within its step).",
     )
 
@@ -119,30 +165,46 @@ class QuantConfig(Section):
     """INT4-aware training: one weight-only INT4 spec for the learner's fake-quant, the weight sync, the rollout
     engine and the export (see `rollouts.quant.QuantSpec`)."""
 
-    enabled: bool = Field(False, description="Quantize the targeted weights to INT4 for rollouts, weight sync and export.")
+    enabled: bool = Field(
+        False, description="Quantize the targeted weights to INT4 for rollouts, weight sync and export."
+    )
     mode: Literal["qat", "ptq"] = Field(
         "qat",
         description="qat: the learner trains through fake-quant (straight-through), so it optimizes the INT4 policy "
         "the rollouts run; ptq: the learner trains the full-precision weights, rollouts still run INT4 (the baseline).",
     )
-    fake_quant_start_step: int = Field(1, ge=1, description="qat: first RL step whose update runs through fake-quant (earlier steps train as ptq).")
+    fake_quant_start_step: int = Field(
+        1, ge=1, description="qat: first RL step whose update runs through fake-quant (earlier steps train as ptq)."
+    )
     modules: Literal["routed_experts", "all_linear"] = Field(
         "routed_experts",
-        description="routed_experts: only routed MoE experts, as Kimi K2 Thinking (attention, shared experts, dense MLP, "
-        "router, embeddings, lm_head stay full precision); all_linear: every linear weight except lm_head and embeddings.",
+        description="routed_experts: only routed MoE experts, as Kimi K2 Thinking (attention, shared experts, dense "
+        "MLP, "
+        "router, embeddings, lm_head stay full precision); all_linear: every linear weight except lm_head and "
+        "embeddings.",
     )
-    targets: list[str] | None = Field(None, description="Regexes over parameter names to quantize, instead of `modules`' preset.")
-    ignore: list[str] = Field(default_factory=list, description="Regexes over parameter names never quantized (applied after targets).")
-    group_size: Literal[32, 64, 128, 256] = Field(32, description="Input channels sharing one scale (the INT4 kernels take 32, 64, 128, 256).")
+    targets: list[str] | None = Field(
+        None, description="Regexes over parameter names to quantize, instead of `modules`' preset."
+    )
+    ignore: list[str] = Field(
+        default_factory=list, description="Regexes over parameter names never quantized (applied after targets)."
+    )
+    group_size: Literal[32, 64, 128, 256] = Field(
+        32, description="Input channels sharing one scale (the INT4 kernels take 32, 64, 128, 256)."
+    )
     scale_rule: Literal["amax/7", "amax/7.5"] = Field(
         "amax/7",
-        description="amax/7: q in [-7, 7], the grid reported for K2 Thinking, no weight clipped; amax/7.5: q in [-8, 7], "
+        description="amax/7: q in [-7, 7], the grid reported for K2 Thinking, no weight clipped; amax/7.5: q in [-8, "
+        "7], "
         "compressed-tensors' minmax observer (the extreme positive weight clips to 7).",
     )
-    scale_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype scales are rounded to and stored in (K2 Thinking ships bf16).")
+    scale_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype scales are rounded to and stored in (K2 Thinking ships bf16)."
+    )
     rollout_activation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Activations the INT4 kernels run on. auto: the policy's dtype (model.dtype), so the engine differs "
+        description="Activations the INT4 kernels run on. auto: the policy's dtype (model.dtype), so the engine "
+        "differs "
         "from the learner by quantization only; float32: exact products, but torch's CPU INT4 kernel is slow with them "
         "on large matrices; bfloat16: the fast kernels (CPU and GPU), adding bf16 rounding to the mismatch.",
     )
@@ -150,9 +212,17 @@ class QuantConfig(Section):
         None,
         ge=1,
         description="Rows (tokens) at or above which an INT4 product unpacks its weight on the fly and runs a dense "
-        "matmul instead of the INT4 kernel; unset = 8 for float32 activations (where torch's CPU INT4 kernel loses), never for bfloat16.",
+        "matmul instead of the INT4 kernel; unset = 8 for float32 activations (where torch's CPU INT4 kernel loses), "
+        "never for bfloat16.",
     )
-    measure_attribution: bool = Field(True, description="Also score the batch with the other learner mode (with/without fake-quant) to report the quantization part of the mismatch.")
+    measure_attribution: bool = Field(
+        True,
+        description="Also score the batch with the other learner mode (with/without fake-quant) to report the "
+        "quantization part of the mismatch.",
+    )
     attribution_every: int = Field(
-        10, ge=1, description="Measure the attribution every N updates (steps 1, N+1, ...): an extra forward pass over the batch each time it runs."
+        10,
+        ge=1,
+        description="Measure the attribution every N updates (steps 1, N+1, ...): an extra forward pass over the "
+        "batch each time it runs.",
     )

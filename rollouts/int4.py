@@ -82,7 +82,10 @@ class Int4Linear(nn.Module):
 
     def set_packed(self, name: str, weight: PackedInt4) -> None:
         if name != "weight" or weight.shape != (self.out_features, self.in_features):
-            raise ValueError(f"Int4Linear takes 'weight' of shape {(self.out_features, self.in_features)}, got {name!r} {weight.shape}")
+            raise ValueError(
+                f"Int4Linear takes 'weight' of shape {(self.out_features, self.in_features)}, got {name!r} "
+                f"{weight.shape}"
+            )
         self.matmul = Int4Matmul(weight, self.activation_dtype, self.dense_min_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,9 @@ class Int4Experts(nn.Module):
     fake-quant forward and this one differ only in the products' summation order.
     """
 
-    def __init__(self, experts: nn.Module, targeted: set[str], activation_dtype: torch.dtype, dense_min_rows: int | None) -> None:
+    def __init__(
+        self, experts: nn.Module, targeted: set[str], activation_dtype: torch.dtype, dense_min_rows: int | None
+    ) -> None:
         super().__init__()
         self.num_experts = experts.num_experts
         self.act_fn = experts.act_fn
@@ -112,15 +117,21 @@ class Int4Experts(nn.Module):
 
     def set_packed(self, name: str, weight: PackedInt4) -> None:
         if name not in ("gate_up_proj", "down_proj") or weight.shape[0] != self.num_experts:
-            raise ValueError(f"Int4Experts takes gate_up_proj/down_proj with {self.num_experts} experts, got {name!r} {weight.shape}")
-        self.int4[name] = [Int4Matmul(weight.select(e), self.activation_dtype, self.dense_min_rows) for e in range(self.num_experts)]
+            raise ValueError(
+                f"Int4Experts takes gate_up_proj/down_proj with {self.num_experts} experts, got {name!r} {weight.shape}"
+            )
+        self.int4[name] = [
+            Int4Matmul(weight.select(e), self.activation_dtype, self.dense_min_rows) for e in range(self.num_experts)
+        ]
 
     def _project(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         if name in self.int4:
             return self.int4[name][expert](x)
         return F.linear(x, getattr(self, name)[expert])
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         final = torch.zeros_like(hidden_states)
         expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # [E+1, k, tokens]
         for expert in (expert_mask.sum(dim=(-1, -2)) > 0).nonzero()[:, 0].tolist():
@@ -150,7 +161,10 @@ def convert_to_int4(
         elif pnames <= {"gate_up_proj", "down_proj"} and hasattr(module, "act_fn") and hasattr(module, "num_experts"):
             replacement = Int4Experts(module, pnames, activation_dtype, dense_min_rows)
         else:
-            raise TypeError(f"{owner} ({type(module).__name__}): the INT4 engine runs nn.Linear weights and fused experts (gate_up_proj/down_proj) only")
+            raise TypeError(
+                f"{owner} ({type(module).__name__}): the INT4 engine runs nn.Linear weights and fused experts "
+                f"(gate_up_proj/down_proj) only"
+            )
         parent, _, child = owner.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
     load_packed(model, pack_state_dict(dense, spec, targets))
@@ -164,5 +178,8 @@ def load_packed(model: nn.Module, payload: WeightPayload) -> None:
         owner, _, pname = name.rpartition(".")
         module = model.get_submodule(owner)
         if not isinstance(module, (Int4Linear, Int4Experts)):
-            raise TypeError(f"weight sync sent INT4 {name!r} but {owner} is a {type(module).__name__}: learner and rollout quant targets differ")
+            raise TypeError(
+                f"weight sync sent INT4 {name!r} but {owner} is a {type(module).__name__}: learner and rollout quant "
+                f"targets differ"
+            )
         module.set_packed(pname, weight)

@@ -48,7 +48,9 @@ def load_policy(path: str | os.PathLike, cfg: ModelConfig) -> tuple[torch.nn.Mod
     return _finish(model, tokenizer)
 
 
-def _finish(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+def _finish(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:

@@ -63,7 +63,9 @@ class RolloutPool:
         self.source: Any = None  # collective weight sync: the learner actor the weights come from
         self.group_source: Any = None  # ... and the one the current broadcast group was formed with
         self.group_stale = False
-        self.loading: list[tuple[int, ray.ObjectRef, int]] = []  # weight loads sent, answer not yet checked: (worker, ref, version)
+        self.loading: list[
+            tuple[int, ray.ObjectRef, int]
+        ] = []  # weight loads sent, answer not yet checked: (worker, ref, version)
 
     # -- weights and reward models -------------------------------------------------------------------------------
     def publish(self, weights: Any, version: int) -> None:
@@ -112,12 +114,15 @@ class RolloutPool:
         try:
             ray.get(refs[0])
         except ray.exceptions.RayTaskError:
-            pass  # the send failed because a receiver died mid-broadcast (found below); a dead learner raises ActorDiedError
+            # the send failed because a receiver died mid-broadcast (found below); a dead learner raises ActorDiedError
+            pass
         try:
             loaded = ray.get(refs[1:])
         except ACTOR_LOST:
             self.group_stale = True
-            self._on_all(lambda w: w.load_weights.remote(source.get_weights.remote(), version))  # restarts the dead, reloads all
+            self._on_all(
+                lambda w: w.load_weights.remote(source.get_weights.remote(), version)
+            )  # restarts the dead, reloads all
             return
         if any(v != version for v in loaded):
             raise RuntimeError(f"weight broadcast: workers report versions {loaded}, expected {version}")
@@ -143,7 +148,12 @@ class RolloutPool:
 
     # -- rollouts -------------------------------------------------------------------------------------------------
     def submit_step(
-        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        first_group_id: int,
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> StepHandle:
         """Start a training step's rollouts without waiting: row i becomes group `first_group_id + i` on worker
         i mod n. Calls queue on each worker behind the ones before them (and a weight push submitted later waits
@@ -152,7 +162,9 @@ class RolloutPool:
         handle = StepHandle(samples_per_prompt, iteration_budget, temperature)
         for i, (rows_i, ids_i) in enumerate(spread_rows(rows, first_group_id, len(self.workers))):
             self.in_flight[i].update(zip(ids_i, rows_i, strict=True))
-            handle.refs[i] = self.workers[i].generate_step.remote(rows_i, ids_i, samples_per_prompt, iteration_budget, temperature)
+            handle.refs[i] = self.workers[i].generate_step.remote(
+                rows_i, ids_i, samples_per_prompt, iteration_budget, temperature
+            )
             handle.groups[i] = ids_i
         self.outstanding.append(handle)
         return handle
@@ -161,7 +173,9 @@ class RolloutPool:
         """The trajectories of every group that finished in `handle`'s calls (in worker order). A worker that died
         is restarted and every group it had in flight is generated again, once, with the step it was submitted
         with (see `_restart`)."""
-        results = self._run(lambda i, reissue: handle.refs[i])  # after a restart, `handle.refs[i]` is the re-issued call
+        results = self._run(
+            lambda i, reissue: handle.refs[i]
+        )  # after a restart, `handle.refs[i]` is the re-issued call
         self.outstanding.remove(handle)
         self._check_loads()
         out: list[Trajectory] = []
@@ -172,12 +186,19 @@ class RolloutPool:
         return out
 
     def generate_step(
-        self, rows: list[PromptRow], first_group_id: int, samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        first_group_id: int,
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> list[Trajectory]:
         """`submit_step` and `collect` in one: a synchronous step's rollouts."""
         return self.collect(self.submit_step(rows, first_group_id, samples_per_prompt, iteration_budget, temperature))
 
-    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
+    def generate(
+        self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None
+    ) -> list[Trajectory]:
         """Every sample to its end (evaluation): rows spread over the workers, all samples of a prompt on one;
         with `seed`, worker i samples from seed + i, so a re-run on a restarted worker gives the same samples."""
         chunks = [rows[i :: len(self.workers)] for i in range(len(self.workers))]
@@ -185,7 +206,9 @@ class RolloutPool:
         def call(i: int, reissue: bool) -> ray.ObjectRef | None:
             if not chunks[i]:
                 return None
-            return self.workers[i].generate.remote(chunks[i], samples_per_prompt, greedy, None if seed is None else seed + i)
+            return self.workers[i].generate.remote(
+                chunks[i], samples_per_prompt, greedy, None if seed is None else seed + i
+            )
 
         results = self._run(call)
         return [t for i in range(len(self.workers)) for t in results[i]]
@@ -204,7 +227,8 @@ class RolloutPool:
                 restarts += 1
                 if restarts > self.max_restarts:
                     raise WorkerLostError(
-                        f"rollout workers died {restarts} times in one step (cluster.max_worker_restarts = {self.max_restarts}); last: {_reason(e)}"
+                        f"rollout workers died {restarts} times in one step (cluster.max_worker_restarts = "
+                        f"{self.max_restarts}); last: {_reason(e)}"
                     ) from e
                 self._restart(i, e)
                 ref = call(i, True)
@@ -214,7 +238,9 @@ class RolloutPool:
 
     def _restart(self, i: int, cause: BaseException) -> None:
         groups = len(self.in_flight[i])
-        log.warning("rollout worker %d died (%s); restarting it and re-issuing its %d prompt groups", i, _reason(cause), groups)
+        log.warning(
+            "rollout worker %d died (%s); restarting it and re-issuing its %d prompt groups", i, _reason(cause), groups
+        )
         try:
             ray.kill(self.workers[i], no_restart=True)
         except Exception:  # already gone
@@ -222,7 +248,9 @@ class RolloutPool:
         worker = self.start(i)
         if self.weights is not None:
             ray.get(worker.load_weights.remote(*self.weights))
-        elif self.source is not None:  # collective sync: the new worker is not in the group; fetch through the object store
+        elif (
+            self.source is not None
+        ):  # collective sync: the new worker is not in the group; fetch through the object store
             ray.get(worker.load_weights.remote(self.source.get_weights.remote(), self.version))
             self.group_stale = True
         if self.reward_models:
@@ -243,7 +271,9 @@ class RolloutPool:
         for h in steps:
             ids = carried + [gid for gid in h.groups[i] if gid in self.in_flight[i]]
             rows = [self.in_flight[i][gid] for gid in ids]
-            h.refs[i] = self.workers[i].generate_step.remote(rows, ids, h.samples_per_prompt, h.iteration_budget, h.temperature)
+            h.refs[i] = self.workers[i].generate_step.remote(
+                rows, ids, h.samples_per_prompt, h.iteration_budget, h.temperature
+            )
             h.groups[i], carried = ids, []
 
     def _on_all(self, method: Callable[[Any], ray.ObjectRef]) -> list:
@@ -267,7 +297,11 @@ class RolloutPool:
         if any(i in h.refs for h in self.outstanding):
             return  # `_restart` re-issued them with the oldest step in flight
         if self.in_flight[i] and self.samples_per_prompt:
-            ray.get(self.workers[i].adopt_groups.remote(list(self.in_flight[i].values()), list(self.in_flight[i]), self.samples_per_prompt, []))
+            ray.get(
+                self.workers[i].adopt_groups.remote(
+                    list(self.in_flight[i].values()), list(self.in_flight[i]), self.samples_per_prompt, []
+                )
+            )
 
     # -- state ----------------------------------------------------------------------------------------------------
     def drop_in_flight(self) -> None:
@@ -302,7 +336,11 @@ class RolloutPool:
         self.in_flight = [{gid: row for gid, row, _ in groups} for groups in per_worker]
         for w, groups in zip(self.workers, per_worker, strict=True):
             if groups:
-                ray.get(w.adopt_groups.remote([g[1] for g in groups], [g[0] for g in groups], self.samples_per_prompt, [g[2] for g in groups]))
+                ray.get(
+                    w.adopt_groups.remote(
+                        [g[1] for g in groups], [g[0] for g in groups], self.samples_per_prompt, [g[2] for g in groups]
+                    )
+                )
         return sum(len(groups) for groups in per_worker)
 
     def kill(self) -> None:

@@ -101,7 +101,8 @@ def targeted_parameters(model: torch.nn.Module, spec: QuantSpec) -> list[str]:
     if not names:
         raise ValueError(
             f"quant: targets {list(spec.targets)} (minus ignore {list(spec.ignore)}) match no linear weight or fused "
-            f"expert tensor of {type(model).__name__}; a dense model has no routed experts: set quant.modules=all_linear "
+            f"expert tensor of {type(model).__name__}; a dense model has no routed experts: set "
+            f"quant.modules=all_linear "
             "or quant.targets"
         )
     return names
@@ -125,7 +126,9 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
         w32, MappingType.SYMMETRIC, block, torch.int8, spec.qmin, spec.qmax, scale_dtype=spec.scale_dtype
     )
     scale = scale.reshape(*w.shape[:-1], w32.shape[-1] // spec.group_size)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group under fp16 scales (eps underflows)
+    scale = torch.where(
+        scale == 0, torch.ones_like(scale), scale
+    )  # an all-zero group under fp16 scales (eps underflows)
     # q from the *stored* (rounded) scale, so dequantizing the stored pair reproduces fake-quant exactly.
     q = quantize_affine(w32, block, scale.to(torch.float32), zero, torch.int8, spec.qmin, spec.qmax)
     return q[..., : w.shape[-1]].contiguous(), scale.contiguous()

@@ -24,7 +24,9 @@ class TrajectoryStatus(str, enum.Enum):
     ERROR = "error"  # the environment or the engine failed on this sample; it is counted and skipped
 
 
-def completion_messages(messages: list[dict[str, Any]], fallback_prompt: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def completion_messages(
+    messages: list[dict[str, Any]], fallback_prompt: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Split a conversation into (prompt, completion) at the first assistant turn: what reward functions and
     reward models see as the question and the answer."""
     first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))

@@ -22,7 +22,9 @@ class Renderer:
             raise ValueError("the tokenizer has no chat template; set one (tokenizer.chat_template) before rollouts")
         self.tokenizer = tokenizer
         self.eos_token_id: int = tokenizer.eos_token_id
-        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id: int = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self._eos_text: str = tokenizer.eos_token
         # The rendering of a fixed earlier turn, through its end-of-turn token: observations are the text the
         # template adds after it. Computed once; `observation_ids` runs on every tool step.
@@ -33,7 +35,11 @@ class Renderer:
 
     def prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[int]:
         def render() -> list[int]:
-            return self.encode(self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False))
+            return self.encode(
+                self.tokenizer.apply_chat_template(
+                    messages, tools=tools or None, add_generation_prompt=True, tokenize=False
+                )
+            )
 
         return self._memo(["prompt", messages, tools or None], render)
 
@@ -41,7 +47,9 @@ class Renderer:
         """Tokens that follow the model's end-of-turn token: the observations and the next assistant prompt."""
 
         def render() -> list[int]:
-            after = self.tokenizer.apply_chat_template(self._base + observations, add_generation_prompt=True, tokenize=False)
+            after = self.tokenizer.apply_chat_template(
+                self._base + observations, add_generation_prompt=True, tokenize=False
+            )
             if not after.startswith(self._base_prefix):
                 raise ValueError("the chat template renders earlier turns differently once a tool message follows")
             return self.encode(after[len(self._base_prefix) :])

@@ -51,7 +51,9 @@ def ship_dir(path: Path, max_bytes: int) -> ShippedDir:
     if size > max_bytes:
         return ShippedDir(str(path))
     files = read_tree(path)
-    digest = hashlib.sha256(b"".join(k.encode() + hashlib.sha256(v).digest() for k, v in files.items())).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(k.encode() + hashlib.sha256(v).digest() for k, v in files.items())).hexdigest()[
+        :16
+    ]
     return ShippedDir(str(path), ray.put(files), digest)
 
 
@@ -64,7 +66,8 @@ def open_dir(source: str | ShippedDir, cache: Path) -> str:
         return source.path
     if source.files is None:
         raise FileNotFoundError(
-            f"{source.path} is not on this node and was too big to ship through Ray (cluster.ship_max_mb): put it on storage every node mounts at that path"
+            f"{source.path} is not on this node and was too big to ship through Ray (cluster.ship_max_mb): put it on "
+            f"storage every node mounts at that path"
         )
     import ray
 

@@ -74,7 +74,9 @@ def parse_kimi_k2(text: str) -> tuple[list[ToolCall], list[str]]:
             try:
                 arguments = _arguments(json.loads(args_text))
             except json.JSONDecodeError as e:
-                errors.append(f"Error: arguments of {ident.group(1)} are not valid JSON ({e.msg}): {args_text.strip()[:80]}")
+                errors.append(
+                    f"Error: arguments of {ident.group(1)} are not valid JSON ({e.msg}): {args_text.strip()[:80]}"
+                )
                 continue
             if not isinstance(arguments, dict):
                 errors.append(f"Error: arguments of {ident.group(1)} must be a JSON object: {args_text.strip()[:80]}")

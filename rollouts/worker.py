@@ -69,7 +69,13 @@ class RolloutWorker(BroadcastMember):
         self.renderer = Renderer(self.tokenizer)
         r = cfg.rollout
         self.engine = Engine(
-            self.model, self.renderer.pad_token_id, self.renderer.eos_token_id, r.repeat_window, r.repeat_max_period, r.max_num_seqs, r.prefix_reuse
+            self.model,
+            self.renderer.pad_token_id,
+            self.renderer.eos_token_id,
+            r.repeat_window,
+            r.repeat_max_period,
+            r.max_num_seqs,
+            r.prefix_reuse,
         )
         make_env(cfg.env)  # fail now, naming the environment, rather than on the first rollout
         self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)
@@ -90,7 +96,10 @@ class RolloutWorker(BroadcastMember):
         """Install a weight-sync payload (dense tensors and packed INT4 ones) as policy `version`."""
         packed = {k for k, v in weights.items() if isinstance(v, PackedInt4)}
         if packed != self.int4_targets:
-            raise ValueError(f"weight sync: INT4 tensors {sorted(packed ^ self.int4_targets)} differ between learner and rollout worker")
+            raise ValueError(
+                f"weight sync: INT4 tensors {sorted(packed ^ self.int4_targets)} differ between learner and rollout "
+                f"worker"
+            )
         dense = {k: v for k, v in weights.items() if k not in packed}
         missing, unexpected = self.model.load_state_dict(dense, strict=False)
         if missing or unexpected:
@@ -106,25 +115,43 @@ class RolloutWorker(BroadcastMember):
         buffer = torch.empty(buffer_size(manifest), dtype=torch.uint8, device=self.broadcast_group.device)
         return self.load_weights(unflatten(manifest, self.broadcast_group.broadcast(buffer)), version)
 
-    def generate(self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None) -> list[Trajectory]:
-        """Every sample to its end. With `seed`, from a fresh generator (evals: repeatable, the training stream untouched)."""
+    def generate(
+        self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None
+    ) -> list[Trajectory]:
+        """Every sample to its end. With `seed`, from a fresh generator (evals: repeatable, the training stream
+        untouched)."""
         generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
         return self.loop.run(rows, samples_per_prompt, self.version, greedy, generator)
 
     def generate_step(
-        self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, iteration_budget: int, temperature: float | None = None
+        self,
+        rows: list[PromptRow],
+        group_ids: list[int],
+        samples_per_prompt: int,
+        iteration_budget: int,
+        temperature: float | None = None,
     ) -> list[Trajectory]:
         """One RL step's rollouts: resume the groups left open by the last step, start `rows`, and return the
         trajectories of every group whose samples are all done. `iteration_budget` 0 = no pausing; `temperature`
         overrides the configured one (the schedule)."""
-        for gid, episodes in zip(group_ids, _chunks(self.loop.new_episodes(rows, samples_per_prompt, group_ids), samples_per_prompt), strict=True):
+        for gid, episodes in zip(
+            group_ids,
+            _chunks(self.loop.new_episodes(rows, samples_per_prompt, group_ids), samples_per_prompt),
+            strict=True,
+        ):
             if gid in self.open_groups:
                 raise ValueError(f"group id {gid} is already in flight on this worker")
             self.open_groups[gid] = episodes
         episodes = [ep for group in self.open_groups.values() for ep in group]
         on_done = self._score_group_if_done if self.reward_models else None
         self.loop.run_episodes(
-            episodes, self.version, greedy=False, generator=self.generator, iteration_budget=iteration_budget, on_done=on_done, temperature=temperature
+            episodes,
+            self.version,
+            greedy=False,
+            generator=self.generator,
+            iteration_budget=iteration_budget,
+            on_done=on_done,
+            temperature=temperature,
         )
         done = [gid for gid, group in self.open_groups.items() if all(ep.done for ep in group)]
         trajectories = []
@@ -153,19 +180,27 @@ class RolloutWorker(BroadcastMember):
             try:
                 blob: bytes | None = cloudpickle.dumps(episodes)
             except Exception as e:  # an environment holding a process, socket or lock
-                log.warning("paused group %d does not pickle (%s: %s); a resume starts it again", gid, type(e).__name__, e)
+                log.warning(
+                    "paused group %d does not pickle (%s: %s); a resume starts it again", gid, type(e).__name__, e
+                )
                 blob = None
             out.append((gid, episodes[0].row, blob))
         return out
 
-    def adopt_groups(self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, blobs: list[bytes | None]) -> int:
+    def adopt_groups(
+        self, rows: list[PromptRow], group_ids: list[int], samples_per_prompt: int, blobs: list[bytes | None]
+    ) -> int:
         """Take over open groups (a resumed checkpoint, or a dead worker's): their pickled episodes, or fresh
         episodes for the prompt when there are none; the next `generate_step` continues them."""
         blobs = blobs or [None] * len(rows)
         for row, gid, blob in zip(rows, group_ids, blobs, strict=True):
             if gid in self.open_groups:
                 raise ValueError(f"group id {gid} is already in flight on this worker")
-            self.open_groups[gid] = cloudpickle.loads(blob) if blob is not None else self.loop.new_episodes([row], samples_per_prompt, [gid])
+            self.open_groups[gid] = (
+                cloudpickle.loads(blob)
+                if blob is not None
+                else self.loop.new_episodes([row], samples_per_prompt, [gid])
+            )
         return len(self.open_groups)
 
     def drop_open_groups(self) -> int:

@@ -62,8 +62,14 @@ def tool_policy_dir(make_cfg) -> Path:
     from rl.policy.warmstart import prepare_policy
 
     cfg = make_cfg(
-        "warm_start.enabled=true", "warm_start.steps=60", "warm_start.batch_size=16", "warm_start.tool_use_rate=1.0",
-        "warm_start.target_copy_accuracy=0", "warm_start.check_every=60", "warm_start.anneal_steps=10", "warm_start.lr=1e-2",
+        "warm_start.enabled=true",
+        "warm_start.steps=60",
+        "warm_start.batch_size=16",
+        "warm_start.tool_use_rate=1.0",
+        "warm_start.target_copy_accuracy=0",
+        "warm_start.check_every=60",
+        "warm_start.anneal_steps=10",
+        "warm_start.lr=1e-2",
     )
     return prepare_policy(cfg, log=lambda *_: None)
 

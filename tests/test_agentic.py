@@ -68,7 +68,14 @@ def tool_policy(tool_policy_dir, make_cfg):
 def make_loop(tool_policy, env=RecordingCalculator, repeat_window: int = 0, **rollout) -> AgentLoop:
     model, renderer = tool_policy
     cfg = RolloutConfig(**{"max_new_tokens_per_turn": 40, **rollout})
-    engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, repeat_window, cfg.repeat_max_period, prefix_reuse=cfg.prefix_reuse)
+    engine = Engine(
+        model,
+        renderer.pad_token_id,
+        renderer.eos_token_id,
+        repeat_window,
+        cfg.repeat_max_period,
+        prefix_reuse=cfg.prefix_reuse,
+    )
     return AgentLoop(engine, renderer, env, cfg, EnvConfig(max_turns=3))
 
 
@@ -88,7 +95,9 @@ def test_partial_rollouts_resume_token_for_token_with_the_environment_state(tool
         iterations += 1
         loop.run_episodes(parts, version=iterations, greedy=True, generator=torch.Generator(), iteration_budget=7)
         paused_after_a_call += sum(ep.status is TrajectoryStatus.PARTIAL and bool(ep.env.history) for ep in parts)
-        assert all(ep.env.closed == (1 if ep.done else 0) for ep in parts)  # paused episodes keep their environment open
+        assert all(
+            ep.env.closed == (1 if ep.done else 0) for ep in parts
+        )  # paused episodes keep their environment open
     assert iterations >= 5 and paused_after_a_call > 0
 
     for a, b, env_a in zip(whole, parts, whole_envs, strict=True):
@@ -96,14 +105,21 @@ def test_partial_rollouts_resume_token_for_token_with_the_environment_state(tool
         assert tb.token_ids.tolist() == ta.token_ids.tolist()
         assert torch.equal(tb.loss_mask, ta.loss_mask)
         assert torch.allclose(tb.logprobs, ta.logprobs, atol=1e-4)
-        assert (tb.status, tb.num_turns, tb.num_tool_calls, tb.response_text) == (ta.status, ta.num_turns, ta.num_tool_calls, ta.response_text)
+        assert (tb.status, tb.num_turns, tb.num_tool_calls, tb.response_text) == (
+            ta.status,
+            ta.num_turns,
+            ta.num_tool_calls,
+            ta.response_text,
+        )
         assert ta.num_tool_calls >= 1 and b.env.history == env_a.history and b.env.resets == 1
         # versions per segment: consecutive spans covering exactly the policy tokens, one version per iteration
         covered = torch.zeros_like(tb.loss_mask)
         for start, end, _ in tb.segments:
             covered[start:end] = 1
         assert torch.equal(covered * tb.loss_mask, tb.loss_mask) and len(tb.segments) > 1
-        assert [v for _, _, v in tb.segments] == sorted({v for _, _, v in tb.segments}) and tb.policy_version == tb.segments[0][2]
+        assert [v for _, _, v in tb.segments] == sorted(
+            {v for _, _, v in tb.segments}
+        ) and tb.policy_version == tb.segments[0][2]
         assert [v for *_, v in ta.segments] == [0]
     assert RecordingCalculator().tool_specs() == [CALC_TOOL]  # the subclass offers the same tool
 
@@ -144,8 +160,17 @@ def test_a_next_turn_prefills_only_its_new_tokens_and_samples_the_same(tool_poli
     assert fed_reuse["extend"] == observation + sum(t.num_turns - 1 for t in reused)
     first_turns = sum(t.prompt_length for t in reused[::4])  # one prefill per group
     m = [t.loss_mask.tolist() for t in reused]
-    histories = sum(i for t, mask in zip(reused, m, strict=True) for i in range(t.prompt_length + 1, len(mask)) if mask[i] and not mask[i - 1])
-    assert fed_reuse["prefill"] == first_turns and fed_full["extend"] == 0 and fed_full["prefill"] == first_turns + histories
+    histories = sum(
+        i
+        for t, mask in zip(reused, m, strict=True)
+        for i in range(t.prompt_length + 1, len(mask))
+        if mask[i] and not mask[i - 1]
+    )
+    assert (
+        fed_reuse["prefill"] == first_turns
+        and fed_full["extend"] == 0
+        and fed_full["prefill"] == first_turns + histories
+    )
 
 
 def test_token_budget_per_task_truncates_and_is_penalized(tool_policy) -> None:
@@ -153,10 +178,17 @@ def test_token_budget_per_task_truncates_and_is_penalized(tool_policy) -> None:
     rows[1].extra_info["token_budget"] = 5
     loop = make_loop(tool_policy, token_budgets={"tiderl/calculator": 12})
     t_task, t_row = loop.run(rows, 1, 0, True, torch.Generator())
-    assert (t_task.status, t_task.truncation, t_task.response_length) == (TrajectoryStatus.TRUNCATED, "token_budget", 12)
+    assert (t_task.status, t_task.truncation, t_task.response_length) == (
+        TrajectoryStatus.TRUNCATED,
+        "token_budget",
+        12,
+    )
     assert (t_row.status, t_row.truncation, t_row.response_length) == (TrajectoryStatus.TRUNCATED, "token_budget", 5)
     free = make_loop(tool_policy).run(rows[:1], 1, 0, True, torch.Generator())[0]
-    assert free.status is TrajectoryStatus.FINISHED and free.token_ids[: len(t_task.token_ids)].tolist() == t_task.token_ids.tolist()
+    assert (
+        free.status is TrajectoryStatus.FINISHED
+        and free.token_ids[: len(t_task.token_ids)].tolist() == t_task.token_ids.tolist()
+    )
     scorer = RewardScorer(RewardConfig(truncation_penalty=-0.5))
     scored = scorer.score([t_task, free]).scored
     assert scored[0].reward == -0.5 and scored[0].reward_breakdown == {"calculator": 0.0, "truncation_penalty": -0.5}
@@ -187,13 +219,18 @@ def test_loop_detector_equals_the_definition_on_random_sequences() -> None:
     history: list[list[int]] = [[] for _ in range(slots)]
 
     def loops(seq: list[int]) -> bool:
-        return any(len(seq) >= window + p and all(seq[-j] == seq[-j - p] for j in range(1, window + 1)) for p in range(1, max_period + 1))
+        return any(
+            len(seq) >= window + p and all(seq[-j] == seq[-j - p] for j in range(1, window + 1))
+            for p in range(1, max_period + 1)
+        )
 
     fired = 0
     for step in range(400):
         if step % 37 == 0:  # new turns, with prefixes of any length (periodic ones too)
             rows = torch.tensor([0, 3, 5])
-            prefixes = [torch.randint(0, 2, (int(n),), generator=g).tolist() for n in torch.randint(0, 12, (3,), generator=g)]
+            prefixes = [
+                torch.randint(0, 2, (int(n),), generator=g).tolist() for n in torch.randint(0, 12, (3,), generator=g)
+            ]
             prefixes[0] = [1, 2] * 4
             detector.reset(rows, prefixes)
             for r, prefix in zip(rows.tolist(), prefixes, strict=True):
@@ -214,13 +251,22 @@ def test_looping_generation_is_stopped_and_marked(tiny_policy_dir, make_cfg) -> 
     rows = calculator_rows(4)
     budget = {"max_new_tokens_per_turn": 160, "max_tokens_per_sample": 512}
     free = make_loop(untrained, **budget).run(rows, 1, 0, True, torch.Generator())
-    looped = make_loop(untrained, repeat_window=16, repeat_max_period=16, **budget).run(rows, 1, 0, True, torch.Generator())
-    stopped = [(f, l) for f, l in zip(free, looped, strict=True) if l.truncation == "repeat"]
+    looped = make_loop(untrained, repeat_window=16, repeat_max_period=16, **budget).run(
+        rows, 1, 0, True, torch.Generator()
+    )
+    stopped = [
+        (f, looped_traj) for f, looped_traj in zip(free, looped, strict=True) if looped_traj.truncation == "repeat"
+    ]
     assert len(stopped) >= 3, [(f.truncation, f.token_ids[-24:].tolist()) for f in free]
-    for f, l in stopped:
-        assert l.token_ids.tolist() == f.token_ids[: len(l.token_ids)].tolist() and l.response_length < f.response_length - 40
-        tail = l.token_ids[l.loss_mask.bool()].tolist()
-        assert any(all(tail[-j] == tail[-j - p] for j in range(1, 17)) for p in range(1, 17))  # a unit of <= 16 over the last 16
+    for f, looped_traj in stopped:
+        assert (
+            looped_traj.token_ids.tolist() == f.token_ids[: len(looped_traj.token_ids)].tolist()
+            and looped_traj.response_length < f.response_length - 40
+        )
+        tail = looped_traj.token_ids[looped_traj.loss_mask.bool()].tolist()
+        assert any(
+            all(tail[-j] == tail[-j - p] for j in range(1, 17)) for p in range(1, 17)
+        )  # a unit of <= 16 over the last 16
 
 
 SLOW_ENV = '''
@@ -240,31 +286,52 @@ class SlowCalculator(CalculatorEnv):
 '''
 
 
-def test_64_concurrent_environments_with_random_latencies_on_one_worker(tool_policy_dir, make_cfg, ray_local, tmp_path: Path) -> None:
+def test_64_concurrent_environments_with_random_latencies_on_one_worker(
+    tool_policy_dir, make_cfg, ray_local, tmp_path: Path
+) -> None:
     env_file = tmp_path / "slow_env.py"
     env_file.write_text(SLOW_ENV.format(ms=100))
-    cfg = make_cfg(f"model.path={tool_policy_dir}", f"env.name={env_file}:SlowCalculator", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg.worker_spec(), i), 1)
+    cfg = make_cfg(
+        f"model.path={tool_policy_dir}",
+        f"env.name={env_file}:SlowCalculator",
+        "rollout.max_new_tokens_per_turn=40",
+        "rollout.samples_per_prompt=4",
+    )
+    pool = RolloutPool(
+        lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg.worker_spec(), i), 1
+    )
     rows = calculator_rows(16)
     trajectories = pool.generate_step(rows, first_group_id=100, samples_per_prompt=4, iteration_budget=0)
     assert len(trajectories) == 64 and len({t.sample_id for t in trajectories}) == 64
     assert sorted({t.group_id for t in trajectories}) == list(range(100, 116))
-    assert all(t.status in (TrajectoryStatus.FINISHED, TrajectoryStatus.TRUNCATED) and t.error is None for t in trajectories)
+    assert all(
+        t.status in (TrajectoryStatus.FINISHED, TrajectoryStatus.TRUNCATED) and t.error is None for t in trajectories
+    )
     assert sum(t.num_tool_calls > 0 for t in trajectories) >= 32 and pool.num_paused() == 0
     pool.kill()
 
 
 def test_worker_returns_only_whole_groups_and_resumes_the_rest(tool_policy_dir, make_cfg, ray_local) -> None:
-    cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=2")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg.worker_spec(), i), 1)
+    cfg = make_cfg(
+        f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=2"
+    )
+    pool = RolloutPool(
+        lambda i: RolloutWorkerActor.options(num_cpus=1).remote(str(tool_policy_dir), cfg.worker_spec(), i), 1
+    )
     rows = calculator_rows(3)
     first = pool.generate_step(rows, 0, 2, iteration_budget=4)
-    assert first == [] and pool.num_paused() == 6 and pool.in_flight == [{0: rows[0], 1: rows[1], 2: rows[2]}]  # no sample ends within 4 tokens
+    assert (
+        first == [] and pool.num_paused() == 6 and pool.in_flight == [{0: rows[0], 1: rows[1], 2: rows[2]}]
+    )  # no sample ends within 4 tokens
     later, steps = [], 0
     while pool.num_paused():
         steps += 1
         later += pool.generate_step([], 0, 2, iteration_budget=4)
-    assert steps >= 3 and len(later) == 6 and sorted(t.sample_id for t in later) == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
+    assert (
+        steps >= 3
+        and len(later) == 6
+        and sorted(t.sample_id for t in later) == ["0-0", "0-1", "1-0", "1-1", "2-0", "2-1"]
+    )
     assert all([v for *_, v in t.segments] == [0] for t in later)  # no weight sync in between: one version
     assert pool.in_flight == [{}]
     pool.kill()

@@ -41,7 +41,9 @@ def test_ppo_clip_hand_worked() -> None:
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert out.clipped.tolist() == [[True, False, False, False]]
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    assert token_mean(out.loss, mask, num_tokens=3.0).item() == pytest.approx((-1.2 - math.exp(-0.5) + 2.0) / 3, abs=1e-5)
+    assert token_mean(out.loss, mask, num_tokens=3.0).item() == pytest.approx(
+        (-1.2 - math.exp(-0.5) + 2.0) / 3, abs=1e-5
+    )
     assert LOSSES.get("ppo_clip") is ppo_clip
 
 
@@ -57,7 +59,9 @@ def test_unknown_estimator_suggests_a_name() -> None:
         ADVANTAGES.get("grp")
 
 
-def _k2_grad(advantages: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+def _k2_grad(
+    advantages: torch.Tensor, logp: torch.Tensor, old: torch.Tensor, mask: torch.Tensor, tau: float = 0.1
+) -> torch.Tensor:
     logp = logp.clone().requires_grad_(True)
     out = LOSSES.get("k2")(logp, old, advantages[:, None] * mask, mask, k2_tau=tau)
     loss = aggregate(out.loss, mask, "seq-mean-token-sum", float(mask.sum()), mask.shape[0], mask.shape[1])
@@ -91,7 +95,9 @@ def test_equal_rewards_in_a_group_give_zero_policy_gradient() -> None:
 
 def test_token_mask_zeroes_gradient_outside_the_band_for_both_signs_of_advantage() -> None:
     old = torch.zeros(2, 4)
-    logp = torch.tensor([[-0.9, -0.1, 0.1, 0.9], [-0.9, -0.1, 0.1, 0.9]])  # log-ratios: two outside [-0.5, 0.5], two inside
+    logp = torch.tensor(
+        [[-0.9, -0.1, 0.1, 0.9], [-0.9, -0.1, 0.1, 0.9]]
+    )  # log-ratios: two outside [-0.5, 0.5], two inside
     mask = torch.ones(2, 4)
     band = token_band_mask(logp, old, mask, (-0.5, 0.5))
     assert band.tolist() == [[0.0, 1.0, 1.0, 0.0]] * 2
@@ -99,7 +105,7 @@ def test_token_mask_zeroes_gradient_outside_the_band_for_both_signs_of_advantage
     for name in ("ppo_clip", "cispo"):
         x = logp.clone().requires_grad_(True)
         out = LOSSES.get(name)(x, old, advantages, band, clip_ratio_low=10.0, clip_ratio_high=10.0)
-        grad, = torch.autograd.grad(aggregate(out.loss, band, "token-mean", 8.0, 2, 4), x)
+        (grad,) = torch.autograd.grad(aggregate(out.loss, band, "token-mean", 8.0, 2, 4), x)
         assert torch.equal(grad[:, [0, 3]], torch.zeros(2, 2)), name
         assert (grad[0, 1:3] < 0).all() and (grad[1, 1:3] > 0).all(), name  # inside the band: the usual signs
 
@@ -134,7 +140,9 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tiny_policy_dir, make
     model, _ = load_policy(tiny_policy_dir, cfg.model)
     muon, adamw = muon_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.ndim == 2 for p in muon) and not any("embed" in names[id(p)] or "lm_head" in names[id(p)] for p in muon)
+    assert all(p.ndim == 2 for p in muon) and not any(
+        "embed" in names[id(p)] or "lm_head" in names[id(p)] for p in muon
+    )
     assert any(p.ndim == 3 for p in adamw) and len(muon) + len(adamw) == len(list(model.parameters()))
     optimizer = build_optimizer(model, cfg.trainer)
     before = [p.detach().clone() for p in model.parameters()]
@@ -155,7 +163,9 @@ def test_rollout_corrections_truncate_or_mask_the_importance_weights() -> None:
     learner = torch.log(torch.tensor([[0.25, 0.9, 1.5, 3.0]]))  # pi_learner / pi_rollout per token
     assert torch.allclose(rollout_correction(learner, rollout, "tis", 2.0), torch.tensor([[0.25, 0.9, 1.5, 2.0]]))
     assert torch.allclose(rollout_correction(learner, rollout, "mis", 2.0), torch.tensor([[0.0, 0.9, 1.5, 0.0]]))
-    assert torch.allclose(rollout_correction(rollout, rollout, "tis", 2.0), torch.ones(1, 4))  # no mismatch: no correction
+    assert torch.allclose(
+        rollout_correction(rollout, rollout, "tis", 2.0), torch.ones(1, 4)
+    )  # no mismatch: no correction
 
 
 def test_dapo_overlong_penalty_is_soft_then_hard() -> None:
@@ -179,7 +189,10 @@ def test_curriculum_walks_easy_to_hard_and_names_rows_without_difficulty() -> No
     from envs.base import PromptRow
     from rl.loop.data import DataError, PromptSampler
 
-    rows = [PromptRow(i, [{"role": "user", "content": str(i)}], "t", "0", {"difficulty": d}) for i, d in enumerate([3, 1, 2, 1, 3])]
+    rows = [
+        PromptRow(i, [{"role": "user", "content": str(i)}], "t", "0", {"difficulty": d})
+        for i, d in enumerate([3, 1, 2, 1, 3])
+    ]
     sampler = PromptSampler(rows, seed=0, mode="curriculum")
     sampler.check()
     walk = [r.extra_info["difficulty"] for r in sampler.next(10)]
@@ -193,6 +206,9 @@ def test_temperature_schedule_decays_linearly() -> None:
     from rl.config import load_config
     from rl.loop.sampling import rollout_temperature
 
-    cfg = load_config(None, ["model={}", "rollout.temperature=1.0", "rollout.temperature_final=0.6", "rollout.temperature_decay_steps=4"])
+    cfg = load_config(
+        None,
+        ["model={}", "rollout.temperature=1.0", "rollout.temperature_final=0.6", "rollout.temperature_decay_steps=4"],
+    )
     assert [round(rollout_temperature(cfg, s), 6) for s in range(1, 7)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.6]
     assert rollout_temperature(load_config(None, ["model={}"]), 9) == 1.0

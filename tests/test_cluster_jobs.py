@@ -69,13 +69,19 @@ class Cluster:
         """A client that finds the token the way users' machines do (here RAY_AUTH_TOKEN_PATH), RAY_AUTH_MODE unset."""
         return _clean_env(RAY_AUTH_TOKEN_PATH=str(self.token_file), **extra)
 
-    def tiderl(self, *args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    def tiderl(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "rl.launch.cli", *args]
-        return subprocess.run(cmd, check=False, cwd=REPO, env=env or self.env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            cmd, check=False, cwd=REPO, env=env or self.env(), capture_output=True, text=True, timeout=timeout
+        )
 
     def api(self, path: str, **params) -> dict:
         """The dashboard's REST API directly (an oracle independent of tiderl)."""
-        r = requests.get(self.address + path, params=params, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        r = requests.get(
+            self.address + path, params=params, headers={"Authorization": f"Bearer {self.token}"}, timeout=10
+        )
         r.raise_for_status()
         return r.json()
 
@@ -99,8 +105,14 @@ class Cluster:
 
     def released(self, job_id: str) -> bool:
         """Every actor of the job dead and its placement group removed: its CPUs are free for the next driver."""
-        groups = [g for g in self.api("/api/v0/placement_groups", limit=100)["data"]["result"]["result"] if g["creator_job_id"] == job_id]
-        return all(a["state"] == "DEAD" for a in self.actors_of(job_id)) and all(g["state"] == "REMOVED" for g in groups)
+        groups = [
+            g
+            for g in self.api("/api/v0/placement_groups", limit=100)["data"]["result"]["result"]
+            if g["creator_job_id"] == job_id
+        ]
+        return all(a["state"] == "DEAD" for a in self.actors_of(job_id)) and all(
+            g["state"] == "REMOVED" for g in groups
+        )
 
     def wait_status(self, submission_id: str, wanted: set[str], timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
@@ -117,16 +129,31 @@ def _start_node(args: list[str], env: dict[str, str], log: Path, hide: Path | No
     `hide` (unshare and sh exec, so the pid is still `ray start`'s; the tmpfs goes with the node's last process)."""
     cmd = [str(BIN / "ray"), "start", "--block", *args]
     with log.open("w") as out:
-        return subprocess.Popen(_hiding(hide, cmd) if hide else cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            _hiding(hide, cmd) if hide else cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _hiding(path: Path, cmd: list[str]) -> list[str]:
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount -t tmpfs tiderl-hidden "$0" && exec "$@"', str(path), *cmd]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs tiderl-hidden "$0" && exec "$@"',
+        str(path),
+        *cmd,
+    ]
 
 
 def _can_hide(path: Path) -> bool:
     """Whether this user may mount in a mount namespace of its own (root, or CAP_SYS_ADMIN)."""
-    return bool(shutil.which("unshare")) and subprocess.run(_hiding(path, ["true"]), check=False, capture_output=True).returncode == 0
+    return (
+        bool(shutil.which("unshare"))
+        and subprocess.run(_hiding(path, ["true"]), check=False, capture_output=True).returncode == 0
+    )
 
 
 def _kill_tree(procs: list[subprocess.Popen]) -> list[int]:
@@ -170,13 +197,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--disable-usage-stats"]
     # head: RAY_AUTH_MODE unset, as a plain `ray start --head`; a token is available, so Ray turns token auth on
     head = _start_node(
-        ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-         "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(head_agent),
-         "--temp-dir", str(root / "head"), *common],
-        _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file)), root / "head.log",
+        [
+            "--head",
+            "--port",
+            str(gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash_port),
+            "--ray-client-server-port",
+            str(client_port),
+            "--dashboard-agent-listen-port",
+            str(head_agent),
+            "--temp-dir",
+            str(root / "head"),
+            *common,
+        ],
+        _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file)),
+        root / "head.log",
     )
     nodes = [head]
-    hidden = tmp_path_factory.getbasetemp() if _can_hide(tmp_path_factory.getbasetemp()) else None  # every tmp_path and the cache_dir
+    hidden = (
+        tmp_path_factory.getbasetemp() if _can_hide(tmp_path_factory.getbasetemp()) else None
+    )  # every tmp_path and the cache_dir
     c = Cluster(f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", token, token_file, nodes, root, hidden)
     try:
         _wait(lambda: _answers(c), 60, head, root / "head.log")
@@ -184,9 +227,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         # Its own temp dir: two nodes sharing one would share runtime_resources/, and each node's agent re-extracts
         # the job's working_dir there, deleting the directory under the running driver.
         worker = _start_node(
-            ["--address", f"127.0.0.1:{gcs_port}", "--dashboard-agent-listen-port", str(worker_agent),
-             "--temp-dir", str(root / "worker"), *common],
-            _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file), RAY_AUTH_MODE="token"), root / "worker.log", hide=hidden,
+            [
+                "--address",
+                f"127.0.0.1:{gcs_port}",
+                "--dashboard-agent-listen-port",
+                str(worker_agent),
+                "--temp-dir",
+                str(root / "worker"),
+                *common,
+            ],
+            _clean_env(RAY_AUTH_TOKEN_PATH=str(token_file), RAY_AUTH_MODE="token"),
+            root / "worker.log",
+            hide=hidden,
         )
         nodes.append(worker)
         _wait(lambda: len(c.alive_nodes()) == 2, 60, worker, root / "worker.log")
@@ -231,8 +283,15 @@ def _assert_clean_error(result: subprocess.CompletedProcess, *fragments: str) ->
 def test_submit_runs_the_job_on_the_cluster(cluster: Cluster, cache_dir: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     result = cluster.tiderl(
-        "submit", "configs/calculator.yaml", *JOB_OVERRIDES, f"warm_start.cache_dir={cache_dir}",
-        "--address", cluster.address, "--run-dir", str(run_dir), "--follow",
+        "submit",
+        "configs/calculator.yaml",
+        *JOB_OVERRIDES,
+        f"warm_start.cache_dir={cache_dir}",
+        "--address",
+        cluster.address,
+        "--run-dir",
+        str(run_dir),
+        "--follow",
     )
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -246,7 +305,10 @@ def test_submit_runs_the_job_on_the_cluster(cluster: Cluster, cache_dir: Path, t
     status = cluster.tiderl("status", job, "--address", cluster.address)
     assert status.returncode == 0, status.stderr
     assert re.search(r"^status:\s+SUCCEEDED$", status.stdout, re.MULTILINE), status.stdout
-    assert f"run directory: {run_dir}" in status.stdout and "python -m rl.launch.cli train configs/calculator.yaml" in status.stdout
+    assert (
+        f"run directory: {run_dir}" in status.stdout
+        and "python -m rl.launch.cli train configs/calculator.yaml" in status.stdout
+    )
 
     logs = cluster.tiderl("logs", job, "--address", cluster.address)
     assert logs.returncode == 0, logs.stderr
@@ -269,15 +331,27 @@ def test_submit_runs_the_job_on_the_cluster(cluster: Cluster, cache_dir: Path, t
 def test_stop_ends_a_running_job(cluster: Cluster, cache_dir: Path, tmp_path: Path):
     run_dir = tmp_path / "long"
     result = cluster.tiderl(
-        "submit", "configs/calculator.yaml", *JOB_OVERRIDES, "trainer.steps=500", f"warm_start.cache_dir={cache_dir}",
-        "--address", cluster.address, "--run-dir", str(run_dir), "--job-id", "long-job",
+        "submit",
+        "configs/calculator.yaml",
+        *JOB_OVERRIDES,
+        "trainer.steps=500",
+        f"warm_start.cache_dir={cache_dir}",
+        "--address",
+        cluster.address,
+        "--run-dir",
+        str(run_dir),
+        "--job-id",
+        "long-job",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert _submitted_id(result.stdout) == "long-job"
     deadline = time.monotonic() + 120
     metrics = run_dir / "metrics.jsonl"
     while not (metrics.is_file() and metrics.read_text().strip()):  # training, not just starting
-        assert time.monotonic() < deadline and cluster.wait_status("long-job", set(), timeout=0) in {"PENDING", "RUNNING"}
+        assert time.monotonic() < deadline and cluster.wait_status("long-job", set(), timeout=0) in {
+            "PENDING",
+            "RUNNING",
+        }
         time.sleep(0.5)
 
     stopped = cluster.tiderl("stop", "long-job", "--address", cluster.address)
@@ -290,7 +364,14 @@ def test_stop_ends_a_running_job(cluster: Cluster, cache_dir: Path, tmp_path: Pa
 
 def test_follow_exits_nonzero_when_the_job_fails(cluster: Cluster):
     result = cluster.tiderl(
-        "submit", "configs/calculator.yaml", *JOB_OVERRIDES, "--address", cluster.address, "--resume", "/nonexistent/run", "--follow"
+        "submit",
+        "configs/calculator.yaml",
+        *JOB_OVERRIDES,
+        "--address",
+        cluster.address,
+        "--resume",
+        "/nonexistent/run",
+        "--follow",
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "--resume /nonexistent/run: no such run directory" in result.stdout  # the job's own error, streamed
@@ -299,7 +380,9 @@ def test_follow_exits_nonzero_when_the_job_fails(cluster: Cluster):
 
 def test_bad_job_id_and_unreachable_address_are_clear_errors(cluster: Cluster):
     for command in ("status", "logs", "stop"):
-        _assert_clean_error(cluster.tiderl(command, "no-such-job", "--address", cluster.address), "no job 'no-such-job'")
+        _assert_clean_error(
+            cluster.tiderl(command, "no-such-job", "--address", cluster.address), "no job 'no-such-job'"
+        )
     dead = f"http://127.0.0.1:{_free_port()}"
     for command in (["status"], ["logs", "x"], ["submit", "configs/calculator.yaml"]):
         _assert_clean_error(cluster.tiderl(*command, "--address", dead), f"cannot reach the Ray Jobs API at {dead}")
@@ -311,8 +394,16 @@ def test_bad_job_id_and_unreachable_address_are_clear_errors(cluster: Cluster):
 def test_token_auth(cluster: Cluster, tmp_path: Path):
     # what Ray 2.60's own client does: with RAY_AUTH_MODE unset it sends no token, even when one is at hand
     plain = subprocess.run(
-        [sys.executable, "-c", f"from ray.job_submission import JobSubmissionClient as C; C({cluster.address!r}).list_jobs()"],
-        check=False, env=cluster.env(), capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            f"from ray.job_submission import JobSubmissionClient as C; C({cluster.address!r}).list_jobs()",
+        ],
+        check=False,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert plain.returncode != 0 and "Missing authentication token" in plain.stderr
     # tiderl sends the token it finds (RAY_AUTH_TOKEN_PATH here; RAY_AUTH_TOKEN; ~/.ray/auth_token)
@@ -320,7 +411,9 @@ def test_token_auth(cluster: Cluster, tmp_path: Path):
     by_value = cluster.tiderl("status", "--address", cluster.address, env=_clean_env(RAY_AUTH_TOKEN=cluster.token))
     assert by_value.returncode == 0, by_value.stderr
     # RAY_AUTH_MODE=token: Ray's client sends the token itself
-    assert cluster.tiderl("status", "--address", cluster.address, env=cluster.env(RAY_AUTH_MODE="token")).returncode == 0
+    assert (
+        cluster.tiderl("status", "--address", cluster.address, env=cluster.env(RAY_AUTH_MODE="token")).returncode == 0
+    )
 
     fix = "copy the head node's ~/.ray/auth_token"
     disabled = cluster.tiderl("status", "--address", cluster.address, env=cluster.env(RAY_AUTH_MODE="disabled"))
@@ -336,21 +429,42 @@ def test_token_auth(cluster: Cluster, tmp_path: Path):
 
 # one checkpoint per step, actors spread over both nodes (1 learner + 1 rollout worker: one bundle per node)
 DRIVER_OVERRIDES = [
-    *JOB_OVERRIDES, "trainer.steps=5", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=10", "cluster.placement_strategy=STRICT_SPREAD",
+    *JOB_OVERRIDES,
+    "trainer.steps=5",
+    "trainer.checkpoint_every=1",
+    "trainer.keep_checkpoints=10",
+    "cluster.placement_strategy=STRICT_SPREAD",
 ]
 CHECKPOINT_PARTS = {"policy", "learner_state.pt", "rollout_workers.pt", "pending_rollouts.pt", "controller_state.json"}
 
 
 @contextmanager
-def _driver(cluster: Cluster, cache_dir: Path, run: Path, log: Path, *, resume: bool = False) -> Iterator[subprocess.Popen]:
+def _driver(
+    cluster: Cluster, cache_dir: Path, run: Path, log: Path, *, resume: bool = False
+) -> Iterator[subprocess.Popen]:
     """`tiderl train` run here, connected to the cluster as its driver, in its own process group: killed whole
     when the test ends first."""
     cmd = [
-        sys.executable, "-m", "rl.launch.cli", "train", "configs/calculator.yaml", *DRIVER_OVERRIDES, f"warm_start.cache_dir={cache_dir}",
-        f"cluster.address={cluster.gcs}", "--resume" if resume else "--run-dir", str(run),
+        sys.executable,
+        "-m",
+        "rl.launch.cli",
+        "train",
+        "configs/calculator.yaml",
+        *DRIVER_OVERRIDES,
+        f"warm_start.cache_dir={cache_dir}",
+        f"cluster.address={cluster.gcs}",
+        "--resume" if resume else "--run-dir",
+        str(run),
     ]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=cluster.env(RAY_AUTH_MODE="token"), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=cluster.env(RAY_AUTH_MODE="token"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -364,7 +478,9 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
         code = proc.wait(timeout)
     except subprocess.TimeoutExpired:
         code = None
-    assert code == 0, f"the driver {'ran past the time limit' if code is None else f'exited with {code}'}:\n{log.read_text()[-4000:]}"
+    assert code == 0, (
+        f"the driver {'ran past the time limit' if code is None else f'exited with {code}'}:\n{log.read_text()[-4000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -376,13 +492,19 @@ def straight_run(cluster: Cluster, cache_dir: Path, tmp_path_factory: pytest.Tem
     return run, cluster.driver_job(proc.pid)
 
 
-def test_a_node_without_the_drivers_files_runs_actors_from_the_shipped_policy(cluster: Cluster, cache_dir: Path, straight_run):
+def test_a_node_without_the_drivers_files_runs_actors_from_the_shipped_policy(
+    cluster: Cluster, cache_dir: Path, straight_run
+):
     if cluster.hidden is None:
         pytest.skip("unshare cannot make a mount namespace here: the worker node sees every path the driver does")
     run, job = straight_run
-    is_head = {n["node_id"]: n["is_head_node"] for n in cluster.api("/api/v0/nodes", limit=10)["data"]["result"]["result"]}
+    is_head = {
+        n["node_id"]: n["is_head_node"] for n in cluster.api("/api/v0/nodes", limit=10)["data"]["result"]["result"]
+    }
     placed = {a["class_name"]: is_head[a["node_id"]] for a in cluster.actors_of(job)}
-    assert placed.keys() == {"Learner", "RolloutWorker"} and sorted(placed.values()) == [False, True], placed  # one on each node
+    assert placed.keys() == {"Learner", "RolloutWorker"} and sorted(placed.values()) == [False, True], (
+        placed
+    )  # one on each node
     # the worker node's own view of the filesystem (its mount namespace, through /proc): no run directory, no
     # policy cache, only the policy files it unpacked from the object store
     view = Path(f"/proc/{cluster.nodes[1].pid}/root")
@@ -414,13 +536,17 @@ def test_a_driver_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted
                     writing = step
                     break
             else:
-                assert proc.poll() is None and time.monotonic() < deadline, f"no checkpoint 3 or 4 seen being written\n{log.read_text()[-4000:]}"
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    f"no checkpoint 3 or 4 seen being written\n{log.read_text()[-4000:]}"
+                )
                 time.sleep(0.005)
     checkpoints = run / "checkpoints"
     assert (checkpoints / f".tmp_step_{writing:06d}").is_dir() and not (checkpoints / f"step_{writing:06d}").exists()
     previous = latest_checkpoint(run)
     assert previous == checkpoints / f"step_{writing - 1:06d}"
-    assert {p.name for p in previous.iterdir()} == CHECKPOINT_PARTS and json.loads((previous / "controller_state.json").read_text())["step"] == writing - 1
+    assert {p.name for p in previous.iterdir()} == CHECKPOINT_PARTS and json.loads(
+        (previous / "controller_state.json").read_text()
+    )["step"] == writing - 1
 
     job = cluster.driver_job(proc.pid)  # the cluster notices the dead driver and frees its actors and CPUs
     deadline = time.monotonic() + 60
@@ -436,7 +562,9 @@ def test_a_driver_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted
     assert not list(checkpoints.glob(".tmp_step_*"))  # the next save cleared the half-written one
     (pa, oa, ca), (pb, ob, cb) = _final_state(straight_run[0], 5), _final_state(run, 5)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)  # bit for bit
-    assert len(oa) > 10 and oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)  # AdamW moments and steps
+    assert (
+        len(oa) > 10 and oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    )  # AdamW moments and steps
     assert ca == cb and ca["data_cursor"]["position"] == 20
 
 
@@ -445,7 +573,9 @@ def test_a_driver_killed_while_writing_a_checkpoint_resumes_to_the_uninterrupted
 
 def _plan(tmp_path: Path, *overrides: str, config: str = "job.yaml", **kwargs):
     path = tmp_path / "wd" / config
-    return plan_submission(path, list(overrides), load_config(path, list(overrides)), working_dir=tmp_path / "wd", **kwargs)
+    return plan_submission(
+        path, list(overrides), load_config(path, list(overrides)), working_dir=tmp_path / "wd", **kwargs
+    )
 
 
 @pytest.fixture
@@ -461,10 +591,13 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_plan_builds_the_entrypoint_and_runtime_env(workdir: Path, tmp_path: Path):
-    plan = _plan(tmp_path, "trainer.steps=3", "cluster.env_vars={HF_HOME: /data/hf}", "cluster.pip=[bm25s]", submission_id="j1")
+    plan = _plan(
+        tmp_path, "trainer.steps=3", "cluster.env_vars={HF_HOME: /data/hf}", "cluster.pip=[bm25s]", submission_id="j1"
+    )
     assert plan.submission_id == "j1" and plan.run_dir == "~/tiderl-runs/j1"
     assert plan.entrypoint == (
-        "python -m rl.launch.cli train job.yaml trainer.steps=3 'cluster.env_vars={HF_HOME: /data/hf}' 'cluster.pip=[bm25s]' "
+        "python -m rl.launch.cli train job.yaml trainer.steps=3 'cluster.env_vars={HF_HOME: /data/hf}' "
+        "'cluster.pip=[bm25s]' "
         '--run-dir "$HOME"/tiderl-runs/j1'
     )
     env = plan.runtime_env
@@ -489,7 +622,10 @@ def test_plan_rewrites_local_paths_relative_to_the_working_dir(workdir: Path, tm
     assert cfg.data.train_files == ["data/train.jsonl"]
     assert (cfg.reward.functions[0].name, cfg.reward.functions[0].weight) == ("reward.py:score", 0.5)
     assert cfg.algorithm.ptx_files == ["/mnt/shared/ptx.jsonl"]
-    assert plan.notes == ["algorithm.ptx_files[0]: /mnt/shared/ptx.jsonl is not on this machine; the job uses it on the cluster as written"]
+    assert plan.notes == [
+        "algorithm.ptx_files[0]: /mnt/shared/ptx.jsonl is not on this machine; the job uses it on the cluster as "
+        "written"
+    ]
     # already relative to the working dir: no override added
     plain = _plan(tmp_path, "data.train_files=[data/train.jsonl]", "data.task=null", "eval.enabled=false")
     assert plain.entrypoint.count("train_files") == 1
@@ -508,7 +644,10 @@ def _as_on_the_cluster(plan, workdir: Path):
         ("data.eval_files=[{outside}]", "data.eval_files[0]: {outside} is outside the working directory"),
         ("env.name={outside_py}:Env", "env.name: {outside_py} is outside the working directory"),
         ("data.eval_files=[data/missing.jsonl]", "data.eval_files[0]: data/missing.jsonl does not exist"),
-        ("data.eval_files=[runs/x.jsonl]", "data.eval_files[0]: runs/x.jsonl is inside the working directory but is excluded"),
+        (
+            "data.eval_files=[runs/x.jsonl]",
+            "data.eval_files[0]: runs/x.jsonl is inside the working directory but is excluded",
+        ),
         ("data.eval_files=[secret/x.jsonl]", "secret/x.jsonl is inside the working directory but is ignored by"),
         ("cluster.env_vars={{TOKENIZERS_PARALLELISM: 'true'}}", "cluster.env_vars sets TOKENIZERS_PARALLELISM"),
     ],

@@ -52,9 +52,18 @@ def test_missing_model_section(tmp_path: Path) -> None:
 def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text("model: {}\n")
-    cfg = load_config(path, ["trainer.steps=40", "trainer.lr=1e-4", "eval.sampled=false", "data.train_files=[a.jsonl, b.jsonl]"])
-    assert (cfg.trainer.steps, cfg.trainer.lr, cfg.eval.sampled, cfg.data.train_files) == (40, 1e-4, False, ["a.jsonl", "b.jsonl"])
-    assert "trainer.stepz: unknown key; did you mean 'trainer.steps'?" in _error(tmp_path, "model: {}\n", "trainer.stepz=3")
+    cfg = load_config(
+        path, ["trainer.steps=40", "trainer.lr=1e-4", "eval.sampled=false", "data.train_files=[a.jsonl, b.jsonl]"]
+    )
+    assert (cfg.trainer.steps, cfg.trainer.lr, cfg.eval.sampled, cfg.data.train_files) == (
+        40,
+        1e-4,
+        False,
+        ["a.jsonl", "b.jsonl"],
+    )
+    assert "trainer.stepz: unknown key; did you mean 'trainer.steps'?" in _error(
+        tmp_path, "model: {}\n", "trainer.stepz=3"
+    )
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         load_config(path, ["trainer.steps"])
 
@@ -73,7 +82,12 @@ def test_cross_field_checks(tmp_path: Path) -> None:
     assert "model.tiny" in msg and "experts_per_token must not exceed n_routed_experts" in msg
     assert "data" in _error(tmp_path, "model: {}\ndata: {task: null}\n")
     assert "set `data.eval_files`" in _error(tmp_path, "model: {}\ndata: {task: null, train_files: [a.jsonl]}\n")
-    assert load_config(None, ["model={}", "data.task=null", "data.train_files=[a.jsonl]", "eval.enabled=false"]).eval.enabled is False
+    assert (
+        load_config(
+            None, ["model={}", "data.task=null", "data.train_files=[a.jsonl]", "eval.enabled=false"]
+        ).eval.enabled
+        is False
+    )
 
 
 def _ray_processes() -> int:
@@ -94,7 +108,9 @@ def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_tex
     path.write_text(yaml_text)
     before = _ray_processes()
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "rl.launch.cli", "train", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl.launch.cli", "train", str(path)], capture_output=True, text=True, cwd=tmp_path
+    )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2
     assert expected in proc.stderr
@@ -105,22 +121,52 @@ def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_tex
 
 def test_in_process_backend_rejects_what_needs_ray() -> None:
     with pytest.raises(ConfigError, match="trainer.num_learners, reward.models need the ray backend"):
-        load_config(None, ["model={}", "cluster.backend=in_process", "trainer.num_learners=2", "reward.models=[{name: rm, kind: classifier, path: x}]"])
+        load_config(
+            None,
+            [
+                "model={}",
+                "cluster.backend=in_process",
+                "trainer.num_learners=2",
+                "reward.models=[{name: rm, kind: classifier, path: x}]",
+            ],
+        )
     assert load_config(None, ["model={}", "cluster.backend=in_process"]).cluster.backend == "in_process"
 
 
 def test_a_setting_of_another_algorithm_variant_is_an_error_naming_what_it_needs() -> None:
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["model={}", "algorithm.k2_tau=0.5", "algorithm.kl_estimator=k1", "algorithm.dynamic_sampling_max_rounds=2"])
+        load_config(
+            None,
+            [
+                "model={}",
+                "algorithm.k2_tau=0.5",
+                "algorithm.kl_estimator=k1",
+                "algorithm.dynamic_sampling_max_rounds=2",
+            ],
+        )
     text = str(e.value)
-    assert "algorithm.k2_tau applies to loss: k2" in text and "algorithm.kl_estimator applies only with kl_coef > 0" in text
+    assert (
+        "algorithm.k2_tau applies to loss: k2" in text
+        and "algorithm.kl_estimator applies only with kl_coef > 0" in text
+    )
     assert "algorithm.dynamic_sampling_max_rounds applies only with dynamic_sampling: true" in text
     with pytest.raises(ConfigError, match="algorithm.clip_ratio_high applies to the clipped losses"):
-        load_config(None, ["model={}", "algorithm.loss=k2", "algorithm.advantage=mean_baseline", "algorithm.clip_ratio_high=0.28"])
-    ok = load_config(None, ["model={}", "algorithm.loss=k2", "algorithm.k2_tau=0.5", "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k1"])
+        load_config(
+            None,
+            ["model={}", "algorithm.loss=k2", "algorithm.advantage=mean_baseline", "algorithm.clip_ratio_high=0.28"],
+        )
+    ok = load_config(
+        None,
+        ["model={}", "algorithm.loss=k2", "algorithm.k2_tau=0.5", "algorithm.kl_coef=0.1", "algorithm.kl_estimator=k1"],
+    )
     assert (ok.algorithm.k2_tau, ok.algorithm.kl_estimator) == (0.5, "k1")
     # a default written out (a run's resolved config.yaml, which `tiderl export` and `--resume` read) is not a setting
-    resolved = load_config(None, ["model={}", "algorithm.k2_tau=0.1", "algorithm.kl_estimator=k3", "algorithm.ptx_files=[]"])
+    resolved = load_config(
+        None, ["model={}", "algorithm.k2_tau=0.1", "algorithm.kl_estimator=k3", "algorithm.ptx_files=[]"]
+    )
     assert resolved.algorithm.k2_tau == 0.1
     # a user's own loss from a file may take k2_tau: not rejected
-    assert load_config(None, ["model={}", "algorithm.loss=my_loss.py:loss", "algorithm.k2_tau=0.3"]).algorithm.k2_tau == 0.3
+    assert (
+        load_config(None, ["model={}", "algorithm.loss=my_loss.py:loss", "algorithm.k2_tau=0.3"]).algorithm.k2_tau
+        == 0.3
+    )

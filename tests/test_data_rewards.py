@@ -26,7 +26,11 @@ def _verl_rows() -> list[dict]:
         good,
         {**good, "reward_model": {"style": "rule", "ground_truth": None}},  # no answer to check
         {**good, "prompt": [{"role": "user", "content": None}]},  # message without content
-        {**good, "prompt": [{"role": "user", "content": "Compute 3*3."}], "reward_model": {"style": "rule", "ground_truth": "9"}},
+        {
+            **good,
+            "prompt": [{"role": "user", "content": "Compute 3*3."}],
+            "reward_model": {"style": "rule", "ground_truth": "9"},
+        },
     ]
 
 
@@ -47,8 +51,14 @@ def test_verl_parquet_layout_loads_and_bad_rows_are_skipped(tmp_path, make_cfg, 
     # a plain-string prompt (TRL's "standard" format) is taken as one user message
     plain = tmp_path / "plain.jsonl"
     datasets.Dataset.from_list([{"prompt": "Compute 4*4.", "reward_model": {"ground_truth": "16"}}]).to_json(str(plain))
-    (row,) = load_split(make_cfg("data.task=null", f"data.train_files=[{plain}]", "eval.enabled=false"), "train", tmp_path)
-    assert (row.messages, row.ground_truth, row.data_source) == ([{"role": "user", "content": "Compute 4*4."}], "16", "unknown")
+    (row,) = load_split(
+        make_cfg("data.task=null", f"data.train_files=[{plain}]", "eval.enabled=false"), "train", tmp_path
+    )
+    assert (row.messages, row.ground_truth, row.data_source) == (
+        [{"role": "user", "content": "Compute 4*4."}],
+        "16",
+        "unknown",
+    )
 
 
 def test_unusable_or_missing_files_are_errors(tmp_path, make_cfg) -> None:
@@ -59,7 +69,11 @@ def test_unusable_or_missing_files_are_errors(tmp_path, make_cfg) -> None:
     with pytest.raises(DataError, match="none of its 1 rows is usable"):
         load_split(make_cfg("data.task=null", f"data.train_files=[{path}]", "eval.enabled=false"), "train", tmp_path)
     with pytest.raises(DataError, match="does not exist"):
-        load_split(make_cfg("data.task=null", f"data.train_files=[{tmp_path / 'nope.parquet'}]", "eval.enabled=false"), "train", tmp_path)
+        load_split(
+            make_cfg("data.task=null", f"data.train_files=[{tmp_path / 'nope.parquet'}]", "eval.enabled=false"),
+            "train",
+            tmp_path,
+        )
 
 
 def test_builtin_task_splits_differ_and_cursor_walks_epochs(tmp_path, make_cfg) -> None:
@@ -88,13 +102,21 @@ def _trajectory(text: str) -> Trajectory:
 
 def test_reward_weights_breakdown_and_accuracy() -> None:
     REWARDS.register("test_half")(lambda data_source, solution_str, ground_truth, extra_info=None: 0.5)
-    scorer = RewardScorer(RewardConfig.model_validate({"functions": [{"name": "calculator"}, {"name": "test_half", "weight": 2.0}]}))
-    (right,), (wrong,) = scorer.score([_trajectory("The answer is 42.")]).scored, scorer.score([_trajectory("The answer is 41.")]).scored
+    scorer = RewardScorer(
+        RewardConfig.model_validate({"functions": [{"name": "calculator"}, {"name": "test_half", "weight": 2.0}]})
+    )
+    (right,), (wrong,) = (
+        scorer.score([_trajectory("The answer is 42.")]).scored,
+        scorer.score([_trajectory("The answer is 41.")]).scored,
+    )
     assert (right.reward, right.correct, right.reward_breakdown) == (2.0, True, {"calculator": 1.0, "test_half": 0.5})
     assert (wrong.reward, wrong.correct) == (1.0, False)
 
 
-@pytest.mark.parametrize(("value", "message"), [(math.nan, "scores must be finite"), ("1.0", "expected a number or None"), ({"acc": True}, "without 'score'")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(math.nan, "scores must be finite"), ("1.0", "expected a number or None"), ({"acc": True}, "without 'score'")],
+)
 def test_invalid_reward_values_fail_the_sample_naming_function_and_sample(value, message, caplog) -> None:
     name = f"test_bad_{type(value).__name__}"
     REWARDS.register(name)(lambda *a, **k: value)
@@ -110,6 +132,8 @@ def test_reward_function_that_raises_fails_only_its_sample(caplog) -> None:
         return 1.0
 
     REWARDS.register("test_flaky")(flaky)
-    result = RewardScorer(RewardConfig.model_validate({"functions": [{"name": "test_flaky"}]})).score([_trajectory("boom"), _trajectory("ok")])
+    result = RewardScorer(RewardConfig.model_validate({"functions": [{"name": "test_flaky"}]})).score(
+        [_trajectory("boom"), _trajectory("ok")]
+    )
     assert result.failed == 1 and [s.reward for s in result.scored] == [1.0]
     assert "sample 3-0 left out: reward function 'test_flaky' raised RuntimeError: parser crashed" in caplog.text

@@ -22,7 +22,14 @@ VOCAB = 97
 
 def small(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128}
+    common = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+    }
     if kind == "llama":
         config = LlamaConfig(**common, num_key_value_heads=2)
     elif kind == "qwen3":
@@ -36,7 +43,9 @@ def small(kind: str) -> torch.nn.Module:
 
 def ragged_prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return [
+        torch.randint(1, VOCAB, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
 
 
 def hf_last_logits(model, seqs: list[list[int]]) -> torch.Tensor:
@@ -56,7 +65,9 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
         if kind.endswith("int4"):
             cfg = make_cfg("quant.enabled=true")
             spec = QuantSpec.from_config(cfg.quant)
-            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype))
+            convert_to_int4(
+                model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, cfg.model.dtype)
+            )
         vocab = model.config.vocab_size
         prompts = [[t % vocab for t in p] for p in ragged_prompts(5)]
     else:
@@ -96,13 +107,17 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
     tokens = torch.tensor([3 % vocab] * len(order))
     for s in order:
         by_slot[s].append(3 % vocab)
-    logits = decoder.decode(tokens, positions, int(positions.max()) + 1)  # and decoding goes on from the extended caches
+    logits = decoder.decode(
+        tokens, positions, int(positions.max()) + 1
+    )  # and decoding goes on from the extended caches
     assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in order]), atol=1e-4)
     some = [5, 1]  # a decode of some slots only (the others idle): their caches gathered
     positions = torch.tensor([len(by_slot[s]) for s in some])
     for s in some:
         by_slot[s].append(11 % vocab)
-    logits = decoder.decode(torch.tensor([11 % vocab] * 2), positions, int(positions.max()) + 1, rows=torch.tensor(some))
+    logits = decoder.decode(
+        torch.tensor([11 % vocab] * 2), positions, int(positions.max()) + 1, rows=torch.tensor(some)
+    )
     assert torch.allclose(logits, hf_last_logits(model, [by_slot[s] for s in some]), atol=1e-4)
 
 
@@ -113,7 +128,9 @@ def test_a_model_the_decoder_does_not_cover_runs_its_own_forward_to_the_same_tok
     prompts = ragged_prompts(4)
     outs = engine.generate(prompts, [8] * 4, temperature=1.0, greedy=True)
     for p, out in zip(prompts, outs, strict=True):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        ref = model.generate(
+            torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
         assert out.token_ids == ref[0, len(p) :].tolist()
     with pytest.raises(ValueError, match="rollout engine runs deepseek_v3"):
         Decoder(model, 2, 32)
@@ -146,9 +163,15 @@ def test_a_group_prompt_is_prefilled_once_for_all_its_samples(k2, monkeypatch) -
     model, _ = k2
     rows: list[int] = []
     original = Decoder.prefill
-    monkeypatch.setattr(Decoder, "prefill", lambda self, ids, lengths, slots: rows.append(ids.shape[0]) or original(self, ids, lengths, slots))
+    monkeypatch.setattr(
+        Decoder,
+        "prefill",
+        lambda self, ids, lengths, slots: rows.append(ids.shape[0]) or original(self, ids, lengths, slots),
+    )
     a, b = [[t % model.config.vocab_size for t in p] for p in ragged_prompts(2, seed=9)]
-    outs = Engine(model, 0, -1).generate([a] * 8 + [b] * 4, [6] * 12, 1.0, greedy=False, generator=torch.Generator().manual_seed(0))
+    outs = Engine(model, 0, -1).generate(
+        [a] * 8 + [b] * 4, [6] * 12, 1.0, greedy=False, generator=torch.Generator().manual_seed(0)
+    )
     assert rows == [2]  # 12 sequences, 2 distinct prompts: one prefill row each
     assert len({tuple(o.token_ids) for o in outs[:8]}) > 1  # the group's samples still differ
 
@@ -172,7 +195,9 @@ def test_sampling_draws_from_the_tempered_distribution_and_honours_top_k_and_top
     probs = torch.softmax(logits, -1)  # top_p 0.75: tokens 0 and 1 hold 0.56 + 0.21, the smallest set reaching 0.75
     tok, _ = _sample(logits.expand(n, -1), SamplingParams(1.0, top_p=0.75), seeds, torch.zeros(n, dtype=torch.long))
     assert float(probs[:1].sum()) < 0.75 <= float(probs[:2].sum()) and set(tok.tolist()) == {0, 1}
-    greedy, _ = _sample(logits.expand(3, -1), SamplingParams(1.0, greedy=True), seeds[:3], torch.zeros(3, dtype=torch.long))
+    greedy, _ = _sample(
+        logits.expand(3, -1), SamplingParams(1.0, greedy=True), seeds[:3], torch.zeros(3, dtype=torch.long)
+    )
     assert greedy.tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(1.0, top_p=0.0)

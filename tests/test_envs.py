@@ -92,7 +92,9 @@ def test_tool_schema_comes_from_type_hints_and_docstrings() -> None:
 
     with pytest.raises(ValueError, match="tool 'undocumented'.*Args"):
         tool_spec(undocumented)
-    derived = tool_spec(CalculatorEnv.calc.__get__(CalculatorEnv()))  # the hand-written spec differs only by the argument's description
+    derived = tool_spec(
+        CalculatorEnv.calc.__get__(CalculatorEnv())
+    )  # the hand-written spec differs only by the argument's description
     del derived["function"]["parameters"]["properties"]["expression"]["description"]
     assert derived == CALC_TOOL == CalculatorEnv().tool_specs()[0]
 
@@ -142,8 +144,14 @@ def test_every_registered_environment_keeps_the_contract(registered) -> None:
             seen[name] = check_env(EnvConfig(name=name))
         except SandboxUnavailable:
             pytest.skip("bubblewrap is not installed (make setup installs it)")
-    assert seen["calculator"] == {"tools": ["calc"], "observations": ["1"], "error_observations": [
-        "Error: unknown tool 'no_such_tool'; available: calc", "Error: bad arguments for calc (expression): 12345 is not of type 'string'"]}
+    assert seen["calculator"] == {
+        "tools": ["calc"],
+        "observations": ["1"],
+        "error_observations": [
+            "Error: unknown tool 'no_such_tool'; available: calc",
+            "Error: bad arguments for calc (expression): 12345 is not of type 'string'",
+        ],
+    }
     assert seen["python"]["observations"] == ["(no output: print the values you need)"]
     assert seen["search"]["tools"] == ["search"] and seen["search"]["observations"] == ["No document matches."]
     assert all(len(s["error_observations"]) >= 2 for s in seen.values())
@@ -151,7 +159,9 @@ def test_every_registered_environment_keeps_the_contract(registered) -> None:
 
 class Raises:
     async def reset(self, row):
-        return list(row.messages), [{"type": "function", "function": {"name": "t", "parameters": {"type": "object", "properties": {}}}}]
+        return list(row.messages), [
+            {"type": "function", "function": {"name": "t", "parameters": {"type": "object", "properties": {}}}}
+        ]
 
     async def step(self, calls):
         raise RuntimeError("boom")
@@ -165,7 +175,10 @@ def test_contract_names_the_broken_promise(tmp_path: Path) -> None:
     with pytest.raises(ContractError, match="step raised RuntimeError: boom on well-formed calls"):
         check_env(EnvConfig(name="raises-for-contract-test"))
     user = tmp_path / "shop.py"
-    user.write_text("from envs.tools import ToolEnv, tool\n\nclass Env(ToolEnv):\n    @tool\n    def ping(self, n: int) -> int:\n        '''Echo.\n\n        Args:\n            n: a number\n        '''\n        return n\n")
+    user.write_text(
+        "from envs.tools import ToolEnv, tool\n\nclass Env(ToolEnv):\n    @tool\n    def ping(self, n: int) -> int:\n "
+        "       '''Echo.\n\n        Args:\n            n: a number\n        '''\n        return n\n"
+    )
     result = CliRunner().invoke(app, ["check-env", f"{user}:Env"])
     assert result.exit_code == 0, result.output
     assert "contract holds; tools ping" in result.output and "ping(example arguments) -> '1'" in result.output
@@ -179,17 +192,34 @@ def test_search_environment_finds_the_answer_and_takes_a_user_corpus(tmp_path: P
     found = 0
     for row in rows:
         island = row.extra_info["island"]
-        hits = asyncio.run(env.step([ToolCall("search", {"query": row.messages[-1]["content"], "k": 1})])).observations[0]["content"]
+        hits = asyncio.run(env.step([ToolCall("search", {"query": row.messages[-1]["content"], "k": 1})])).observations[
+            0
+        ]["content"]
         found += hits.startswith(f"[1] {island}:") and row.ground_truth in hits
     assert found == len(rows)  # BM25 ranks the island's own document first for every question
     train_islands = {r["extra_info"]["island"] for r in builtin_rows("search_qa", 200, 0, "train")}
     assert not train_islands & {r.extra_info["island"] for r in rows}
     corpus = tmp_path / "docs.jsonl"
-    corpus.write_text(json.dumps({"title": "Tea", "text": "Green tea grows in Uji."}) + "\n" + json.dumps({"title": "Salt", "text": "Sea salt dries in pans."}) + "\n")
+    corpus.write_text(
+        json.dumps({"title": "Tea", "text": "Green tea grows in Uji."})
+        + "\n"
+        + json.dumps({"title": "Salt", "text": "Sea salt dries in pans."})
+        + "\n"
+    )
     own = make_env(EnvConfig(name="search", kwargs={"corpus": str(corpus)}))
-    out = asyncio.run(own.step([ToolCall("search", {"query": "where does tea grow", "k": 5}), ToolCall("search", {"query": "x", "k": 11})]))
-    assert [o["content"] for o in out.observations] == ["[1] Tea: Green tea grows in Uji.", "Error: k must be between 1 and 10, got 11"]
-    assert contains_answer("s", "<think>Plin?</think>The capital is yatu.", "Yatu")["acc"] and not contains_answer("s", "Yatuville", "Yatu")["acc"]
+    out = asyncio.run(
+        own.step(
+            [ToolCall("search", {"query": "where does tea grow", "k": 5}), ToolCall("search", {"query": "x", "k": 11})]
+        )
+    )
+    assert [o["content"] for o in out.observations] == [
+        "[1] Tea: Green tea grows in Uji.",
+        "Error: k must be between 1 and 10, got 11",
+    ]
+    assert (
+        contains_answer("s", "<think>Plin?</think>The capital is yatu.", "Yatu")["acc"]
+        and not contains_answer("s", "Yatuville", "Yatu")["acc"]
+    )
 
 
 @pytest.mark.skipif(not Path("/usr/bin/bwrap").exists(), reason="bubblewrap is not installed (make setup installs it)")
@@ -199,9 +229,16 @@ def test_python_environment_answers_the_math_task_with_the_reference_programs() 
     calls = [ToolCall("python", {"code": r["extra_info"]["reference_code"]}) for r in rows]
     outputs = [o["content"] for o in asyncio.run(env.step(calls)).observations]
     assert outputs == [r["reward_model"]["ground_truth"] for r in rows]
-    assert all(numeric_answer("tiderl/python_math", f"The answer is {o}.", r["reward_model"]["ground_truth"])["acc"] for o, r in zip(outputs, rows, strict=True))
-    failing = asyncio.run(env.step([ToolCall("python", {"code": "print(1)\nraise ValueError('no')"})])).observations[0]["content"]
-    assert failing.startswith('Error:   File "/tmp/scratch/main.py", line 2') and failing.endswith("ValueError: no\nOutput before the error:\n1")
+    assert all(
+        numeric_answer("tiderl/python_math", f"The answer is {o}.", r["reward_model"]["ground_truth"])["acc"]
+        for o, r in zip(outputs, rows, strict=True)
+    )
+    failing = asyncio.run(env.step([ToolCall("python", {"code": "print(1)\nraise ValueError('no')"})])).observations[0][
+        "content"
+    ]
+    assert failing.startswith('Error:   File "/tmp/scratch/main.py", line 2') and failing.endswith(
+        "ValueError: no\nOutput before the error:\n1"
+    )
 
 
 K2_TURN = (
@@ -215,7 +252,9 @@ K2_TURN = (
 
 def test_kimi_k2_tool_call_format() -> None:
     calls, errors = parse_kimi_k2(K2_TURN)
-    assert calls == [ToolCall("get_weather", {"city": "Tokyo"}), ToolCall("calc", {"expression": "2*3"})] and errors == []
+    assert (
+        calls == [ToolCall("get_weather", {"city": "Tokyo"}), ToolCall("calc", {"expression": "2*3"})] and errors == []
+    )
     assert parse_hermes(K2_TURN) == ([], [])  # each parser reads only its own format
     assert parse_kimi_k2('<tool_call>{"name": "calc", "arguments": {}}</tool_call>') == ([], [])
     bad = (
@@ -223,7 +262,7 @@ def test_kimi_k2_tool_call_format() -> None:
         "<|tool_call_begin|>functions.calc:0<|tool_call_argument_begin|>{oops}<|tool_call_end|>"
         "<|tool_call_begin|>calc<|tool_call_argument_begin|>{}<|tool_call_end|>"
         "<|tool_call_begin|>functions.calc:2 {}<|tool_call_end|>"
-        '<|tool_call_begin|>functions.calc:3<|tool_call_argument_begin|>[1]<|tool_call_end|>'
+        "<|tool_call_begin|>functions.calc:3<|tool_call_argument_begin|>[1]<|tool_call_end|>"
         '<|tool_call_begin|>functions.calc:4<|tool_call_argument_begin|>{"expression": "1"}'
     )
     calls, errors = parse_kimi_k2(bad)

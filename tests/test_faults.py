@@ -62,9 +62,17 @@ def kill_when(title: str, condition=lambda: True, timeout_s: float = 120.0) -> d
 
 
 def test_a_worker_killed_mid_step_is_replaced_and_its_groups_come_back_whole(tool_policy_dir, make_cfg) -> None:
-    cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2, max_restarts=2)
-    pool.publish(Learner(str(tool_policy_dir), cfg.learner_spec()).get_weights(), 7)  # a restarted worker must get these, not its starting ones
+    cfg = make_cfg(
+        f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4"
+    )
+    pool = RolloutPool(
+        lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i),
+        2,
+        max_restarts=2,
+    )
+    pool.publish(
+        Learner(str(tool_policy_dir), cfg.learner_spec()).get_weights(), 7
+    )  # a restarted worker must get these, not its starting ones
     killed = kill_when("RolloutWorker.generate_step")
     trajectories = pool.generate_step(calculator_rows(8), 100, 4, iteration_budget=0)
     assert killed, "no worker was seen mid-step"
@@ -78,11 +86,19 @@ def test_a_worker_killed_mid_step_is_replaced_and_its_groups_come_back_whole(too
     pool.kill()
 
 
-def test_a_worker_killed_with_two_steps_queued_regenerates_each_steps_groups_with_that_step(tool_policy_dir, make_cfg) -> None:
+def test_a_worker_killed_with_two_steps_queued_regenerates_each_steps_groups_with_that_step(
+    tool_policy_dir, make_cfg
+) -> None:
     """The async pipeline's case: step B is queued behind step A on every worker when one dies inside A's call.
     Both of its calls are lost; each step must get back exactly its own groups (it once gave all of them to A)."""
-    cfg = make_cfg(f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4")
-    pool = RolloutPool(lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i), 2, max_restarts=2)
+    cfg = make_cfg(
+        f"model.path={tool_policy_dir}", "rollout.max_new_tokens_per_turn=40", "rollout.samples_per_prompt=4"
+    )
+    pool = RolloutPool(
+        lambda i: RolloutWorkerActor.options(num_cpus=0.5).remote(str(tool_policy_dir), cfg.worker_spec(), i),
+        2,
+        max_restarts=2,
+    )
     pool.publish(Learner(str(tool_policy_dir), cfg.learner_spec()).get_weights(), 3)
     killed = kill_when("RolloutWorker.generate_step")
     a = pool.submit_step(calculator_rows(8), 100, 4, iteration_budget=0)
@@ -122,20 +138,35 @@ class KillsItsWorkerOnce(CalculatorEnv):
 def test_a_job_whose_rollout_worker_dies_mid_step_completes_with_exact_counts(tmp_path: Path, make_cfg) -> None:
     env = tmp_path / "killing_env.py"
     env.write_text(KILLING_ENV.format(counter=str(tmp_path / "resets"), kill_at=8 + 5))  # the 5th reset of step 2
-    cfg = make_cfg(f"env.name={env}:KillsItsWorkerOnce", "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "trainer.steps=3", "eval.enabled=false")
+    cfg = make_cfg(
+        f"env.name={env}:KillsItsWorkerOnce",
+        "rollout.num_workers=2",
+        "rollout.cpus_per_worker=0.5",
+        "trainer.steps=3",
+        "eval.enabled=false",
+    )
     train(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # async (staleness 1): step 2's rollouts run while step 1 trains, and the weight push does not wait for the
     # workers, so the death is met by the next call that needs the worker: step 2's collect, which restarts it and
     # regenerates step 2's and step 3's groups (each with its own step; counted at step 2), or step 1's collect
     # when the kill came before step 1's result left the worker (counted at step 1)
-    assert [r["step"] for r in rows] == [1, 2, 3] and [r["worker_restarts"] for r in rows] in ([1.0, 1.0, 1.0], [0.0, 1.0, 1.0])
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["worker_restarts"] for r in rows] in (
+        [1.0, 1.0, 1.0],
+        [0.0, 1.0, 1.0],
+    )
     assert all(r["num_samples"] == 8 and r["failed_samples"] == 0 for r in rows)
-    step2 = [json.loads(line) for line in (tmp_path / "run" / "trajectories" / "step_000002.jsonl").read_text().splitlines()]
+    step2 = [
+        json.loads(line) for line in (tmp_path / "run" / "trajectories" / "step_000002.jsonl").read_text().splitlines()
+    ]
     assert Counter(s["group_id"] for s in step2) == {gid: 2 for gid in range(4, 8)}
 
 
-def test_a_reward_model_killed_before_scoring_is_restarted_and_scores_the_same(classifier_dir, tiny_policy_dir, make_cfg) -> None:  # noqa: F811
+def test_a_reward_model_killed_before_scoring_is_restarted_and_scores_the_same(
+    classifier_dir,  # noqa: F811  (the fixture imported from test_rewards)
+    tiny_policy_dir,
+    make_cfg,
+) -> None:
     from rollouts.worker import RolloutWorker
 
     cfg = make_cfg(f"reward.models=[{{name: rm, kind: classifier, path: '{classifier_dir}', num_cpus: 0.5}}]")
@@ -166,19 +197,32 @@ def _optimizer_tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]
 def _final_state(run: Path, step: int) -> tuple[dict, dict, dict]:
     ckpt = run / "checkpoints" / f"step_{step:06d}"
     learner = torch.load(ckpt / "learner_state.pt", weights_only=False)
-    return load_file(ckpt / "policy" / "model.safetensors"), _optimizer_tensors(learner["optimizer"]), json.loads((ckpt / "controller_state.json").read_text())
+    return (
+        load_file(ckpt / "policy" / "model.safetensors"),
+        _optimizer_tensors(learner["optimizer"]),
+        json.loads((ckpt / "controller_state.json").read_text()),
+    )
 
 
 def test_a_learner_killed_mid_update_is_restored_from_the_last_checkpoint(tmp_path: Path, make_cfg) -> None:
-    cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "trainer.steps=4", "trainer.checkpoint_every=2", "eval.enabled=false")
+    cfg = make_cfg(
+        f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]",
+        "trainer.steps=4",
+        "trainer.checkpoint_every=2",
+        "eval.enabled=false",
+    )
     train(cfg, tmp_path / "straight")
     metrics = tmp_path / "killed" / "metrics.jsonl"
     killed = kill_when("Learner.train_step", lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2)
     train(cfg, tmp_path / "killed")
     assert killed, "the learner was never seen updating after step 2"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["learner_restarts"] == 1.0  # steps after the checkpoint logged once
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1][
+        "learner_restarts"
+    ] == 1.0  # steps after the checkpoint logged once
     (pa, oa, ca), (pb, ob, cb) = _final_state(tmp_path / "straight", 4), _final_state(tmp_path / "killed", 4)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
-    assert len(oa) > 10 and oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)  # AdamW moments and steps
+    assert (
+        len(oa) > 10 and oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+    )  # AdamW moments and steps
     assert ca == cb and ca["data_cursor"]["position"] == 16

@@ -77,7 +77,11 @@ def test_compressed_tensors_decompressor_reproduces_fake_quant() -> None:
     w = torch.randn(48, 192)
     packed = PackedInt4.from_weight(w, spec)
     scheme = QuantizationConfig.model_validate(quantization_config(spec, [])).config_groups["group_0"]
-    parts = {"weight_packed": packed.packed, "weight_scale": packed.scale.float(), "weight_shape": torch.tensor(packed.shape)}
+    parts = {
+        "weight_packed": packed.packed,
+        "weight_scale": packed.scale.float(),
+        "weight_shape": torch.tensor(packed.shape),
+    }
     assert torch.equal(PackedQuantizationCompressor.decompress(parts, scheme)["weight"], fake_quantize(w, spec))
 
 
@@ -95,7 +99,10 @@ def test_targets_routed_experts_by_default_and_all_linear_on_request(tiny_policy
     experts = targeted_parameters(model, QuantSpec.from_config(QuantConfig(enabled=True)))
     assert experts == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
     linear = targeted_parameters(model, QuantSpec.from_config(QuantConfig(enabled=True, modules="all_linear")))
-    assert "model.layers.0.self_attn.q_proj.weight" in linear and "model.layers.1.mlp.shared_experts.down_proj.weight" in linear
+    assert (
+        "model.layers.0.self_attn.q_proj.weight" in linear
+        and "model.layers.1.mlp.shared_experts.down_proj.weight" in linear
+    )
     assert set(experts) <= set(linear)
     assert not any("lm_head" in n or "embed" in n or "norm" in n or n.endswith("mlp.gate.weight") for n in linear)
     custom = QuantSpec.from_config(QuantConfig(enabled=True, modules="all_linear", ignore=[r"self_attn\."]))
@@ -105,7 +112,9 @@ def test_targets_routed_experts_by_default_and_all_linear_on_request(tiny_policy
 
 
 @pytest.mark.parametrize("targets", ["routed_experts", "all_linear"])
-@pytest.mark.parametrize("activation,dense_min_rows", [(torch.float32, None), (torch.float32, 1), (torch.bfloat16, None)])
+@pytest.mark.parametrize(
+    "activation,dense_min_rows", [(torch.float32, None), (torch.float32, 1), (torch.bfloat16, None)]
+)
 def test_int4_engine_runs_the_fake_quant_model(tiny_policy_dir, make_cfg, targets, activation, dense_min_rows) -> None:
     model, _ = load_policy(tiny_policy_dir, make_cfg().model)
     spec = QuantSpec.from_config(QuantConfig(enabled=True, modules=targets))
@@ -123,7 +132,9 @@ def test_int4_engine_runs_the_fake_quant_model(tiny_policy_dir, make_cfg, target
     assert set(int4.state_dict()) == set(model.state_dict()) - set(names)  # the rest untouched, same names
     for name, tensor in int4.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
-    kernels = [mm.kernel_weight is not None for m in int4_modules for mms in getattr(m, "int4", {}).values() for mm in mms]
+    kernels = [
+        mm.kernel_weight is not None for m in int4_modules for mms in getattr(m, "int4", {}).values() for mm in mms
+    ]
     assert kernels and all(kernels)  # the tiny model's expert shapes all run torch's INT4 kernel
 
     ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
@@ -187,7 +198,9 @@ def test_qat_learner_matches_int4_rollouts_and_ptq_does_not(tiny_policy_dir, mak
     stale_batch = _batch(worker, cfg)
     qat.version += 1  # as if another update had landed in between (an asynchronous pipeline)
     lagged = qat.train_step(stale_batch)
-    assert lagged["policy_lag_mean"] == 1.0 and lagged["mismatch_stale_abs_logp"] == pytest.approx(lagged["mismatch_abs_logp"])
+    assert lagged["policy_lag_mean"] == 1.0 and lagged["mismatch_stale_abs_logp"] == pytest.approx(
+        lagged["mismatch_abs_logp"]
+    )
 
 
 def test_qat_gradient_is_the_gradient_at_the_fake_quant_weights(tiny_policy_dir, make_cfg) -> None:
@@ -212,7 +225,9 @@ def test_qat_gradient_is_the_gradient_at_the_fake_quant_weights(tiny_policy_dir,
 
 
 def test_fake_quant_can_start_late(tiny_policy_dir, make_cfg) -> None:
-    learner = Learner(str(tiny_policy_dir), make_cfg("quant.enabled=true", "quant.fake_quant_start_step=3").learner_spec())
+    learner = Learner(
+        str(tiny_policy_dir), make_cfg("quant.enabled=true", "quant.fake_quant_start_step=3").learner_spec()
+    )
     active = []
     for version in range(4):
         learner.version = version
@@ -230,9 +245,19 @@ def test_export_roundtrip_reproduces_fake_quant_bit_for_bit(tiny_policy_dir, mak
     (group,) = qc["config_groups"].values()
     assert group["targets"] == ["Linear"] and group["input_activations"] is None
     w = group["weights"]
-    assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"], w["dynamic"]) == (4, "int", True, "group", 32, False)
+    assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"], w["dynamic"]) == (
+        4,
+        "int",
+        True,
+        "group",
+        32,
+        False,
+    )
     assert "lm_head" in qc["ignore"] and "model.layers.0.self_attn.q_proj" in qc["ignore"]
-    assert "model.layers.1.mlp.shared_experts.down_proj" in qc["ignore"] and "model.layers.1.mlp.experts.0.up_proj" not in qc["ignore"]
+    assert (
+        "model.layers.1.mlp.shared_experts.down_proj" in qc["ignore"]
+        and "model.layers.1.mlp.experts.0.up_proj" not in qc["ignore"]
+    )
 
     from safetensors.torch import load_file
 
@@ -271,7 +296,11 @@ def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> No
     assert sync["int4_vs_bf16"] == pytest.approx(0.28125) and sync["int4_bytes"] > 0
 
     out = tmp_path / "export"
-    done = subprocess.run([sys.executable, "-m", "rl.launch.cli", "export", str(run_dir), str(out), "--step", "2"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "rl.launch.cli", "export", str(run_dir), str(out), "--step", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     master, _ = load_policy(run_dir / "checkpoints" / "step_000002" / "policy", make_cfg().model)
     loaded, _ = load_exported(out)
@@ -280,7 +309,15 @@ def test_qat_job_end_to_end_then_export_cli(ray_local, make_cfg, tmp_path) -> No
     for name, tensor in master.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], fake_quantize(tensor, spec) if name in targets else tensor), name
 
-    missing = subprocess.run([sys.executable, "-m", "rl.launch.cli", "export", str(tmp_path / "nope"), str(out)], capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "rl.launch.cli", "export", str(tmp_path / "nope"), str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "no config.yaml" in missing.stderr
-    wrong_step = subprocess.run([sys.executable, "-m", "rl.launch.cli", "export", str(run_dir), str(out), "--step", "7"], capture_output=True, text=True)
+    wrong_step = subprocess.run(
+        [sys.executable, "-m", "rl.launch.cli", "export", str(run_dir), str(out), "--step", "7"],
+        capture_output=True,
+        text=True,
+    )
     assert wrong_step.returncode == 2 and "no checkpoint for step 7" in wrong_step.stderr

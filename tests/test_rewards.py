@@ -29,7 +29,10 @@ def _traj(i: int, text: str, source: str = "tiderl/calculator", truth: str = "42
     row = PromptRow(i, [{"role": "user", "content": "Compute 6*7."}], source, truth, {"index": i, "difficulty": "easy"})
     messages = [*row.messages]
     if tool:
-        messages += [{"role": "assistant", "content": "<think>calc</think><tool_call>{}</tool_call>"}, {"role": "tool", "content": "42"}]
+        messages += [
+            {"role": "assistant", "content": "<think>calc</think><tool_call>{}</tool_call>"},
+            {"role": "tool", "content": "42"},
+        ]
     messages.append({"role": "assistant", "content": text})
     n = 3 + i
     mask = torch.tensor([0.0] + [1.0] * (n - 1))
@@ -50,7 +53,13 @@ def test_signatures_are_detected() -> None:
     def trl_minimal(completions, **kwargs): ...
     def neither(text): ...
 
-    assert [detect_style("f", f) for f in (verl, verl_async, trl, trl_minimal, lambda *a, **k: 0)] == ["verl", "verl", "trl", "trl", "verl"]
+    assert [detect_style("f", f) for f in (verl, verl_async, trl, trl_minimal, lambda *a, **k: 0)] == [
+        "verl",
+        "verl",
+        "trl",
+        "trl",
+        "verl",
+    ]
     with pytest.raises(RewardSignatureError, match=r"reward function 'g' takes \(text\): use verl's compute_score"):
         detect_style("g", neither)
 
@@ -58,17 +67,42 @@ def test_signatures_are_detected() -> None:
 def test_trl_functions_get_conversational_completions_and_dataset_columns() -> None:
     seen = {}
 
-    def spy(prompts, completions, completion_ids, ground_truth, extra_info, difficulty, trainer_state, group_ids, correct=None, **kwargs):
-        seen.update(prompts=prompts, completions=completions, ids=completion_ids, truth=ground_truth, extra=extra_info,
-                    difficulty=difficulty, step=trainer_state.global_step, groups=group_ids, correct=correct, rest=sorted(kwargs))
+    def spy(
+        prompts,
+        completions,
+        completion_ids,
+        ground_truth,
+        extra_info,
+        difficulty,
+        trainer_state,
+        group_ids,
+        correct=None,
+        **kwargs,
+    ):
+        seen.update(
+            prompts=prompts,
+            completions=completions,
+            ids=completion_ids,
+            truth=ground_truth,
+            extra=extra_info,
+            difficulty=difficulty,
+            step=trainer_state.global_step,
+            groups=group_ids,
+            correct=correct,
+            rest=sorted(kwargs),
+        )
         return [0.25] * len(completions)
 
     trajs = [_traj(0, "The answer is 42.", tool=True), _traj(1, "The answer is 41.")]
     scores = asyncio.run(RewardFunction("spy", spy, timeout_s=5).score(_inputs(trajs), step=7, correct=[True, False]))
     assert scores.values == [0.25, 0.25]
     assert seen["prompts"] == [[{"role": "user", "content": "Compute 6*7."}]] * 2
-    assert seen["completions"][0] == trajs[0].messages[1:] and seen["completions"][1] == [{"role": "assistant", "content": "The answer is 41."}]
-    assert seen["ids"] == [[1, 2], [1, 2, 3]] and seen["truth"] == ["42", "42"] and seen["difficulty"] == ["easy", "easy"]
+    assert seen["completions"][0] == trajs[0].messages[1:] and seen["completions"][1] == [
+        {"role": "assistant", "content": "The answer is 41."}
+    ]
+    assert (
+        seen["ids"] == [[1, 2], [1, 2, 3]] and seen["truth"] == ["42", "42"] and seen["difficulty"] == ["easy", "easy"]
+    )
     assert seen["extra"][1] == {"index": 1, "difficulty": "easy"} and seen["step"] == 7 and seen["groups"] == [0, 0]
     assert seen["correct"] == [True, False] and seen["rest"] == ["data_source", "index", "reward_model"]
 
@@ -101,11 +135,19 @@ def test_bad_values_none_exceptions_and_timeouts_are_isolated_per_function_and_s
 
     for name, fn in [("t_raises", trl_raises_on_one), ("t_sync", slow_sync)]:
         REWARDS.register(name)(fn)
-    scorer = RewardScorer(RewardConfig.model_validate({"functions": [{"name": "t_raises"}, {"name": "t_sync", "weight": 2.0, "timeout_s": 0.3}]}))
+    scorer = RewardScorer(
+        RewardConfig.model_validate(
+            {"functions": [{"name": "t_raises"}, {"name": "t_sync", "weight": 2.0, "timeout_s": 0.3}]}
+        )
+    )
     result = scorer.score(trajs)
     assert [s.trajectory.sample_id for s in result.scored] == ["0-0", "3-0"]
     assert [s.reward for s in result.scored] == [2.0, 1.0] and result.scored[1].reward_breakdown == {"t_raises": 1.0}
-    assert result.failed == 2 and result.metrics == {"reward_failed/t_raises": 1.0, "reward_failed/t_sync": 1.0, "reward_none/t_sync": 1.0}
+    assert result.failed == 2 and result.metrics == {
+        "reward_failed/t_raises": 1.0,
+        "reward_failed/t_sync": 1.0,
+        "reward_none/t_sync": 1.0,
+    }
     assert "sample 2-0 left out: reward function 't_sync' timed out after 0.3 s" in caplog.text
 
 
@@ -121,7 +163,11 @@ def test_reward_model_verdicts_add_up_or_fail_their_samples(caplog) -> None:
     missing.model_scores = {}
     result = scorer.score([scored, no_verdict, failed, missing, not_sent])  # not_sent: no reward models ran on it
     assert [s.trajectory.sample_id for s in result.scored] == ["0-0", "1-0", "4-0"]
-    assert [s.reward_breakdown for s in result.scored] == [{"calculator": 1.0, "rm": 0.8}, {"calculator": 1.0}, {"calculator": 1.0}]
+    assert [s.reward_breakdown for s in result.scored] == [
+        {"calculator": 1.0, "rm": 0.8},
+        {"calculator": 1.0},
+        {"calculator": 1.0},
+    ]
     assert result.scored[0].reward == pytest.approx(1.4)
     assert result.failed == 2 and result.metrics == {"reward_failed/rm": 2.0, "reward_none/rm": 1.0}
     assert "sample 2-0 left out: reward model 'rm': reward model failed: RayTaskError: boom" in caplog.text
@@ -155,16 +201,24 @@ def test_last_boxed_balances_nested_braces() -> None:
 
 
 def test_format_and_k15_length_rewards() -> None:
-    good = [{"role": "assistant", "content": '<think>a</think><tool_call>{"name": "calc", "arguments": {}}</tool_call>'}, {"role": "tool", "content": "1"},
-            {"role": "assistant", "content": "<think>b</think>The answer is 1."}]
-    bad_call = [{"role": "assistant", "content": "<think>a</think><tool_call>{oops}</tool_call>"}, {"role": "assistant", "content": "<think>b</think>1"}]
+    good = [
+        {"role": "assistant", "content": '<think>a</think><tool_call>{"name": "calc", "arguments": {}}</tool_call>'},
+        {"role": "tool", "content": "1"},
+        {"role": "assistant", "content": "<think>b</think>The answer is 1."},
+    ]
+    bad_call = [
+        {"role": "assistant", "content": "<think>a</think><tool_call>{oops}</tool_call>"},
+        {"role": "assistant", "content": "<think>b</think>1"},
+    ]
     no_think = [{"role": "assistant", "content": "The answer is 1."}]
     empty_answer = [{"role": "assistant", "content": "<think>b</think>  "}]
     assert format_reward([], [good, bad_call, no_think, empty_answer]) == [1.0, 0.0, 0.0, 0.0]
 
     ids = [[0] * n for n in (10, 20, 30, 20, 20)]
     state = type("S", (), {"global_step": 5})()
-    scores = length_reward([], [None] * 5, ids, group_ids=[0, 0, 0, 1, 1], correct=[True, True, False, True, False], trainer_state=state)
+    scores = length_reward(
+        [], [None] * 5, ids, group_ids=[0, 0, 0, 1, 1], correct=[True, True, False, True, False], trainer_state=state
+    )
     assert scores == [0.5, 0.0, -0.5, 0.0, 0.0]  # λ = 0.5, 0, -0.5 in group 0; equal lengths in group 1
     assert length_reward([], [None] * 5, ids, [0, 0, 0, 1, 1], [True] * 5, state, warmup_steps=5) == [0.0] * 5
     with pytest.raises(ValueError, match="first entry of reward.functions"):
@@ -176,15 +230,36 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_reward_files_written_for_verl_and_for_trl_run_unchanged_in_a_job(tmp_path: Path, make_cfg) -> None:
-    verl, trl_acc, trl_tool = f"{DATA}/verl_reward.py:compute_score", f"{DATA}/trl_reward.py:accuracy_reward", f"{DATA}/trl_reward.py:tool_use_reward"
-    functions = f"reward.functions=[{{name: '{verl}'}}, {{name: '{trl_acc}', weight: 0.5}}, {{name: '{trl_tool}'}}, {{name: format, weight: 0.1}}]"
+    verl, trl_acc, trl_tool = (
+        f"{DATA}/verl_reward.py:compute_score",
+        f"{DATA}/trl_reward.py:accuracy_reward",
+        f"{DATA}/trl_reward.py:tool_use_reward",
+    )
+    functions = (
+        f"reward.functions=[{{name: '{verl}'}}, {{name: '{trl_acc}', weight: 0.5}}, {{name: '{trl_tool}'}}, "
+        "{name: format, weight: 0.1}]"
+    )
     import datasets
 
     from rl.loop.data import builtin_rows
 
-    parquet = tmp_path / "train.parquet"  # a verl dataset file: prompt messages, data_source, reward_model, extra_info, ability
-    datasets.Dataset.from_list([{**row, "ability": "math"} for row in builtin_rows("calculator", 32, 0, "train")]).to_parquet(str(parquet))
-    train(make_cfg(functions, "data.task=null", f"data.train_files=[{parquet}]", "trainer.steps=2", "eval.enabled=false", "cluster.backend=in_process"), tmp_path / "run")
+    parquet = (
+        tmp_path / "train.parquet"
+    )  # a verl dataset file: prompt messages, data_source, reward_model, extra_info, ability
+    datasets.Dataset.from_list(
+        [{**row, "ability": "math"} for row in builtin_rows("calculator", 32, 0, "train")]
+    ).to_parquet(str(parquet))
+    train(
+        make_cfg(
+            functions,
+            "data.task=null",
+            f"data.train_files=[{parquet}]",
+            "trainer.steps=2",
+            "eval.enabled=false",
+            "cluster.backend=in_process",
+        ),
+        tmp_path / "run",
+    )
     tmp_path = tmp_path / "run"
     rows = _metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2] and all(r["failed_samples"] == 0 and r["num_samples"] == 8 for r in rows)
@@ -216,8 +291,15 @@ def classifier_dir(tiny_policy_dir, tmp_path_factory) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     out = tmp_path_factory.mktemp("rm")
     LlamaForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -227,7 +309,9 @@ def classifier_dir(tiny_policy_dir, tmp_path_factory) -> Path:
 def test_verdict_parsing() -> None:
     from rewards.models import parse_pairwise, parse_pointwise
 
-    assert parse_pointwise("Mostly right. Score: 7") == 0.7 and parse_pointwise("Score: 3 ... revised Score: 9.5") == 0.95
+    assert (
+        parse_pointwise("Mostly right. Score: 7") == 0.7 and parse_pointwise("Score: 3 ... revised Score: 9.5") == 0.95
+    )
     assert parse_pointwise("Score: 12") is None and parse_pointwise("no verdict") is None
     assert [parse_pairwise(t) for t in ("[[A]]", "A is worse. [[B]]", "[[C]]", "[[D]]")] == [1.0, 0.0, 0.5, None]
 
@@ -238,11 +322,21 @@ def test_classifier_and_judge_reward_models_score_batches(classifier_dir, tiny_p
     from rewards.config import RewardModelConfig
     from rewards.models import RewardModel
 
-    items = [{"prompt": [{"role": "user", "content": "Compute 6*7."}], "completion": [{"role": "assistant", "content": t}], "group_id": g, "sample_id": f"{i}"}
-             for i, (t, g) in enumerate([("The answer is 42.", 0), ("The answer is 41, after a long detour.", 0), ("42", 1)])]
+    items = [
+        {
+            "prompt": [{"role": "user", "content": "Compute 6*7."}],
+            "completion": [{"role": "assistant", "content": t}],
+            "group_id": g,
+            "sample_id": f"{i}",
+        }
+        for i, (t, g) in enumerate([("The answer is 42.", 0), ("The answer is 41, after a long detour.", 0), ("42", 1)])
+    ]
     rm = RewardModel(RewardModelConfig(name="rm", kind="classifier", path=str(classifier_dir), batch_size=2))
     scores = rm.score(items)
-    tokenizer, model = AutoTokenizer.from_pretrained(classifier_dir), AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    tokenizer, model = (
+        AutoTokenizer.from_pretrained(classifier_dir),
+        AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval(),
+    )
     for item, score in zip(items, scores, strict=True):  # batched and padded = one sequence alone
         text = tokenizer.apply_chat_template(item["prompt"] + item["completion"], tokenize=False)
         with torch.no_grad():
@@ -251,7 +345,9 @@ def test_classifier_and_judge_reward_models_score_batches(classifier_dir, tiny_p
     assert len(set(scores)) == 3
 
     for mode in ("pointwise", "pairwise"):
-        judge = RewardModel(RewardModelConfig(name="judge", kind="judge", path=str(tiny_policy_dir), mode=mode, max_new_tokens=6))
+        judge = RewardModel(
+            RewardModelConfig(name="judge", kind="judge", path=str(tiny_policy_dir), mode=mode, max_new_tokens=6)
+        )
         verdicts = judge.score(items)  # the untrained judge rambles: no verdict parses, each is None (no score)
         assert verdicts == [None, None, None]
 
@@ -262,8 +358,19 @@ def test_reward_model_scores_the_same_async_and_as_a_barrier(tmp_path: Path, mak
     runs = {}
     for mode in ("true", "false"):
         run = tmp_path / mode
-        train(make_cfg(model, f"reward.models_async={mode}", "rollout.cpus_per_worker=0.5", "trainer.steps=2", "eval.enabled=false"), run)
+        train(
+            make_cfg(
+                model,
+                f"reward.models_async={mode}",
+                "rollout.cpus_per_worker=0.5",
+                "trainer.steps=2",
+                "eval.enabled=false",
+            ),
+            run,
+        )
         runs[mode] = _metrics(run)
     for a, b in zip(runs["true"], runs["false"], strict=True):
         assert a["failed_samples"] == 0 and a["num_samples"] == 8 and "reward/rm" in a
-        assert a["reward/rm"] == pytest.approx(b["reward/rm"], abs=1e-6) and a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-6)
+        assert a["reward/rm"] == pytest.approx(b["reward/rm"], abs=1e-6) and a["reward_mean"] == pytest.approx(
+            b["reward_mean"], abs=1e-6
+        )

@@ -18,7 +18,9 @@ from envs.config import SandboxConfig
 from envs.sandbox import PythonSandbox, SandboxResult, SandboxUnavailable
 
 # `make setup` installs bubblewrap (as root); where it could not, these tests say so rather than fail on setup.
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (apt-get install bubblewrap)")
+needs_bwrap = pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="bubblewrap not installed (apt-get install bubblewrap)"
+)
 
 LIMITS = SandboxConfig(cpu_seconds=1, wall_seconds=3.0, memory_mb=256, max_processes=16, max_output_bytes=2048)
 
@@ -114,7 +116,10 @@ def test_killing_its_parent_fails_and_the_caller_survives() -> None:
 @needs_bwrap
 def test_secrets_in_the_environment_are_not_inherited(monkeypatch) -> None:
     monkeypatch.setenv("TIDERL_TEST_SECRET", "hunter2")
-    code = "import os, glob\nprint(dict(os.environ))\nfor p in glob.glob('/proc/*/environ'):\n    try:\n        print(open(p).read())\n    except OSError:\n        pass"
+    code = (
+        "import os, glob\nprint(dict(os.environ))\nfor p in glob.glob('/proc/*/environ'):\n"
+        "    try:\n        print(open(p).read())\n    except OSError:\n        pass"
+    )
     result, _ = run(code)
     assert result.ok and "hunter2" not in result.stdout and "TIDERL_TEST_SECRET" not in result.stdout
 
@@ -124,7 +129,10 @@ def test_writes_only_inside_its_scratch_directory(tmp_path: Path) -> None:
     in_repo = Path("/var/tmp") / f"tiderl-escaped-{os.getpid()}.txt"  # world-writable on the host, read-only inside
     in_tmp = tmp_path / "escaped.txt"  # the host's /tmp is not even visible (the sandbox has its own)
     code = "open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n"
-    code += f"for path in ({str(in_repo)!r}, {str(in_tmp)!r}):\n    try:\n        open(path, 'w').write('x')\n    except OSError as e:\n        print(e.strerror)"
+    code += (
+        f"for path in ({str(in_repo)!r}, {str(in_tmp)!r}):\n"
+        "    try:\n        open(path, 'w').write('x')\n    except OSError as e:\n        print(e.strerror)"
+    )
     result, _ = run(code)
     assert result.ok and result.stdout.split("\n")[:3] == ["ok", "Read-only file system", "No such file or directory"]
     assert not in_repo.exists() and not in_tmp.exists()

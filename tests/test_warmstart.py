@@ -14,8 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_warm_start_anneals_once_the_copy_target_is_met_and_is_cached(make_cfg, tmp_path) -> None:
-    overrides = [f"warm_start.cache_dir={tmp_path}", "warm_start.enabled=true", "warm_start.steps=40", "warm_start.batch_size=4",
-                 "warm_start.check_every=10", "warm_start.anneal_steps=5", "logging.progress=false"]
+    overrides = [
+        f"warm_start.cache_dir={tmp_path}",
+        "warm_start.enabled=true",
+        "warm_start.steps=40",
+        "warm_start.batch_size=4",
+        "warm_start.check_every=10",
+        "warm_start.anneal_steps=5",
+        "logging.progress=false",
+    ]
     # target 0 stops the constant phase at the first check (step 10, then 5 annealing steps); an untrained
     # model's digit accuracy is far below 0.999, so the second target is never met (the cap: 40)
     easy = make_cfg(*overrides, "warm_start.target_copy_accuracy=0")
@@ -35,7 +42,9 @@ def test_default_job_learns_to_use_the_tool(tmp_path) -> None:
     """The acceptance run: the default job, as `make run` runs it (~3.5 minutes on 2 cores)."""
     from rl.loop.controller import train
 
-    cfg = load_config(ROOT / "configs" / "calculator.yaml", [f"warm_start.cache_dir={tmp_path / 'cache'}", "logging.progress=false"])
+    cfg = load_config(
+        ROOT / "configs" / "calculator.yaml", [f"warm_start.cache_dir={tmp_path / 'cache'}", "logging.progress=false"]
+    )
     evals = train(cfg, tmp_path / "run")
     assert evals["after"]["accuracy"] - evals["before"]["accuracy"] >= 0.30
     assert evals["after"]["accuracy_sampled"] - evals["before"]["accuracy_sampled"] >= 0.30

@@ -17,9 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="tiderl: INT4
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="Job config YAML, e.g. configs/calculator.yaml.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. trainer.steps=40.")] = None,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<config>-<time>).")] = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. trainer.steps=40.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<config>-<time>).")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue the run in this directory from its latest checkpoint.")
+    ] = None,
 ) -> None:
     """Run an RL job (on a local Ray instance unless cluster.address is set)."""
     cfg = _load(config, overrides or [])
@@ -61,8 +67,12 @@ def export(
 @app.command("check-env")
 def check_env(
     name: Annotated[str, typer.Argument(help="Registered environment name or path/to/file.py:Class.")],
-    kwargs: Annotated[list[str] | None, typer.Argument(help="key=value constructor arguments (env.kwargs), values parsed as YAML.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Reset from the first row of this jsonl/parquet file (verl layout).")] = None,
+    kwargs: Annotated[
+        list[str] | None, typer.Argument(help="key=value constructor arguments (env.kwargs), values parsed as YAML.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Reset from the first row of this jsonl/parquet file (verl layout).")
+    ] = None,
 ) -> None:
     """Run an environment through the contract the agent loop relies on, with a scripted policy."""
     from envs.config import EnvConfig
@@ -92,27 +102,46 @@ def check_env(
 
 Address = Annotated[
     str | None,
-    typer.Option("--address", help="Ray dashboard of the cluster, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else an http $RAY_ADDRESS)."),
+    typer.Option(
+        "--address",
+        help="Ray dashboard of the cluster, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS, else an http "
+        "$RAY_ADDRESS).",
+    ),
 ]
 
 
 @app.command()
 def submit(
     config: Annotated[Path, typer.Argument(help="Job config YAML, inside the working directory.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. trainer.steps=40.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. trainer.steps=40.")
+    ] = None,
     address: Address = None,
-    working_dir: Annotated[Path, typer.Option("--working-dir", help="Directory uploaded to the cluster; the job runs from it.")] = Path("."),
-    run_dir: Annotated[str | None, typer.Option("--run-dir", help="Run directory on the cluster (default: ~/tiderl-runs/<job id>).")] = None,
-    resume: Annotated[str | None, typer.Option("--resume", help="Continue the run in this directory on the cluster from its latest checkpoint.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", help="Stream the job's logs until it ends; exit 1 unless it succeeded.")] = False,
-    job_id: Annotated[str | None, typer.Option("--job-id", help="Submission id (default: <config>-<time>-<random>).")] = None,
+    working_dir: Annotated[
+        Path, typer.Option("--working-dir", help="Directory uploaded to the cluster; the job runs from it.")
+    ] = Path("."),
+    run_dir: Annotated[
+        str | None, typer.Option("--run-dir", help="Run directory on the cluster (default: ~/tiderl-runs/<job id>).")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue the run in this directory on the cluster from its latest checkpoint."),
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Stream the job's logs until it ends; exit 1 unless it succeeded.")
+    ] = False,
+    job_id: Annotated[
+        str | None, typer.Option("--job-id", help="Submission id (default: <config>-<time>-<random>).")
+    ] = None,
 ) -> None:
     """Submit an RL job to a Ray cluster (Ray Jobs API), with the working directory as its code."""
     cfg = _load(config, overrides or [])
     from rl.launch.jobs import JobsClient, JobsError, plan_submission, resolve_address
 
     try:
-        plan = plan_submission(config, overrides or [], cfg, working_dir=working_dir, run_dir=run_dir, resume=resume, submission_id=job_id)
+        plan = plan_submission(
+            config, overrides or [], cfg, working_dir=working_dir, run_dir=run_dir, resume=resume, submission_id=job_id
+        )
         client = JobsClient(resolve_address(address))
         for note in plan.notes:
             typer.echo(f"note: {note}")
@@ -121,14 +150,19 @@ def submit(
         _fail(str(e))
     flag = f"--address {client.address}"
     typer.echo(f"submitted job {submitted}\nrun directory (on the cluster): {plan.run_dir}")
-    typer.echo(f"  tiderl status {submitted} {flag}\n  tiderl logs {submitted} --follow {flag}\n  tiderl stop {submitted} {flag}")
+    typer.echo(
+        f"  tiderl status {submitted} {flag}\n  tiderl logs {submitted} --follow {flag}\n  tiderl stop {submitted} "
+        f"{flag}"
+    )
     if follow:
         _follow(client, submitted)
 
 
 @app.command()
 def status(
-    job_id: Annotated[str | None, typer.Argument(help="Job (submission) id; without it, a table of the cluster's jobs.")] = None,
+    job_id: Annotated[
+        str | None, typer.Argument(help="Job (submission) id; without it, a table of the cluster's jobs.")
+    ] = None,
     address: Address = None,
 ) -> None:
     """Show one job (status, times, entrypoint, message, run directory) or list the cluster's jobs."""
@@ -143,8 +177,13 @@ def status(
     if job is not None:
         meta = job.metadata or {}
         for key, value in [
-            ("job", job.submission_id), ("status", job.status), ("started", _clock(job.start_time)), ("ended", _clock(job.end_time)),
-            ("run directory", meta.get("tiderl_run_dir")), ("entrypoint", job.entrypoint), ("message", job.message),
+            ("job", job.submission_id),
+            ("status", job.status),
+            ("started", _clock(job.start_time)),
+            ("ended", _clock(job.end_time)),
+            ("run directory", meta.get("tiderl_run_dir")),
+            ("entrypoint", job.entrypoint),
+            ("message", job.message),
         ]:
             if value:
                 typer.echo(f"{key + ':':<15}{value}")
@@ -160,7 +199,14 @@ def status(
     table.add_column("run directory", overflow="fold")
     table.add_column("message", overflow="fold")
     for j in jobs:
-        table.add_row(j.submission_id, str(j.status), _clock(j.start_time), _clock(j.end_time), (j.metadata or {}).get("tiderl_run_dir", ""), j.message or "")
+        table.add_row(
+            j.submission_id,
+            str(j.status),
+            _clock(j.start_time),
+            _clock(j.end_time),
+            (j.metadata or {}).get("tiderl_run_dir", ""),
+            j.message or "",
+        )
     Console().print(table if jobs else f"no jobs on {client.address}")
 
 
@@ -168,7 +214,9 @@ def status(
 def logs(
     job_id: Annotated[str, typer.Argument(help="Job (submission) id.")],
     address: Address = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends; exit 1 unless it succeeded.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends; exit 1 unless it succeeded.")
+    ] = False,
 ) -> None:
     """Print a job's logs (its driver's output)."""
     from rl.launch.jobs import JobsClient, JobsError, resolve_address
@@ -215,7 +263,10 @@ def _follow(client, job_id: str) -> None:
     except JobsError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        typer.echo(f"\nstopped following; job {job_id} keeps running (tiderl stop {job_id} --address {client.address})", err=True)
+        typer.echo(
+            f"\nstopped following; job {job_id} keeps running (tiderl stop {job_id} --address {client.address})",
+            err=True,
+        )
         raise typer.Exit(130) from None
     typer.echo(f"job {job_id}: {final}", err=final != "SUCCEEDED")
     if final != "SUCCEEDED":

@@ -25,7 +25,12 @@ def ray_session(cfg: ClusterConfig) -> Iterator[None]:
         # a submitted job already runs in its runtime environment (working dir, pip); only add our env vars
         ray.init(address=address, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+        ray.init(
+            num_cpus=cfg.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": RAY_ENV},
+            log_to_driver=True,
+        )
     try:
         yield
     finally:

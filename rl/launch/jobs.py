@@ -87,7 +87,10 @@ def local_token() -> tuple[str | None, str]:
     if token_path:
         path, source = Path(token_path).expanduser(), f"RAY_AUTH_TOKEN_PATH ({token_path})"
         if not path.is_file() or not path.read_text().strip():
-            raise JobsError(f"RAY_AUTH_TOKEN_PATH is set to {token_path}, which is missing or empty: point it at the file holding the cluster's token")
+            raise JobsError(
+                f"RAY_AUTH_TOKEN_PATH is set to {token_path}, which is missing or empty: point it at the file holding "
+                f"the cluster's token"
+            )
     else:
         path, source = Path.home() / ".ray" / "auth_token", "~/.ray/auth_token"
         if not path.is_file():
@@ -115,7 +118,10 @@ def _auth_message(address: str, ray_message: str) -> str:
         "can reach it can run code on it)."
     )
     if "Authentication failed" in ray_message or "Invalid" in ray_message:
-        return f"the Ray cluster at {address} rejected the authentication token from {source}: it is not this cluster's token. {fixes}"
+        return (
+            f"the Ray cluster at {address} rejected the authentication token from {source}: "
+            f"it is not this cluster's token. {fixes}"
+        )
     if mode == "disabled":
         why = "RAY_AUTH_MODE=disabled is set here, so no token was sent"
     elif mode is not None and mode != "token":
@@ -151,7 +157,8 @@ def plan_submission(
     clash = sorted(set(cfg.cluster.env_vars) & set(RAY_ENV))
     if clash:
         raise JobsError(
-            f"cluster.env_vars sets {', '.join(clash)}, which every tiderl job sets itself (rollouts/actors.py); Ray refuses "
+            f"cluster.env_vars sets {', '.join(clash)}, which every tiderl job sets itself (rollouts/actors.py); Ray "
+            f"refuses "
             "a job whose submission and driver set the same variable: remove it from cluster.env_vars"
         )
     excludes = DEFAULT_EXCLUDES + list(cfg.cluster.excludes)
@@ -162,7 +169,14 @@ def plan_submission(
     submission_id = submission_id or new_submission_id(config.stem)
     target = resume if resume is not None else run_dir or f"~/tiderl-runs/{submission_id}"
     flag = "--resume" if resume is not None else "--run-dir"
-    command = ["python", "-m", "rl.launch.cli", "train", shlex.quote(config_rel), *map(shlex.quote, [*overrides, *extra])]
+    command = [
+        "python",
+        "-m",
+        "rl.launch.cli",
+        "train",
+        shlex.quote(config_rel),
+        *map(shlex.quote, [*overrides, *extra]),
+    ]
     entrypoint = " ".join([*command, flag, cluster_path(target, flag)])
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": excludes}
     if cfg.cluster.env_vars:
@@ -191,7 +205,8 @@ def cluster_path(path: str, flag: str) -> str:
     if not path.startswith("/"):
         raise JobsError(
             f"{flag} {path} is relative: on the cluster it would land in the job's temporary copy of the working dir, "
-            "which Ray deletes; give an absolute path or one under ~/ (quote it, '~/runs/x', so it expands on the cluster)"
+            "which Ray deletes; give an absolute path or one under ~/ (quote it, '~/runs/x', so it expands on the "
+            "cluster)"
         )
     return shlex.quote(path)
 
@@ -289,7 +304,10 @@ def _left_out_by(rel: Path, working_dir: Path, excludes: list[str]) -> str | Non
     ray_defaults = ray_constants.get_runtime_env_default_excludes()
     matchers: list[tuple[Callable[[Path], bool], str]] = [
         (packaging._get_excludes(working_dir, ray_defaults), f"Ray leaves out {', '.join(ray_defaults)}"),
-        (packaging._get_excludes(working_dir, excludes), f"is excluded from the upload ({', '.join(excludes)}; cluster.excludes adds to these)"),
+        (
+            packaging._get_excludes(working_dir, excludes),
+            f"is excluded from the upload ({', '.join(excludes)}; cluster.excludes adds to these)",
+        ),
     ]
     use_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
     node = working_dir
@@ -401,7 +419,10 @@ class JobsClient:
         except RuntimeError as e:
             text = str(e)
             if job_id is not None and "404" in text and "does not exist" in text:
-                raise JobsError(f"no job {job_id!r} on the cluster at {self.address}; `tiderl status --address {self.address}` lists its jobs") from None
+                raise JobsError(
+                    f"no job {job_id!r} on the cluster at {self.address}; `tiderl status --address {self.address}` "
+                    f"lists its jobs"
+                ) from None
             if "Version check returned 404" in text:
                 raise JobsError(f"{self.address} answers HTTP but is not a Ray dashboard (no Jobs API there)") from None
             raise JobsError(f"the Ray Jobs API at {self.address} refused the request: {text}") from None

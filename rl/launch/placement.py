@@ -43,9 +43,14 @@ class Placement:
         """`actor.options(**...)` for actor `index` of `role`: its resources, scheduled in its bundle."""
         for position, b in enumerate(self.bundles):
             if b.role == role and b.index == index:
-                opts: dict[str, Any] = {"num_cpus": b.resources.get("CPU", 0.0), "num_gpus": b.resources.get("GPU", 0.0)}
+                opts: dict[str, Any] = {
+                    "num_cpus": b.resources.get("CPU", 0.0),
+                    "num_gpus": b.resources.get("GPU", 0.0),
+                }
                 if self.group is not None:
-                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=position)
+                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        self.group, placement_group_bundle_index=position
+                    )
                 return opts
         raise KeyError(f"no bundle for {role} {index}")
 
@@ -60,9 +65,18 @@ def job_bundles(cfg: JobConfig) -> list[Bundle]:
         return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
 
     t, r = cfg.trainer, cfg.rollout
-    bundles = [Bundle("learner", i, "trainer.learner_cpus/learner_gpus", res(t.learner_cpus, t.learner_gpus)) for i in range(t.num_learners)]
-    bundles += [Bundle("rollout", i, "rollout.cpus_per_worker/gpus_per_worker", res(r.cpus_per_worker, r.gpus_per_worker)) for i in range(r.num_workers)]
-    bundles += [Bundle("reward_model", i, f"reward.models[{m.name}].num_cpus/num_gpus", res(m.num_cpus, m.num_gpus)) for i, m in enumerate(cfg.reward.models)]
+    bundles = [
+        Bundle("learner", i, "trainer.learner_cpus/learner_gpus", res(t.learner_cpus, t.learner_gpus))
+        for i in range(t.num_learners)
+    ]
+    bundles += [
+        Bundle("rollout", i, "rollout.cpus_per_worker/gpus_per_worker", res(r.cpus_per_worker, r.gpus_per_worker))
+        for i in range(r.num_workers)
+    ]
+    bundles += [
+        Bundle("reward_model", i, f"reward.models[{m.name}].num_cpus/num_gpus", res(m.num_cpus, m.num_gpus))
+        for i, m in enumerate(cfg.reward.models)
+    ]
     return bundles
 
 
@@ -72,8 +86,10 @@ def check_fits(bundles: list[Bundle], nodes: list[dict[str, float]], cluster: di
         if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in b.resources.items()) for node in nodes):
             biggest = max(nodes, key=lambda n: n.get("CPU", 0.0), default={})
             raise PlacementError(
-                f"a {b.role} actor needs {_fmt(b.resources)} ({b.setting}) but no node of the Ray cluster has that much "
-                f"(largest node: {_fmt({k: biggest.get(k, 0.0) for k in b.resources})}): lower {b.setting}, or add a bigger node"
+                f"a {b.role} actor needs {_fmt(b.resources)} ({b.setting}) but no node of the Ray cluster has that "
+                f"much "
+                f"(largest node: {_fmt({k: biggest.get(k, 0.0) for k in b.resources})}): lower {b.setting}, or add a "
+                f"bigger node"
             )
     for resource in sorted({k for b in bundles for k in b.resources}):
         parts: dict[str, float] = {}
@@ -84,7 +100,8 @@ def check_fits(bundles: list[Bundle], nodes: list[dict[str, float]], cluster: di
         if need > have + 1e-9:
             detail = ", ".join(f"{k} {v:g} in all" for k, v in parts.items())
             raise PlacementError(
-                f"the job needs {need:g} {resource}s ({detail}) but the Ray cluster has {have:g}: lower those, or give the "
+                f"the job needs {need:g} {resource}s ({detail}) but the Ray cluster has {have:g}: lower those, or "
+                f"give the "
                 f"local instance more with cluster.num_cpus (logical CPUs may exceed the cores)"
             )
 
@@ -99,8 +116,10 @@ def place(cfg: JobConfig) -> Placement:
     if not ready:
         remove_placement_group(group)
         raise PlacementError(
-            f"could not place the job's {len(bundles)} actors ({', '.join(f'{b.role} {_fmt(b.resources)}' for b in bundles)}) with strategy "
-            f"{cfg.cluster.placement_strategy} within {cfg.cluster.placement_timeout_s:g} s; available now: {_fmt(ray.available_resources())}. "
+            f"could not place the job's {len(bundles)} actors "
+            f"({', '.join(f'{b.role} {_fmt(b.resources)}' for b in bundles)}) with strategy "
+            f"{cfg.cluster.placement_strategy} within {cfg.cluster.placement_timeout_s:g} s; available now: "
+            f"{_fmt(ray.available_resources())}. "
             f"Other jobs may hold the resources, or the strategy cannot be met (STRICT_* on too few nodes)."
         )
     return Placement(group, bundles)

@@ -57,7 +57,9 @@ class Actors:
             cfg.rollout.num_workers,
             cfg.cluster.max_worker_restarts,
         )
-        reward_models = RewardModelPool(cfg.reward.models, lambda i: placement.options("reward_model", i), cfg.cluster.max_worker_restarts)
+        reward_models = RewardModelPool(
+            cfg.reward.models, lambda i: placement.options("reward_model", i), cfg.cluster.max_worker_restarts
+        )
         if reward_models.actors and cfg.reward.models_async:
             workers.set_reward_models(reward_models.actors, reward_model_item)
         return Actors(learner, workers, reward_models, placement, policy)
@@ -65,7 +67,9 @@ class Actors:
     def sync_weights(self, cfg: JobConfig, version: int) -> None:
         """Push the learners' weights (rank 0's) to every rollout worker as policy `version`."""
         if cfg.cluster.weight_sync == "collective":
-            assert isinstance(self.workers, RolloutPool) and isinstance(self.learner, LearnerGroup)  # the config requires ray
+            assert isinstance(self.workers, RolloutPool) and isinstance(
+                self.learner, LearnerGroup
+            )  # the config requires ray
             backend = "nccl" if cfg.trainer.learner_gpus > 0 and cfg.rollout.gpus_per_worker > 0 else "gloo"
             self.workers.broadcast_from(self.learner.actors[0], version, backend)
         else:

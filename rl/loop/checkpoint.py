@@ -27,9 +27,16 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, learner: Any, workers: Any, controller_state: dict[str, Any], keep: int, pending: list | None = None
+    run_dir: Path,
+    step: int,
+    learner: Any,
+    workers: Any,
+    controller_state: dict[str, Any],
+    keep: int,
+    pending: list | None = None,
 ) -> Path:
-    """`learner`: a LearnerGroup (or the in-process learner); `workers`: a rollout backend; `pending`: the trajectories of steps the async pipeline
+    """`learner`: a LearnerGroup (or the in-process learner); `workers`: a rollout backend; `pending`: the
+    trajectories of steps the async pipeline
     already generated ((step, trajectories) pairs)."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"

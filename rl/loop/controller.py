@@ -79,7 +79,11 @@ def rl_step(job: Job, step: int) -> dict[str, float]:
     else:  # every sample failed (each counted and logged by the scorer), or every group is still paused
         metrics = {"skipped_step": 1.0}
     metrics |= {"failed_samples": float(batch.failed), **batch.metrics, **sampling_metrics}
-    metrics |= {**timer.times, "time_step_s": sum(timer.times.values()), "rollout_steps_ahead": float(job.pipeline.in_flight)}
+    metrics |= {
+        **timer.times,
+        "time_step_s": sum(timer.times.values()),
+        "rollout_steps_ahead": float(job.pipeline.in_flight),
+    }
     if cfg.rollout.partial_rollout_budget:
         metrics["paused_samples"] = float(actors.workers.num_paused())
     if cfg.eval.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
@@ -87,7 +91,9 @@ def rl_step(job: Job, step: int) -> dict[str, float]:
     return metrics
 
 
-def advantage_batch(job: Job, scored: list[ScoredTrajectory], temperature: float) -> tuple[TrainBatch, dict[str, float]]:
+def advantage_batch(
+    job: Job, scored: list[ScoredTrajectory], temperature: float
+) -> tuple[TrainBatch, dict[str, float]]:
     """The learner's batch: the trajectories padded, each sequence's advantage on its policy tokens (with
     `algorithm.kl_in: reward`, from rewards less the KL to the reference policy, reported as `kl_reward_penalty`)."""
     algo = job.cfg.algorithm
@@ -119,11 +125,27 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
         sampler.check()
         actors = Actors.start(cfg, policy_dir)
         try:
-            pipeline = RolloutPipeline(cfg, actors.workers, sampler, lambda k: first_group_id(cfg, k), lambda k: rollout_temperature(cfg, k))
-            start = {"step": 0, "data_cursor": sampler.state_dict(), "workers": actors.workers.state(), "pending_rollouts": []}
+            pipeline = RolloutPipeline(
+                cfg, actors.workers, sampler, lambda k: first_group_id(cfg, k), lambda k: rollout_temperature(cfg, k)
+            )
+            start = {
+                "step": 0,
+                "data_cursor": sampler.state_dict(),
+                "workers": actors.workers.state(),
+                "pending_rollouts": [],
+            }
             job = Job(
-                cfg, run_dir, actors, sampler, pipeline, RewardScorer(cfg.reward), ADVANTAGES.get(cfg.algorithm.advantage),
-                actors.workers.pad_token_id(), eval_rows, MetricsLogger(run_dir, cfg.logging.tensorboard), start,
+                cfg,
+                run_dir,
+                actors,
+                sampler,
+                pipeline,
+                RewardScorer(cfg.reward),
+                ADVANTAGES.get(cfg.algorithm.advantage),
+                actors.workers.pad_token_id(),
+                eval_rows,
+                MetricsLogger(run_dir, cfg.logging.tensorboard),
+                start,
             )
             return _run(job, resume)
         finally:
@@ -131,7 +153,8 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
 
 
 def _run(job: Job, resume: bool) -> dict:
-    """Evaluate, run the steps (checkpointing, recovering a lost learner), evaluate again; returns eval.json's content."""
+    """Evaluate, run the steps (checkpointing, recovering a lost learner), evaluate again; returns eval.json's
+    content."""
     cfg, run_dir = job.cfg, job.run_dir
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
@@ -150,20 +173,34 @@ def _run(job: Job, resume: bool) -> dict:
         console.print(f"eval before RL: {_accuracies(evals['before'])}")
 
     learner_restarts = 0
-    columns = [TextColumn("RL step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("RL step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, disable=not cfg.logging.progress) as progress:
         bar = progress.add_task("rl", total=cfg.trainer.steps, completed=step - 1, status="")
         while step <= cfg.trainer.steps:
             try:
                 metrics = rl_step(job, step)
-                if step == cfg.trainer.steps or (cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0):
+                if step == cfg.trainer.steps or (
+                    cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0
+                ):
                     _checkpoint(job, step)
             except ACTOR_LOST as e:  # a learner is gone (the pools recover workers and reward models themselves)
                 learner_restarts += 1
                 if learner_restarts > cfg.cluster.max_learner_restarts:
-                    raise RuntimeError(f"the learner died {learner_restarts} times (cluster.max_learner_restarts = {cfg.cluster.max_learner_restarts})") from e
+                    raise RuntimeError(
+                        f"the learner died {learner_restarts} times (cluster.max_learner_restarts = "
+                        f"{cfg.cluster.max_learner_restarts})"
+                    ) from e
                 checkpoint = latest_checkpoint(run_dir)
-                console.print(f"[yellow]learner lost at step {step} ({type(e).__name__}); restarting it from {checkpoint or 'the start of the job'}")
+                console.print(
+                    f"[yellow]learner lost at step {step} ({type(e).__name__}); restarting it from "
+                    f"{checkpoint or 'the start of the job'}"
+                )
                 job.actors.restart_learner(cfg)
                 step = _restore(job, checkpoint) + 1
                 progress.update(bar, completed=step - 1)
@@ -177,7 +214,9 @@ def _run(job: Job, resume: bool) -> dict:
     if cfg.eval.enabled:
         evals["after"] = evaluate(job.actors.workers, job.scorer, job.eval_rows, cfg)
         eval_path.write_text(json.dumps(evals, indent=2))
-        console.print(f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}")
+        console.print(
+            f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}"
+        )
     console.print(f"run directory: {run_dir}")
     return evals
 
@@ -189,7 +228,15 @@ def _checkpoint(job: Job, step: int) -> None:
     for _, trajectories in pending:
         fetch_model_scores(trajectories, job.actors.reward_models, job.cfg.reward.models_async)
     controller_state = {"data_cursor": job.sampler.state_dict()}
-    save_checkpoint(job.run_dir, step, job.actors.learner, job.actors.workers, controller_state, job.cfg.trainer.keep_checkpoints, pending)
+    save_checkpoint(
+        job.run_dir,
+        step,
+        job.actors.learner,
+        job.actors.workers,
+        controller_state,
+        job.cfg.trainer.keep_checkpoints,
+        pending,
+    )
 
 
 def _restore(job: Job, checkpoint: Path | None) -> int:
@@ -225,7 +272,10 @@ def _warn_changed_config(path: Path, cfg: JobConfig) -> None:
     before, now = flat(yaml.safe_load(path.read_text()) or {}), flat(yaml.safe_load(dump_config(cfg)))
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k != "trainer.steps")
     if changed:
-        console.print(f"[yellow]--resume with settings that differ from the run's config.yaml: {', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}")
+        console.print(
+            f"[yellow]--resume with settings that differ from the run's config.yaml: "
+            f"{', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)}"
+        )
 
 
 def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
@@ -243,7 +293,8 @@ def _status(metrics: dict[str, float]) -> str:
         if metrics["failed_samples"]:
             return f"step skipped: all {metrics['failed_samples']:.0f} samples failed"
         return f"step skipped: no group finished ({metrics.get('paused_samples', 0):.0f} samples paused)"
-    return f"reward {metrics['reward_mean']:.3f}  acc {metrics['accuracy']:.3f}  |Δlogp| {metrics['mismatch_abs_logp']:.1e}"
+    reward, accuracy, mismatch = metrics["reward_mean"], metrics["accuracy"], metrics["mismatch_abs_logp"]
+    return f"reward {reward:.3f}  acc {accuracy:.3f}  |Δlogp| {mismatch:.1e}"
 
 
 def _accuracies(result: dict) -> str:

@@ -81,7 +81,9 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         else:
             good.append({**row, "_source": f"{p}#{i}"})
     if not good:
-        raise DataError(f"{p}: none of its {skipped} rows is usable (each needs `prompt` and `reward_model.ground_truth`)")
+        raise DataError(
+            f"{p}: none of its {skipped} rows is usable (each needs `prompt` and `reward_model.ground_truth`)"
+        )
     if skipped:
         log.warning("%s: skipped %d of %d rows", p, skipped, skipped + len(good))
     return good
@@ -93,7 +95,9 @@ def _row_problem(row: dict[str, Any]) -> str | None:
         pass
     elif not isinstance(prompt, list) or not prompt:
         return "`prompt` must be a non-empty list of chat messages or a string"
-    elif not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
+    elif not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    ):
         return "every `prompt` message needs string `role` and `content`"
     rm = row.get("reward_model")
     if not isinstance(rm, dict) or rm.get("ground_truth") is None:
@@ -104,11 +108,21 @@ def _row_problem(row: dict[str, Any]) -> str | None:
 def to_prompt_row(index: int, row: dict[str, Any]) -> PromptRow:
     """A validated verl-layout row (see `_row_problem`) as the typed record rollouts and rewards take."""
     prompt = row["prompt"]
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [{"role": m["role"], "content": m["content"]} for m in prompt]
+    messages = (
+        [{"role": "user", "content": prompt}]
+        if isinstance(prompt, str)
+        else [{"role": m["role"], "content": m["content"]} for m in prompt]
+    )
     extra = dict(row.get("extra_info") or {})
     if "_source" in row:
         extra.setdefault("source", row["_source"])
-    return PromptRow(index=index, messages=messages, data_source=str(row.get("data_source") or "unknown"), ground_truth=row["reward_model"]["ground_truth"], extra_info=extra)
+    return PromptRow(
+        index=index,
+        messages=messages,
+        data_source=str(row.get("data_source") or "unknown"),
+        ground_truth=row["reward_model"]["ground_truth"],
+        extra_info=extra,
+    )
 
 
 @dataclass
@@ -147,8 +161,10 @@ class PromptSampler:
             for row in self.rows:
                 value = row.extra_info.get("difficulty")
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise DataError(f"data.sampling=curriculum needs a numeric extra_info.difficulty in every row; row {row.index} "
-                                    f"({row.extra_info.get('source', row.data_source)}) has {value!r}")
+                    raise DataError(
+                        f"data.sampling=curriculum needs a numeric extra_info.difficulty in every row; row {row.index} "
+                        f"({row.extra_info.get('source', row.data_source)}) has {value!r}"
+                    )
 
     def next(self, n: int) -> list[PromptRow]:
         if self.mode == "prioritized":
@@ -180,7 +196,12 @@ class PromptSampler:
             self.success[i] = acc if old is None else (1 - self.success_ema) * old + self.success_ema * acc
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "draws": self.draws, "success": {str(k): v for k, v in self.success.items()}}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "draws": self.draws,
+            "success": {str(k): v for k, v in self.success.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -34,8 +34,11 @@ class _Ahead:
 
 
 class RolloutPipeline:
-    def __init__(self, cfg: JobConfig, workers: RolloutBackend, sampler: PromptSampler, first_group_id, temperature) -> None:
-        """`first_group_id(step)`: the group id of the step's first prompt; `temperature(step)`: its sampling temperature."""
+    def __init__(
+        self, cfg: JobConfig, workers: RolloutBackend, sampler: PromptSampler, first_group_id, temperature
+    ) -> None:
+        """`first_group_id(step)`: the group id of the step's first prompt; `temperature(step)`: its sampling
+        temperature."""
         self.cfg, self.workers, self.sampler = cfg, workers, sampler
         self.first_group_id, self.temperature = first_group_id, temperature
         self.ahead: deque[_Ahead] = deque()
@@ -54,7 +57,9 @@ class RolloutPipeline:
     def _submit(self, step: int) -> object:
         rows = self.sampler.next(self.cfg.trainer.prompts_per_step)
         r = self.cfg.rollout
-        return self.workers.submit_step(rows, self.first_group_id(step), r.samples_per_prompt, r.partial_rollout_budget, self.temperature(step))
+        return self.workers.submit_step(
+            rows, self.first_group_id(step), r.samples_per_prompt, r.partial_rollout_budget, self.temperature(step)
+        )
 
     @property
     def in_flight(self) -> int:

@@ -16,7 +16,13 @@ from rl.loop.pipeline import RolloutPipeline
 
 
 def collect_batch(
-    cfg: JobConfig, step: int, pipeline: RolloutPipeline, sampler: PromptSampler, actors: Actors, scorer: RewardScorer, timer: StageTimer
+    cfg: JobConfig,
+    step: int,
+    pipeline: RolloutPipeline,
+    sampler: PromptSampler,
+    actors: Actors,
+    scorer: RewardScorer,
+    timer: StageTimer,
 ) -> tuple[ScoringResult, dict[str, float]]:
     """Collect (the pipeline started them, up to `rollout.max_staleness` steps ago) and score one step's batch;
     returns it with the sampling metrics.
@@ -25,7 +31,10 @@ def collect_batch(
     are dropped and new prompts are drawn to replace them, for at most `dynamic_sampling_max_rounds` extra rounds
     (generated at once, with the current weights); the batch keeps at most `trainer.prompts_per_step` groups.
     """
-    want, rounds = cfg.trainer.prompts_per_step, cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 0
+    want, rounds = (
+        cfg.trainer.prompts_per_step,
+        cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 0,
+    )
     kept: list[ScoredTrajectory] = []
     failed, dropped, counts = 0, 0, Counter()
     for round_ in range(rounds + 1):
@@ -39,7 +48,11 @@ def collect_batch(
                 r = cfg.rollout
                 rows = sampler.next(missing)
                 trajectories = actors.workers.generate_step(
-                    rows, first_group_id(cfg, step, round_), r.samples_per_prompt, r.partial_rollout_budget, rollout_temperature(cfg, step)
+                    rows,
+                    first_group_id(cfg, step, round_),
+                    r.samples_per_prompt,
+                    r.partial_rollout_budget,
+                    rollout_temperature(cfg, step),
                 )
         with timer("score"):
             fetch_model_scores(trajectories, actors.reward_models, cfg.reward.models_async)
@@ -60,7 +73,11 @@ def collect_batch(
             break
     keep_ids = set(list(dict.fromkeys(s.trajectory.group_id for s in kept))[:want])
     kept = [s for s in kept if s.trajectory.group_id in keep_ids]
-    extra = {"dropped_groups": float(dropped), "sampling_rounds": float(round_ + 1)} if cfg.algorithm.dynamic_sampling else {}
+    extra = (
+        {"dropped_groups": float(dropped), "sampling_rounds": float(round_ + 1)}
+        if cfg.algorithm.dynamic_sampling
+        else {}
+    )
     return ScoringResult(scored=kept, failed=failed, metrics=dict(counts)), extra
 
 

@@ -27,7 +27,10 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -81,10 +84,14 @@ def tiny_deepseek_v3_config(tiny: TinyModelConfig, tokenizer: PreTrainedTokenize
     )
 
 
-def build_tiny_policy(tiny: TinyModelConfig, corpus: Iterable[str], seed: int) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+def build_tiny_policy(
+    tiny: TinyModelConfig, corpus: Iterable[str], seed: int
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """Train the tokenizer on `corpus` and initialize a tiny DeepseekV3 model for it."""
     tokenizer = train_tokenizer(corpus, tiny.vocab_size)
     torch.manual_seed(seed)
     config = tiny_deepseek_v3_config(tiny, tokenizer)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation=tiny.experts_implementation)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, experts_implementation=tiny.experts_implementation
+    )
     return model, tokenizer

@@ -5,7 +5,8 @@ Each targeted weight becomes `<module>.weight_packed` (int32, 8 values per word 
 `<module>.weight_scale` (the spec's scale dtype, one per group) and `<module>.weight_shape`; fused experts are
 written per expert (`mlp.experts.<e>.{gate,up,down}_proj`), the names transformers saves and serving engines load.
 The values come from `rollouts.quant.quantize`, the function behind the learner's fake-quant and the weight sync, so
-`rollouts.model.load_exported` gives back the learner's fake-quant weights bit for bit. `quantization_config` is built with
+`rollouts.model.load_exported` gives back the learner's fake-quant weights bit for bit. `quantization_config` is built
+with
 compressed-tensors' own pydantic models, so a malformed field fails here rather than in a serving engine.
 """
 
@@ -77,13 +78,17 @@ def export_policy(policy_dir: Path, quant: QuantConfig, out: Path, dtype: str = 
     config["quantization_config"] = quantization_config(spec, ignore)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save_pretrained(out)
-    (out / SPEC_FILE).write_text(json.dumps({**quant.model_dump(mode="json"), "quantized_tensors": len(quantized)}, indent=2))
+    (out / SPEC_FILE).write_text(
+        json.dumps({**quant.model_dump(mode="json"), "quantized_tensors": len(quantized)}, indent=2)
+    )
     return out
 
 
 def quantization_config(spec: QuantSpec, ignore: list[str]) -> dict:
     """The `quantization_config` of config.json: W4A16, symmetric int, group strategy (as K2 Thinking)."""
-    weights = QuantizationArgs(num_bits=spec.bits, type="int", symmetric=True, strategy="group", group_size=spec.group_size, dynamic=False)
+    weights = QuantizationArgs(
+        num_bits=spec.bits, type="int", symmetric=True, strategy="group", group_size=spec.group_size, dynamic=False
+    )
     config = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
         format="pack-quantized",
@@ -107,6 +112,9 @@ def _checkpoint_names(targets: list[str], saved: dict[str, torch.Tensor], model:
         found = {n for n in saved if pattern and pattern.fullmatch(n)}
         experts = model.get_parameter(target).shape[0]
         if len(found) != experts * (2 if fused == "gate_up_proj" else 1):
-            raise ValueError(f"export: cannot find the checkpoint tensors of {target} ({len(found)} found); unsupported expert layout")
+            raise ValueError(
+                f"export: cannot find the checkpoint tensors of {target} ({len(found)} found); unsupported expert "
+                f"layout"
+            )
         names |= found
     return names

@@ -58,7 +58,10 @@ def prepare_policy(cfg: JobConfig, log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     report = build_default_policy(cfg, tmp)
     if report is not None:
-        log(f"warm start: {report['steps']:.0f} steps in {report['seconds']:.0f}s, loss {report['loss']:.3f}, held-out copy accuracy {report['copy_accuracy']:.3f}")
+        log(
+            f"warm start: {report['steps']:.0f} steps in {report['seconds']:.0f}s, loss {report['loss']:.3f}, "
+            f"held-out copy accuracy {report['copy_accuracy']:.3f}"
+        )
     if target.exists():  # another job built the same policy meanwhile
         shutil.rmtree(tmp)
     else:
@@ -66,10 +69,18 @@ def prepare_policy(cfg: JobConfig, log=print) -> Path:
     return target
 
 
-def _demonstrations(cfg: JobConfig, n: int, rng: random.Random, split: str = "warmstart") -> list[tuple[list[dict], list[dict]]]:
+def _demonstrations(
+    cfg: JobConfig, n: int, rng: random.Random, split: str = "warmstart"
+) -> list[tuple[list[dict], list[dict]]]:
     """(prompt messages, assistant-side messages) pairs; the eval split's problems are never used."""
     rows = calculator.make_rows(n, seed=cfg.seed, split=split)
-    return [(row["prompt"], calculator.demonstration(row["extra_info"]["expression"], rng.random() < cfg.warm_start.tool_use_rate)) for row in rows]
+    return [
+        (
+            row["prompt"],
+            calculator.demonstration(row["extra_info"]["expression"], rng.random() < cfg.warm_start.tool_use_rate),
+        )
+        for row in rows
+    ]
 
 
 def build_default_policy(cfg: JobConfig, out: Path) -> dict[str, float] | None:
@@ -85,7 +96,9 @@ def build_default_policy(cfg: JobConfig, out: Path) -> dict[str, float] | None:
         checks = _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check")
         held_out = [_demo_tokens(renderer, p, t) for p, t in checks if len(t) > 1][:64]  # tool-using ones
         digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
-        report = supervised_warm_start(model, sequences, held_out, digit_ids, ws, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress)
+        report = supervised_warm_start(
+            model, sequences, held_out, digit_ids, ws, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress
+        )
     save_policy(model, tokenizer, out)
     if report is not None:
         (out / "warm_start.json").write_text(json.dumps(report, indent=2))
@@ -104,13 +117,17 @@ def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict]) -> t
     ids = renderer.prompt_ids(prompt, [CALC_TOOL])
     mask = [0.0] * len(ids)
     for message in turns:
-        piece = renderer.assistant_ids(message) if message["role"] == "assistant" else renderer.observation_ids([message])
+        piece = (
+            renderer.assistant_ids(message) if message["role"] == "assistant" else renderer.observation_ids([message])
+        )
         ids += piece
         mask += [1.0 if message["role"] == "assistant" else 0.0] * len(piece)
     return ids, mask
 
 
-def _batch(sequences: list[tuple[list[int], list[float]]], pick: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    sequences: list[tuple[list[int], list[float]]], pick: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and loss mask ([b, t] each)."""
     width = max(len(sequences[i][0]) for i in pick)
     ids = torch.full((len(pick), width), pad_id, dtype=torch.long)
@@ -125,7 +142,9 @@ def _batch(sequences: list[tuple[list[int], list[float]]], pick: list[int], pad_
 
 
 @torch.no_grad()
-def copy_accuracy(model: torch.nn.Module, sequences: list[tuple[list[int], list[float]]], digit_ids: torch.Tensor, pad_id: int) -> float:
+def copy_accuracy(
+    model: torch.nn.Module, sequences: list[tuple[list[int], list[float]]], digit_ids: torch.Tensor, pad_id: int
+) -> float:
     """Teacher-forced accuracy on the digits the policy must write: the skill the warm start is for."""
     model.eval()
     ids, attn, mask = _batch(sequences, list(range(len(sequences))), pad_id)
@@ -162,17 +181,26 @@ def supervised_warm_start(
     model.train()
     start = time.time()
     loss_value = float("nan")
-    columns = [TextColumn("warm start"), BarColumn(), TextColumn("{task.completed}/{task.total}  loss {task.fields[loss]:.3f}  copy acc {task.fields[acc]:.2f}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("warm start"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}  loss {task.fields[loss]:.3f}  copy acc {task.fields[acc]:.2f}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, transient=False, disable=not progress_bar) as progress:
         task = progress.add_task("warm start", total=ws.steps, loss=float("nan"), acc=0.0)
         step = 0
         for step in range(1, ws.steps + 1):
             if anneal_from is None and step > ws.steps - ws.anneal_steps:
                 anneal_from = step - 1  # the cap is near: anneal anyway
-            scale = min(1.0, step / warmup) if anneal_from is None else max(0.0, 1 - (step - anneal_from) / ws.anneal_steps)
+            scale = (
+                min(1.0, step / warmup) if anneal_from is None else max(0.0, 1 - (step - anneal_from) / ws.anneal_steps)
+            )
             for group in optimizer.param_groups:
                 group["lr"] = ws.lr * scale
-            ids, attn, mask = _batch(sequences, torch.randint(len(sequences), (ws.batch_size,), generator=gen).tolist(), pad_id)
+            ids, attn, mask = _batch(
+                sequences, torch.randint(len(sequences), (ws.batch_size,), generator=gen).tolist(), pad_id
+            )
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [b, t-1, vocab]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, t-1]
             loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()

@@ -34,7 +34,10 @@ def make_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
         expression, answer = _problem(rng)
         rows.append(
             {
-                "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": f"Compute {expression}."}],
+                "prompt": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": f"Compute {expression}."},
+                ],
                 "data_source": DATA_SOURCE,
                 "reward_model": {"style": "rule", "ground_truth": str(answer)},
                 "extra_info": {"split": split, "index": i, "expression": expression},
@@ -54,7 +57,12 @@ def demonstration(expression: str, use_tool: bool) -> list[dict[str, Any]]:
     answer = format_number(evaluate(expression))
     if not use_tool:
         guess = re.split(r"[-+*/]", expression)[-1]
-        return [{"role": "assistant", "content": f"<think>{expression} is hard; I will guess.</think>The answer is {guess}."}]
+        return [
+            {
+                "role": "assistant",
+                "content": f"<think>{expression} is hard; I will guess.</think>The answer is {guess}.",
+            }
+        ]
     call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": expression}}}
     return [
         {"role": "assistant", "content": "<think>I need calc.</think>", "tool_calls": [call]},
@@ -63,4 +71,6 @@ def demonstration(expression: str, use_tool: bool) -> list[dict[str, Any]]:
     ]
 
 
-TASK = register_task(Task(name="calculator", make_rows=make_rows, env="calculator", reward="calculator", demonstration=demonstration))
+TASK = register_task(
+    Task(name="calculator", make_rows=make_rows, env="calculator", reward="calculator", demonstration=demonstration)
+)

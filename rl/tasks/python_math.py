@@ -29,7 +29,11 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
     kind = rng.choice(["squares", "primes", "powmod", "fib", "divisible"])
     if kind == "squares":
         n = rng.randint(20, 99)
-        return f"What is the sum of the squares of the integers from 1 to {n}?", f"print(sum(i*i for i in range(1, {n + 1})))", sum(i * i for i in range(1, n + 1))
+        return (
+            f"What is the sum of the squares of the integers from 1 to {n}?",
+            f"print(sum(i*i for i in range(1, {n + 1})))",
+            sum(i * i for i in range(1, n + 1)),
+        )
     if kind == "primes":
         n = rng.randint(100, 999)
         code = f"print(sum(all(k % d for d in range(2, int(k**0.5) + 1)) for k in range(2, {n})))"
@@ -43,7 +47,11 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
         return f"What is the Fibonacci number F({n}), with F(1) = F(2) = 1?", code, _fib(n)
     n, a, b = rng.randint(100, 9999), rng.randint(2, 9), rng.randint(11, 19)
     code = f"print(sum(1 for i in range(1, {n + 1}) if i % {a} == 0 or i % {b} == 0))"
-    return f"How many integers from 1 to {n} are divisible by {a} or by {b}?", code, sum(1 for i in range(1, n + 1) if i % a == 0 or i % b == 0)
+    return (
+        f"How many integers from 1 to {n} are divisible by {a} or by {b}?",
+        code,
+        sum(1 for i in range(1, n + 1) if i % a == 0 or i % b == 0),
+    )
 
 
 def make_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:

@@ -31,7 +31,10 @@ def make_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
         f, field = rng.choice(pool), rng.choice(sorted(_QUESTIONS))
         rows.append(
             {
-                "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _QUESTIONS[field].format(**f)}],
+                "prompt": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": _QUESTIONS[field].format(**f)},
+                ],
                 "data_source": DATA_SOURCE,
                 "reward_model": {"style": "rule", "ground_truth": f[field]},
                 "extra_info": {"split": split, "index": i, "island": f["island"], "field": field},

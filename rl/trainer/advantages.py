@@ -25,7 +25,9 @@ register_advantage = ADVANTAGES.register
 
 
 @register_advantage("grpo")
-def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, normalize_by_std: bool = True, eps: float = 1e-6, **_: object) -> torch.Tensor:
+def grpo(
+    rewards: torch.Tensor, group_ids: torch.Tensor, normalize_by_std: bool = True, eps: float = 1e-6, **_: object
+) -> torch.Tensor:
     """rewards [batch] float, group_ids [batch] int -> advantages [batch]."""
     advantages = torch.zeros_like(rewards, dtype=torch.float32)
     for gid in group_ids.unique():
@@ -74,7 +76,9 @@ def reinforce_pp(rewards: torch.Tensor, group_ids: torch.Tensor, lengths: torch.
 
 
 @register_advantage("reinforce_pp_baseline")
-def reinforce_pp_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, lengths: torch.Tensor, **_: object) -> torch.Tensor:
+def reinforce_pp_baseline(
+    rewards: torch.Tensor, group_ids: torch.Tensor, lengths: torch.Tensor, **_: object
+) -> torch.Tensor:
     centered = rewards.float().clone()
     for gid in group_ids.unique():
         members = group_ids == gid

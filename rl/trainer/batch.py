@@ -38,7 +38,11 @@ class TrainBatch:
         return self._map_tensors(lambda t: t[rows])
 
     def _map_tensors(self, fn) -> TrainBatch:
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        tensors = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         return dataclasses.replace(self, **{name: fn(t) for name, t in tensors.items()})
 
     def shard(self, n: int) -> list[TrainBatch]:
@@ -47,13 +51,19 @@ class TrainBatch:
         before = [0.0] + self.attention_mask.sum(1).to(torch.float64).cumsum(0).tolist()  # tokens before sequence i
         total = before[-1]
         # shard k ends at the sequence boundary nearest to k/n of the tokens
-        cuts = [0] + [min(range(len(before)), key=lambda i, t=total * k / n: abs(before[i] - t)) for k in range(1, n)] + [self.num_sequences]
+        cuts = (
+            [0]
+            + [min(range(len(before)), key=lambda i, t=total * k / n: abs(before[i] - t)) for k in range(1, n)]
+            + [self.num_sequences]
+        )
         for k in range(1, len(cuts)):
             cuts[k] = max(cuts[k], cuts[k - 1])
         return [self.select(slice(cuts[k], cuts[k + 1])) for k in range(n)]
 
     @staticmethod
-    def from_scored(scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int, temperature: float | None = None) -> TrainBatch:
+    def from_scored(
+        scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int, temperature: float | None = None
+    ) -> TrainBatch:
         """Right-pad the trajectories; `advantages` is one scalar per trajectory ([batch])."""
         if not scored:
             raise ValueError("cannot build a TrainBatch from zero trajectories")

@@ -21,36 +21,81 @@ class AlgorithmConfig(Section):
     """Advantage estimator and policy loss (formulas and sources: rl/trainer/advantages.py, rl/trainer/losses.py)."""
 
     advantage: str = Field(
-        "grpo", description="Registered advantage estimator: grpo (normalize_by_std=false: Dr.GRPO), rloo, mean_baseline (K1.5/K2), reinforce_pp, reinforce_pp_baseline."
+        "grpo",
+        description="Registered advantage estimator: grpo (normalize_by_std=false: Dr.GRPO), rloo, mean_baseline "
+        "(K1.5/K2), reinforce_pp, reinforce_pp_baseline.",
     )
     normalize_by_std: bool = Field(True, description="GRPO: divide by the group's std (False = Dr.GRPO).")
-    loss: str = Field("ppo_clip", description="Registered policy loss: ppo_clip (DAPO clip-higher: clip_ratio_high > clip_ratio_low), gspo, cispo, k2 (with advantage: mean_baseline, as Kimi).")
-    loss_agg_mode: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = Field(
-        "auto", description="How token losses make the batch loss; auto: token-mean, gspo: seq-mean-token-mean, k2: seq-mean-token-sum."
+    loss: str = Field(
+        "ppo_clip",
+        description="Registered policy loss: ppo_clip (DAPO clip-higher: clip_ratio_high > clip_ratio_low), gspo, "
+        "cispo, k2 (with advantage: mean_baseline, as Kimi).",
+    )
+    loss_agg_mode: Literal[
+        "auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+    ] = Field(
+        "auto",
+        description="How token losses make the batch loss; auto: token-mean, gspo: seq-mean-token-mean, k2: "
+        "seq-mean-token-sum.",
     )
     clip_ratio_low: float = Field(0.2, ge=0, description="ratio >= 1 - clip_ratio_low (GSPO's paper: 3e-4).")
-    clip_ratio_high: float = Field(0.2, ge=0, description="ratio <= 1 + clip_ratio_high (DAPO: 0.28; GSPO's paper: 4e-4).")
-    k2_tau: float = Field(0.1, gt=0, description="k2 loss: weight of the pull toward the sampling policy, (A - tau log(pi/pi_old))^2 / (2 tau).")
+    clip_ratio_high: float = Field(
+        0.2, ge=0, description="ratio <= 1 + clip_ratio_high (DAPO: 0.28; GSPO's paper: 4e-4)."
+    )
+    k2_tau: float = Field(
+        0.1,
+        gt=0,
+        description="k2 loss: weight of the pull toward the sampling policy, (A - tau log(pi/pi_old))^2 / (2 tau).",
+    )
     token_mask: tuple[float, float] | None = Field(
-        None, description="K2.5 token mask [alpha, beta]: tokens whose log(pi/pi_rollout) leaves this band get no gradient (null = off)."
+        None,
+        description="K2.5 token mask [alpha, beta]: tokens whose log(pi/pi_rollout) leaves this band get no gradient "
+        "(null = off).",
     )
-    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus: coef x mean token entropy is subtracted from the loss.")
-    kl_coef: float = Field(0.0, ge=0, description="KL penalty to the reference policy (the job's starting weights); 0 = off, no reference copy kept.")
+    entropy_coef: float = Field(
+        0.0, ge=0, description="Entropy bonus: coef x mean token entropy is subtracted from the loss."
+    )
+    kl_coef: float = Field(
+        0.0,
+        ge=0,
+        description="KL penalty to the reference policy (the job's starting weights); 0 = off, no reference copy kept.",
+    )
     kl_in: Literal["loss", "reward"] = Field(
-        "loss", description="loss: coef x per-token KL estimate added to the loss (GRPO); reward: coef x the sample's summed log-ratio subtracted from its reward before advantages (PPO/RLOO style)."
+        "loss",
+        description="loss: coef x per-token KL estimate added to the loss (GRPO); reward: coef x the sample's summed "
+        "log-ratio subtracted from its reward before advantages (PPO/RLOO style).",
     )
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1 = log ratio, k2 = half squared, k3 = exp(-x) - 1 + x).")
-    ptx_coef: float = Field(0.0, ge=0, description="PTX loss (K1.5/K2): weight of an auxiliary NLL on curated examples (algorithm.ptx_files); 0 = off.")
-    ptx_files: list[str] = Field(default_factory=list, description="JSONL files of {messages: [...]} (loss on assistant turns) or {text: ...} for the PTX loss.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k3", description="Per-token KL estimator (Schulman's k1 = log ratio, k2 = half squared, k3 = exp(-x) - 1 + x)."
+    )
+    ptx_coef: float = Field(
+        0.0,
+        ge=0,
+        description="PTX loss (K1.5/K2): weight of an auxiliary NLL on curated examples (algorithm.ptx_files); 0 = "
+        "off.",
+    )
+    ptx_files: list[str] = Field(
+        default_factory=list,
+        description="JSONL files of {messages: [...]} (loss on assistant turns) or {text: ...} for the PTX loss.",
+    )
     ptx_batch_size: int = Field(8, ge=1, description="PTX examples per learner step.")
-    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal (no signal) and draw new prompts to refill the batch.")
-    dynamic_sampling_max_rounds: int = Field(3, ge=1, description="DAPO: extra generate-and-score rounds a step may take to refill.")
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO: drop groups whose rewards are all equal (no signal) and draw new prompts to refill the "
+        "batch.",
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        3, ge=1, description="DAPO: extra generate-and-score rounds a step may take to refill."
+    )
     rollout_correction: Literal["none", "tis", "mis"] = Field(
         "none",
-        description="Train-inference mismatch: none = the loss's ratio is taken against the rollout logprobs; tis/mis = against "
+        description="Train-inference mismatch: none = the loss's ratio is taken against the rollout logprobs; tis/mis "
+        "= against "
         "the learner's own, times the truncated (tis) or masked (mis) importance weight pi_learner/pi_rollout.",
     )
-    rollout_correction_cap: float = Field(2.0, gt=1, description="tis: weights truncated at this; mis: weights outside [1/cap, cap] masked.")
+    rollout_correction_cap: float = Field(
+        2.0, gt=1, description="tis: weights truncated at this; mis: weights outside [1/cap, cap] masked."
+    )
 
     @model_validator(mode="after")
     def _check_band(self) -> AlgorithmConfig:
@@ -69,59 +114,96 @@ class AlgorithmConfig(Section):
                 ("k2_tau", "to loss: k2", self.loss == "k2" or self.loss not in _BUILTIN_LOSSES),
                 ("clip_ratio_low", "to the clipped losses (ppo_clip, gspo, cispo)", self.loss != "k2"),
                 ("clip_ratio_high", "to the clipped losses (ppo_clip, gspo, cispo)", self.loss != "k2"),
-                ("normalize_by_std", "to advantage: grpo", self.advantage == "grpo" or self.advantage not in _BUILTIN_ADVANTAGES),
+                (
+                    "normalize_by_std",
+                    "to advantage: grpo",
+                    self.advantage == "grpo" or self.advantage not in _BUILTIN_ADVANTAGES,
+                ),
                 ("kl_in", "only with kl_coef > 0", self.kl_coef > 0),
-                ("kl_estimator", "only with kl_coef > 0 and kl_in: loss (kl_in: reward uses the log ratio)", self.kl_coef > 0 and self.kl_in == "loss"),
+                (
+                    "kl_estimator",
+                    "only with kl_coef > 0 and kl_in: loss (kl_in: reward uses the log ratio)",
+                    self.kl_coef > 0 and self.kl_in == "loss",
+                ),
                 ("ptx_files", "only with ptx_coef > 0", self.ptx_coef > 0),
                 ("ptx_batch_size", "only with ptx_coef > 0", self.ptx_coef > 0),
                 ("dynamic_sampling_max_rounds", "only with dynamic_sampling: true", self.dynamic_sampling),
-                ("rollout_correction_cap", "only with rollout_correction: tis or mis", self.rollout_correction != "none"),
+                (
+                    "rollout_correction_cap",
+                    "only with rollout_correction: tis or mis",
+                    self.rollout_correction != "none",
+                ),
             )
             if self._changed(key) and not applies
         ]
         if ignored:
-            raise ValueError("settings that do not apply to this algorithm: " + "; ".join(f"algorithm.{x}" for x in ignored))
+            raise ValueError(
+                "settings that do not apply to this algorithm: " + "; ".join(f"algorithm.{x}" for x in ignored)
+            )
         return self
 
     def _changed(self, key: str) -> bool:
         """Whether `key` was set to something other than its default."""
-        return key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].get_default(call_default_factory=True)
+        return key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].get_default(
+            call_default_factory=True
+        )
 
 
 class TrainerConfig(Section):
     """The RL loop and the learner."""
 
     steps: int = Field(30, ge=1, description="RL steps.")
-    prompts_per_step: int = Field(16, ge=1, description="Prompts per RL step (each sampled `samples_per_prompt` times).")
+    prompts_per_step: int = Field(
+        16, ge=1, description="Prompts per RL step (each sampled `samples_per_prompt` times)."
+    )
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (AdamW and Muon).")
-    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw, or muon: Muon for hidden 2-D weight matrices, AdamW for the rest (rl/trainer/optim.py).")
-    reset_optimizer_each_step: bool = Field(False, description="K1.5: fresh optimizer state at every RL iteration (each step's batch is a new problem).")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw",
+        description="adamw, or muon: Muon for hidden 2-D weight matrices, AdamW for the rest (rl/trainer/optim.py).",
+    )
+    reset_optimizer_each_step: bool = Field(
+        False, description="K1.5: fresh optimizer state at every RL iteration (each step's batch is a new problem)."
+    )
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per learner forward/backward.")
     micro_batch_tokens: int = Field(
-        0, ge=0, description="Also cap a micro-batch at this many padded tokens (sequences x the longest), so long samples train in smaller micro-batches; 0 = no cap."
+        0,
+        ge=0,
+        description="Also cap a micro-batch at this many padded tokens (sequences x the longest), so long samples "
+        "train in smaller micro-batches; 0 = no cap.",
     )
     share_prompt: bool = Field(
         True,
         description="Forward each distinct prompt of a micro-batch once and its samples' continuations on its KV cache "
-        "(same logprobs and gradients, fewer positions: rl/trainer/forward.py); models that fail the check at start forward whole sequences.",
+        "(same logprobs and gradients, fewer positions: rl/trainer/forward.py); models that fail the check at start "
+        "forward whole sequences.",
     )
     skip_zero_advantage_backward: bool = Field(
         True,
-        description="Sequences whose every policy token has advantage 0 (a GRPO group of equal rewards) give no gradient "
+        description="Sequences whose every policy token has advantage 0 (a GRPO group of equal rewards) give no "
+        "gradient "
         "under a loss that vanishes there (checked on the loss; no entropy bonus, no KL in the loss): forward them "
         "without autograd, for the metrics, and skip their backward (same update, less work: rl/trainer/learner.py).",
     )
     score_zero_advantage: bool = Field(
         True,
-        description="With skip_zero_advantage_backward: still forward the sequences without gradient so that the metrics "
-        "(mismatch, entropy, clip fraction, ...) cover every token; false: the metrics cover the trained sequences only "
+        description="With skip_zero_advantage_backward: still forward the sequences without gradient so that the "
+        "metrics "
+        "(mismatch, entropy, clip fraction, ...) cover every token; false: the metrics cover the trained sequences "
+        "only "
         "(as with DAPO's filtered groups) and the others cost the learner nothing.",
     )
-    num_learners: int = Field(1, ge=1, description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a token-balanced shard of the batch.")
+    num_learners: int = Field(
+        1,
+        ge=1,
+        description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a "
+        "token-balanced shard of the batch.",
+    )
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
-    learner_gpus: float = Field(0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU).")
+    learner_gpus: float = Field(
+        0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU)."
+    )
     learner_threads: int = Field(2, ge=1, description="torch threads inside the learner.")
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")

@@ -32,9 +32,17 @@ def free_address() -> tuple[str, int]:
         return ip, int(s.getsockname()[1])
 
 
-def init_process_group(rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float = 300.0) -> None:
+def init_process_group(
+    rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float = 300.0
+) -> None:
     """Join the learners' process group (gloo on CPU, nccl on GPU)."""
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{address}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
 
 
 def is_distributed() -> bool:

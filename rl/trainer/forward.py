@@ -44,7 +44,10 @@ class Prompts:
         first = scored.float().argmax(1)
         lengths = torch.where(scored.any(1), first, attention_mask.sum(1)).clamp(min=1)
         seen: dict[tuple[int, ...], int] = {}
-        ids = [seen.setdefault(tuple(row[:n].tolist()), len(seen)) for row, n in zip(input_ids, lengths.tolist(), strict=True)]
+        ids = [
+            seen.setdefault(tuple(row[:n].tolist()), len(seen))
+            for row, n in zip(input_ids, lengths.tolist(), strict=True)
+        ]
         return Prompts(ids, lengths)
 
     def rows(self, index: torch.Tensor) -> Prompts:
@@ -52,7 +55,9 @@ class Prompts:
         return Prompts([self.ids[i] for i in index.tolist()], self.lengths[index])
 
 
-def plan(attention_mask: torch.Tensor, max_sequences: int, max_tokens: int = 0, prompts: Prompts | None = None) -> list[torch.Tensor]:
+def plan(
+    attention_mask: torch.Tensor, max_sequences: int, max_tokens: int = 0, prompts: Prompts | None = None
+) -> list[torch.Tensor]:
     """Micro-batches (row indices into the batch) of at most `max_sequences` rows and, with `max_tokens`, at most
     that many forwarded positions; a row over `max_tokens` alone gets a micro-batch of its own.
 
@@ -92,18 +97,29 @@ def forwarded_positions(attention_mask: torch.Tensor, prompts: Prompts | None) -
     if prompts is None:
         return int(attention_mask.shape[0] * lengths.max())
     distinct = len(set(prompts.ids))
-    return int(distinct * prompts.lengths.max() + attention_mask.shape[0] * (lengths - prompts.lengths).clamp(min=0).max())
+    return int(
+        distinct * prompts.lengths.max() + attention_mask.shape[0] * (lengths - prompts.lengths).clamp(min=0).max()
+    )
 
 
 def scoring_states(
-    forward: Forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor, prompts: Prompts | None = None
+    forward: Forward,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    where: torch.Tensor,
+    prompts: Prompts | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The last hidden states that score the tokens at `where` ([n, hidden]: the state at position i - 1 scores
     token i) and those tokens' (rows, positions). Position 0 is never scored. With `prompts`, each distinct
     prompt is forwarded once and the continuations on its KV cache."""
     scored = _scorable(where, attention_mask)
     if prompts is None:
-        out = forward(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=_no_logits(input_ids))
+        out = forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=_no_logits(input_ids),
+        )
         rows, cols = scored[:, 1:].nonzero(as_tuple=True)
         return out.hidden_states[-1][rows, cols], (rows, cols + 1)
 
@@ -111,12 +127,23 @@ def scoring_states(
     group = torch.tensor(prompts.ids, device=input_ids.device)
     first_row = {g: row for row, g in reversed(list(enumerate(prompts.ids)))}  # a row holding each distinct prompt
     width = int(starts.max())
-    prompt_ids, prompt_mask = input_ids.new_zeros(len(first_row), width), attention_mask.new_zeros(len(first_row), width)
+    prompt_ids, prompt_mask = (
+        input_ids.new_zeros(len(first_row), width),
+        attention_mask.new_zeros(len(first_row), width),
+    )
     for g, row in first_row.items():
         n = int(starts[row])
         prompt_ids[g, :n], prompt_mask[g, :n] = input_ids[row, :n], 1
-    head = forward(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, output_hidden_states=True, logits_to_keep=_no_logits(input_ids))
-    last_prompt_state = head.hidden_states[-1][group, starts - 1]  # [rows, hidden]: scores each row's first continuation token
+    head = forward(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=_no_logits(input_ids),
+    )
+    last_prompt_state = head.hidden_states[-1][
+        group, starts - 1
+    ]  # [rows, hidden]: scores each row's first continuation token
     cont_len = (attention_mask.sum(1) - starts).clamp(min=0)
     span = int(cont_len.max())
     if span == 0:
@@ -128,10 +155,16 @@ def scoring_states(
         cache = head.past_key_values
         cache.batch_select_indices(group)  # row r attends to its prompt's keys and values (indexing: gradients add up)
         tail = forward(
-            input_ids=cont_ids, attention_mask=torch.cat([prompt_mask[group], cont_mask], 1), position_ids=starts[:, None] + cols[None],
-            past_key_values=cache, output_hidden_states=True, logits_to_keep=_no_logits(input_ids),
+            input_ids=cont_ids,
+            attention_mask=torch.cat([prompt_mask[group], cont_mask], 1),
+            position_ids=starts[:, None] + cols[None],
+            past_key_values=cache,
+            output_hidden_states=True,
+            logits_to_keep=_no_logits(input_ids),
         )
-        states = torch.cat([last_prompt_state[:, None], tail.hidden_states[-1][:, :-1]], 1)  # [rows, span]: j scores token start + j
+        states = torch.cat(
+            [last_prompt_state[:, None], tail.hidden_states[-1][:, :-1]], 1
+        )  # [rows, span]: j scores token start + j
     rows, positions = scored.nonzero(as_tuple=True)
     return states[rows, positions - starts[rows]], (rows, positions)
 
@@ -139,7 +172,9 @@ def scoring_states(
 PADDED_VALUE_SDPA = "sdpa_padded_value"
 
 
-def _sdpa_padded_value(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+def _sdpa_padded_value(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
+):
     """SDPA with the value heads zero-padded to the query's head size, the padding dropped from the output: the
     same attention (padded value columns only add zero columns), through SDPA's flash kernel."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -17,7 +17,10 @@ from rollouts.shipping import read_tree, write_tree
 class InProcessLearner:
     def __init__(self, policy_dir: str, cfg: JobConfig) -> None:
         if cfg.trainer.num_learners != 1:
-            raise ValueError(f"cluster.backend: in_process trains with one learner; got trainer.num_learners={cfg.trainer.num_learners}")
+            raise ValueError(
+                f"cluster.backend: in_process trains with one learner; got "
+                f"trainer.num_learners={cfg.trainer.num_learners}"
+            )
         self.learner = Learner(policy_dir, cfg.learner_spec())
 
     @property

@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from rl.trainer import distributed
+from rl.trainer.batch import TrainBatch
 from rl.trainer.config import LearnerSpec
 from rl.trainer.forward import (
     Prompts,
@@ -50,16 +51,15 @@ from rl.trainer.losses import (
     vanishes_at_zero_advantage,
 )
 from rl.trainer.optim import build_optimizer
-from rollouts.collective import BroadcastMember, flatten
-
-# Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
-DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
-from rl.trainer.batch import TrainBatch
 from rl.trainer.ptx import PtxData
-from rl.trainer.update_sums import BatchTotals, UpdateSums
+from rl.trainer.update_sums import BatchTotals, UpdateParts, UpdateSums, update_metrics
+from rollouts.collective import BroadcastMember, flatten
 from rollouts.model import load_policy
 from rollouts.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
 from rollouts.shipping import ShippedDir, open_dir, read_tree, shipped_cache, write_tree
+
+# Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
+DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
 
 
 class Learner(BroadcastMember):
@@ -75,25 +75,42 @@ class Learner(BroadcastMember):
         self.optimizer = build_optimizer(self.model, cfg.trainer)
         # the reference policy for the KL penalty: a frozen copy of the starting weights (only when used)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
-        self.ptx = PtxData(cfg.algorithm, self.tokenizer, cfg.seed, cfg.max_tokens_per_sample) if cfg.algorithm.ptx_coef > 0 else None
+        self.ptx = (
+            PtxData(cfg.algorithm, self.tokenizer, cfg.seed, cfg.max_tokens_per_sample)
+            if cfg.algorithm.ptx_coef > 0
+            else None
+        )
         self.loss_fn = LOSSES.get(cfg.algorithm.loss)
         mode = cfg.algorithm.loss_agg_mode
         self.agg_mode = DEFAULT_AGG.get(cfg.algorithm.loss, "token-mean") if mode == "auto" else mode
         self.version = 0
         self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
         self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
-        self._fake_quant_weights: dict[str, torch.Tensor] | None = None  # an update's fake-quant weights (`_step_fake_quant`)
+        self._fake_quant_weights: dict[str, torch.Tensor] | None = (
+            None  # an update's fake-quant weights (`_step_fake_quant`)
+        )
         # the forward's savings (rl/trainer/forward.py), each checked on this model; a model that fails gets the
         # plain forward
         use_padded_value_attention(self.model)
         self._head_on_hidden = head_on_hidden_states(self.model)
         self._share_prompt = cfg.trainer.share_prompt and self._head_on_hidden and shares_prompt_cache(self.model)
         if cfg.trainer.share_prompt and not self._share_prompt:
-            print(f"trainer.share_prompt: {type(self.model).__name__} failed the shared-prompt check; forwarding whole sequences", flush=True)
+            print(
+                f"trainer.share_prompt: {type(self.model).__name__} failed the shared-prompt check; forwarding whole "
+                f"sequences",
+                flush=True,
+            )
         algo = cfg.algorithm
         self._skip_zero_advantage = (
-            cfg.trainer.skip_zero_advantage_backward and not algo.entropy_coef and not (self.reference is not None and algo.kl_in == "loss")
-            and vanishes_at_zero_advantage(self.loss_fn, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
+            cfg.trainer.skip_zero_advantage_backward
+            and not algo.entropy_coef
+            and not (self.reference is not None and algo.kl_in == "loss")
+            and vanishes_at_zero_advantage(
+                self.loss_fn,
+                clip_ratio_low=algo.clip_ratio_low,
+                clip_ratio_high=algo.clip_ratio_high,
+                k2_tau=algo.k2_tau,
+            )
         )
         self.rank = 0
 
@@ -123,7 +140,9 @@ class Learner(BroadcastMember):
 
     def get_weights(self) -> WeightPayload:
         """The weight-sync payload: the state dict, with the quantization targets packed as INT4 when enabled."""
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}  # the object store carries CPU tensors
+        state = {
+            k: v.detach().cpu() for k, v in self.model.state_dict().items()
+        }  # the object store carries CPU tensors
         if self.quant is None:
             return {k: v.clone() for k, v in state.items()}
         return pack_state_dict(state, self.quant, self.quant_targets)
@@ -131,7 +150,9 @@ class Learner(BroadcastMember):
     def prepare_broadcast(self) -> list:
         """Collective weight sync, part 1: pack the payload into one buffer; returns its manifest (the
         receivers allocate from it)."""
-        manifest, self._outgoing = flatten(self.get_weights(), self.broadcast_group.device if self.broadcast_group else "cpu")
+        manifest, self._outgoing = flatten(
+            self.get_weights(), self.broadcast_group.device if self.broadcast_group else "cpu"
+        )
         return manifest
 
     def send_broadcast(self) -> int:
@@ -173,7 +194,11 @@ class Learner(BroadcastMember):
         temperature = temperature or self.cfg.temperature
         forward = self._forward(fake_quant)
         if where is None or not self._head_on_hidden:
-            logp, entropy = _token_logprobs(forward(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:], temperature)
+            logp, entropy = _token_logprobs(
+                forward(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1],
+                input_ids[:, 1:],
+                temperature,
+            )
             zero = torch.zeros_like(logp[:, :1])
             logp, entropy = torch.cat([zero, logp], 1), torch.cat([zero, entropy], 1)
         else:
@@ -192,7 +217,9 @@ class Learner(BroadcastMember):
             return torch.ones(batch.num_sequences, dtype=torch.bool, device=batch.input_ids.device)
         return ((batch.advantages != 0) & (batch.loss_mask > 0)).any(1)
 
-    def _micro_batches(self, batch: TrainBatch, prompts: Prompts | None, backward: torch.Tensor, score_all: bool) -> list[tuple[torch.Tensor, bool]]:
+    def _micro_batches(
+        self, batch: TrainBatch, prompts: Prompts | None, backward: torch.Tensor, score_all: bool
+    ) -> list[tuple[torch.Tensor, bool]]:
         """The micro-batches (row indices) and whether each needs a backward: `plan`'s, cut separately for the
         sequences with and without a gradient (a GRPO group of equal rewards stays together, sharing its prompt);
         without `score_all`, only the sequences with a gradient."""
@@ -200,7 +227,12 @@ class Learner(BroadcastMember):
         for needs_grad in (True, False) if score_all else (True,):
             rows = (backward == needs_grad).nonzero().flatten()
             if len(rows):
-                part = plan(batch.attention_mask[rows], t.micro_batch_size, t.micro_batch_tokens, prompts.rows(rows) if prompts is not None else None)
+                part = plan(
+                    batch.attention_mask[rows],
+                    t.micro_batch_size,
+                    t.micro_batch_tokens,
+                    prompts.rows(rows) if prompts is not None else None,
+                )
                 out += [(rows[mb], needs_grad) for mb in part]
         return out
 
@@ -225,7 +257,9 @@ class Learner(BroadcastMember):
             return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            self._fake_quant_weights = {name: fake_quantize(params[name], self.quant).requires_grad_() for name in self.quant_targets}
+            self._fake_quant_weights = {
+                name: fake_quantize(params[name], self.quant).requires_grad_() for name in self.quant_targets
+            }
         try:
             yield
             for name, leaf in self._fake_quant_weights.items():
@@ -236,17 +270,25 @@ class Learner(BroadcastMember):
             self._fake_quant_weights = None
 
     @torch.no_grad()
-    def _reference_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    def _reference_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
         assert self.reference is not None
-        logp, _ = _token_logprobs(self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1], input_ids[:, 1:], temperature)
+        logp, _ = _token_logprobs(
+            self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1],
+            input_ids[:, 1:],
+            temperature,
+        )
         return torch.cat([torch.zeros_like(logp[:, :1]), logp], 1)
 
     def reference_kl(self, batch: TrainBatch) -> torch.Tensor:
         """Per sample, the summed k1 estimate log(pi_rollout / pi_ref) over its policy tokens ([batch]): the KL
         penalty `algorithm.kl_in: reward` subtracts from rewards."""
         if self.reference is None:
-            raise ValueError("reference_kl needs algorithm.kl_coef > 0 (the learner keeps no reference policy otherwise)")
+            raise ValueError(
+                "reference_kl needs algorithm.kl_coef > 0 (the learner keeps no reference policy otherwise)"
+            )
         temperature = batch.temperature or self.cfg.temperature
         batch = batch.to(self.device)
         out = []
@@ -280,7 +322,9 @@ class Learner(BroadcastMember):
         score_all = cfg.trainer.score_zero_advantage or not totals.backward
         metric_scale = num_tokens / max(totals.tokens if score_all else totals.backward_tokens, 1.0)
         fake_quant = self.fake_quant_active()
-        attribute = self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
+        attribute = (
+            self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
+        )
         sums = UpdateSums()
         prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
         micro_batches = self._micro_batches(batch, prompts, backward, score_all)
@@ -292,14 +336,20 @@ class Learner(BroadcastMember):
             for sl, needs_grad in micro_batches:
                 width = int(batch.attention_mask[sl].sum(1).max())  # trim right padding of this micro-batch
                 ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
-                mask, old, adv = batch.loss_mask[sl, :width], batch.rollout_logprobs[sl, :width], batch.advantages[sl, :width]
+                mask, old, adv = (
+                    batch.loss_mask[sl, :width],
+                    batch.rollout_logprobs[sl, :width],
+                    batch.advantages[sl, :width],
+                )
                 algo = cfg.algorithm
                 where = mask > 0
                 positions = forwarded_positions(attn, prompts.rows(sl) if prompts is not None else None)
                 sums.forwarded += positions
                 sums.backward += positions if needs_grad else 0.0
                 with torch.set_grad_enabled(needs_grad):  # a sequence without gradient is only scored, for the metrics
-                    logp, entropy = self.sequence_logprobs(ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where)
+                    logp, entropy = self.sequence_logprobs(
+                        ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where
+                    )
                     train_mask = mask
                     if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
                         train_mask = token_band_mask(logp, old, mask, algo.token_mask)
@@ -309,10 +359,20 @@ class Learner(BroadcastMember):
                         weights = rollout_correction(logp, old, algo.rollout_correction, algo.rollout_correction_cap)
                         ratio_base = logp.detach()  # pi_old = the learner before this update
                         sums.is_weight += token_mean(weights, mask, num_tokens).item()
-                    out = self.loss_fn(logp, ratio_base, adv, train_mask, clip_ratio_low=algo.clip_ratio_low, clip_ratio_high=algo.clip_ratio_high, k2_tau=algo.k2_tau)
+                    out = self.loss_fn(
+                        logp,
+                        ratio_base,
+                        adv,
+                        train_mask,
+                        clip_ratio_low=algo.clip_ratio_low,
+                        clip_ratio_high=algo.clip_ratio_high,
+                        k2_tau=algo.k2_tau,
+                    )
                     if weights is not None:
                         out.loss = out.loss * weights
-                    loss = aggregate(out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.max_tokens_per_sample)
+                    loss = aggregate(
+                        out.loss, train_mask, self.agg_mode, num_tokens, num_sequences, cfg.max_tokens_per_sample
+                    )
                     if self.reference is not None and algo.kl_in == "loss":
                         ref_logp = self._reference_logprobs(ids, attn, temperature)
                         kl = token_mean(kl_penalty(logp, ref_logp, algo.kl_estimator), mask, num_tokens)
@@ -333,7 +393,9 @@ class Learner(BroadcastMember):
                     sums.entropy += token_mean(entropy, mask, num_tokens).item()
                     sums.ratio += token_mean(out.ratio.detach(), mask, num_tokens).item()
                     if attribute:  # the same batch through the other learner mode: the quantization part of the gap
-                        other, _ = self.sequence_logprobs(ids, attn, not fake_quant, temperature=temperature, where=where)
+                        other, _ = self.sequence_logprobs(
+                            ids, attn, not fake_quant, temperature=temperature, where=where
+                        )
                         sums.quant += token_mean((logp.detach() - other).abs(), mask, num_tokens).item()
                     stale = (lag[sl] > 0).float()[:, None] * mask
                     fresh = mask - stale
@@ -341,9 +403,13 @@ class Learner(BroadcastMember):
                     sums.fresh_tokens += float(fresh.sum())
                     sums.stale += float((delta.abs() * stale).sum())
                     sums.stale_tokens += float(stale.sum())
-            if self.ptx is not None and self.rank == 0:  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
+            if (
+                self.ptx is not None and self.rank == 0
+            ):  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
                 ids, attn, ptx_mask = (t.to(self.device) for t in self.ptx.batch())
-                logp, _ = self.sequence_logprobs(ids, attn, fake_quant, temperature=1.0, where=ptx_mask > 0)  # PTX is plain NLL
+                logp, _ = self.sequence_logprobs(
+                    ids, attn, fake_quant, temperature=1.0, where=ptx_mask > 0
+                )  # PTX is plain NLL
                 nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
                 (cfg.algorithm.ptx_coef * nll).backward()
                 sums.ptx = nll.item()
@@ -355,52 +421,15 @@ class Learner(BroadcastMember):
         if cfg.trainer.reset_optimizer_each_step:
             self.optimizer = build_optimizer(self.model, cfg.trainer)
         self.version += 1
-        return self._metrics(sums, totals, float(grad_norm), metric_scale, fake_quant, attribute)
-
-    def _metrics(
-        self,
-        sums: UpdateSums,
-        totals: BatchTotals,
-        grad_norm: float,
-        metric_scale: float,
-        fake_quant: bool,
-        attribute: bool,
-    ) -> dict[str, float]:
-        """The update's metrics from its all-reduced sums: token means rescaled by `metric_scale` to the tokens
-        scored (the batch's tokens over the scored ones); each optional metric only when its part of the update ran."""
-        algo, num_tokens = self.cfg.algorithm, max(totals.tokens, 1.0)
-        metrics = {
-            "loss": sums.loss,
-            "grad_norm": grad_norm,
-            "mismatch_abs_logp": sums.abs_dlogp * metric_scale,
-            "mismatch_kl": sums.kl * metric_scale,
-            "clip_fraction": sums.clip * metric_scale,
-            "entropy": sums.entropy * metric_scale,
-            "ratio_mean": sums.ratio * metric_scale,
-            "train_tokens": num_tokens,
-            "token_mask_fraction": sums.masked / num_tokens * metric_scale,
-            # positions the forward ran (padding included, shared prompts once) per token of the batch
-            "train_forward_ratio": sums.forwarded / max(totals.sequence_tokens, 1.0),
-            # of those positions, the ones backpropagated
-            "train_backward_fraction": sums.backward / max(sums.forwarded, 1.0),
-        }
-        if algo.rollout_correction != "none":
-            metrics["rollout_is_weight_mean"] = sums.is_weight * metric_scale
-        if self.reference is not None and algo.kl_in == "loss":
-            metrics["kl_to_reference"] = sums.kl_ref
-        if self.ptx is not None:
-            metrics["ptx_loss"] = sums.ptx
-        metrics["policy_version"] = float(self.version)
-        metrics["policy_lag_mean"] = totals.lag / max(int(totals.sequences), 1)
-        if sums.fresh_tokens:
-            metrics["mismatch_fresh_abs_logp"] = sums.fresh / sums.fresh_tokens
-        if sums.stale_tokens:
-            metrics["mismatch_stale_abs_logp"] = sums.stale / sums.stale_tokens
-        if self.quant is not None:
-            metrics["fake_quant"] = float(fake_quant)
-        if attribute:
-            metrics["mismatch_quant_abs_logp"] = sums.quant * metric_scale
-        return metrics
+        parts = UpdateParts(
+            rollout_correction=cfg.algorithm.rollout_correction != "none",
+            kl_to_reference=self.reference is not None and cfg.algorithm.kl_in == "loss",
+            ptx=self.ptx is not None,
+            quant=self.quant is not None,
+            fake_quant=fake_quant,
+            attribution=attribute,
+        )
+        return update_metrics(sums, totals, float(grad_norm), metric_scale, self.version, parts)
 
     def save(self, path: str) -> None:
         """Write policy (an HF directory), optimizer and RNG states into `path`."""
@@ -450,10 +479,11 @@ class Learner(BroadcastMember):
 LearnerActor = ray.remote(Learner)
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprob of each target [...], entropy of the distribution it was drawn from [...]) from `logits` [..., V]
     at `temperature`."""
     logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
-

@@ -28,7 +28,9 @@ class LearnerGroup:
     def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig, placement: Placement) -> None:
         n = cfg.trainer.num_learners
         spec = cfg.learner_spec()
-        self.actors = [LearnerActor.options(**placement.options("learner", i)).remote(policy_dir, spec) for i in range(n)]
+        self.actors = [
+            LearnerActor.options(**placement.options("learner", i)).remote(policy_dir, spec) for i in range(n)
+        ]
         if n > 1:
             address, port = ray.get(self.actors[0].address.remote())
             ray.get([a.init_distributed.remote(rank, n, address, port) for rank, a in enumerate(self.actors)])

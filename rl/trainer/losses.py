@@ -44,8 +44,13 @@ register_loss = LOSSES.register
 
 @register_loss("ppo_clip")
 def ppo_clip(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None,
-    clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, **_: object,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    **_: object,
 ) -> PolicyLossOutput:
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
@@ -55,8 +60,13 @@ def ppo_clip(
 
 @register_loss("gspo")
 def gspo(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    clip_ratio_low: float = 3e-4, clip_ratio_high: float = 4e-4, **_: object,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_ratio_low: float = 3e-4,
+    clip_ratio_high: float = 4e-4,
+    **_: object,
 ) -> PolicyLossOutput:
     seq_log_ratio = ((logprobs - old_logprobs) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [batch]
     log_ratio = logprobs - logprobs.detach() + seq_log_ratio.detach()[:, None]
@@ -68,8 +78,13 @@ def gspo(
 
 @register_loss("cispo")
 def cispo(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None,
-    clip_ratio_low: float = 0.2, clip_ratio_high: float = 0.2, **_: object,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    **_: object,
 ) -> PolicyLossOutput:
     ratio = torch.exp((logprobs - old_logprobs).clamp(-20.0, 20.0))
     weight = torch.clamp(ratio, 1 - clip_ratio_low, 1 + clip_ratio_high).detach()
@@ -78,7 +93,12 @@ def cispo(
 
 @register_loss("k2")
 def k2(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, k2_tau: float = 0.1, **_: object,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    k2_tau: float = 0.1,
+    **_: object,
 ) -> PolicyLossOutput:
     seq_log_ratio = ((logprobs - old_logprobs) * mask).sum(-1)  # [batch]: log pi(y) / pi_old(y)
     seq_advantage = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # the sequence's A, once
@@ -106,7 +126,9 @@ def vanishes_at_zero_advantage(loss_fn: PolicyLossFn, **kwargs: object) -> bool:
     return logprobs.grad is None or bool((logprobs.grad == 0).all())
 
 
-def token_band_mask(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
+def token_band_mask(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, band: tuple[float, float]
+) -> torch.Tensor:
     """K2.5's token mask: `mask` with the tokens whose log(pi/pi_old) left [alpha, beta] removed (no gradient)."""
     log_ratio = logprobs.detach() - old_logprobs
     return mask * ((log_ratio >= band[0]) & (log_ratio <= band[1])).to(mask.dtype)
@@ -140,7 +162,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: AggMode, batch_tokens: float, batch_sequences: int, horizon: int) -> torch.Tensor:
+def aggregate(
+    loss: torch.Tensor, mask: torch.Tensor, mode: AggMode, batch_tokens: float, batch_sequences: int, horizon: int
+) -> torch.Tensor:
     """One micro-batch's share of the batch loss (shares add up to the whole batch's aggregate).
 
     token-mean: every token of the batch weighs the same; seq-mean-token-mean: every sequence weighs the same,

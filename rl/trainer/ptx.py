@@ -28,7 +28,9 @@ class PtxData:
                 if line.strip():
                     self.examples.append(self._encode(json.loads(line), tokenizer, f"{path}:{n}", max_tokens))
         if not self.examples:
-            raise ValueError("algorithm.ptx_coef > 0 needs examples: set algorithm.ptx_files to JSONL files of {messages} or {text}")
+            raise ValueError(
+                "algorithm.ptx_coef > 0 needs examples: set algorithm.ptx_files to JSONL files of {messages} or {text}"
+            )
         self.batch_size = cfg.ptx_batch_size
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.generator = torch.Generator().manual_seed(seed * 7919 + 17)

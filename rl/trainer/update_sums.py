@@ -4,7 +4,7 @@ learners, so every rank reports the metrics of the whole batch.
 
 Per-token quantities are summed as token means over the *whole* batch's policy tokens (`token_mean(x, mask,
 num_tokens)` per micro-batch), so their sum over micro-batches and ranks is the batch's mean; the learner then scales
-them to the tokens it scored (`Learner._metrics`).
+them to the tokens it scored (`update_metrics`).
 """
 
 from __future__ import annotations
@@ -70,3 +70,55 @@ class UpdateSums:
     """Positions the forward ran (padding included, a shared prompt once) (`train_forward_ratio`)."""
     backward: float = 0.0
     """Of those, the positions of micro-batches that ran a backward (`train_backward_fraction`)."""
+
+
+@dataclass(frozen=True)
+class UpdateParts:
+    """Which optional parts an update ran: each adds its metrics."""
+
+    rollout_correction: bool
+    kl_to_reference: bool
+    ptx: bool
+    quant: bool
+    fake_quant: bool
+    attribution: bool
+
+
+def update_metrics(
+    sums: UpdateSums, totals: BatchTotals, grad_norm: float, metric_scale: float, version: int, parts: UpdateParts
+) -> dict[str, float]:
+    """The update's metrics from its all-reduced sums: token means rescaled by `metric_scale` to the tokens scored
+    (the batch's tokens over the scored ones); each optional metric only when its part of the update ran."""
+    num_tokens = max(totals.tokens, 1.0)
+    metrics = {
+        "loss": sums.loss,
+        "grad_norm": grad_norm,
+        "mismatch_abs_logp": sums.abs_dlogp * metric_scale,
+        "mismatch_kl": sums.kl * metric_scale,
+        "clip_fraction": sums.clip * metric_scale,
+        "entropy": sums.entropy * metric_scale,
+        "ratio_mean": sums.ratio * metric_scale,
+        "train_tokens": num_tokens,
+        "token_mask_fraction": sums.masked / num_tokens * metric_scale,
+        # positions the forward ran (padding included, shared prompts once) per token of the batch
+        "train_forward_ratio": sums.forwarded / max(totals.sequence_tokens, 1.0),
+        # of those positions, the ones backpropagated
+        "train_backward_fraction": sums.backward / max(sums.forwarded, 1.0),
+    }
+    if parts.rollout_correction:
+        metrics["rollout_is_weight_mean"] = sums.is_weight * metric_scale
+    if parts.kl_to_reference:
+        metrics["kl_to_reference"] = sums.kl_ref
+    if parts.ptx:
+        metrics["ptx_loss"] = sums.ptx
+    metrics["policy_version"] = float(version)
+    metrics["policy_lag_mean"] = totals.lag / max(int(totals.sequences), 1)
+    if sums.fresh_tokens:
+        metrics["mismatch_fresh_abs_logp"] = sums.fresh / sums.fresh_tokens
+    if sums.stale_tokens:
+        metrics["mismatch_stale_abs_logp"] = sums.stale / sums.stale_tokens
+    if parts.quant:
+        metrics["fake_quant"] = float(parts.fake_quant)
+    if parts.attribution:
+        metrics["mismatch_quant_abs_logp"] = sums.quant * metric_scale
+    return metrics

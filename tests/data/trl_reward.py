@@ -17,5 +17,7 @@ def accuracy_reward(completions, ground_truth, **kwargs):
 async def tool_use_reward(prompts, completions, data_source, **kwargs):
     """Async, and None for rows of other tasks (multi-task datasets): 0.5 for calling a tool at all."""
     await asyncio.sleep(0)
-    return [None if source != "tiderl/calculator" else 0.5 * any(m["role"] == "tool" for m in completion)
-            for source, completion in zip(data_source, completions)]
+    return [
+        None if source != "tiderl/calculator" else 0.5 * any(m["role"] == "tool" for m in completion)
+        for source, completion in zip(data_source, completions)
+    ]
