@@ -616,6 +616,7 @@ def test_plan_rewrites_local_paths_relative_to_the_working_dir(workdir: Path, tm
         "data.task=null",
         "eval.enabled=false",
         f"reward.functions=[{{name: '{workdir / 'reward.py'}:score', weight: 0.5}}]",
+        "algorithm.ptx_coef=0.1",
         "algorithm.ptx_files=[/mnt/shared/ptx.jsonl]",  # not here: a path on the cluster, passed on as written
     )
     cfg = _as_on_the_cluster(plan, workdir)
