@@ -61,7 +61,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -76,7 +75,6 @@ import torch
 from transformers import TrainerCallback
 
 from envs.base import ToolCall
-from envs.calculator import evaluate as calc_evaluate
 from envs.registry import make_env
 from rewards.api import detect_style
 from rewards.registry import get_reward
@@ -87,6 +85,7 @@ from rl.loop import controller
 from rl.loop.actors import Actors
 from rl.loop.data import PromptSampler, load_split
 from rl.policy.warmstart import prepare_policy
+from rl.tasks import word_problems
 from rollouts.model import load_policy, save_policy
 from rollouts.renderer import Renderer
 
@@ -156,38 +155,19 @@ def split_threads(cfg: JobConfig, threads: int) -> None:
 
 
 def write_word_problems(data_dir: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path, Path]:
-    """Generated one- and two-step arithmetic word problems (small numbers) in verl's layout, train and eval."""
-    names = ["Ana", "Ben", "Chloe", "Dev", "Ema", "Finn", "Gus", "Hana"]
-    items = ["apple", "book", "pencil", "marble", "cookie", "card", "shell", "sticker"]
-    shapes = [
-        ("{n} has {a} {i}s. {n} buys {b} more. How many {i}s does {n} have now?", "{a}+{b}"),
-        ("{n} has {a} {i}s and gives {b} of them away. How many {i}s does {n} have left?", "{a}-{b}"),
-        ("{n} buys {a} bags with {b} {i}s in each bag. How many {i}s is that in all?", "{a}*{b}"),
-        ("{n} has {c} {i}s and buys {a} boxes of {b} {i}s. How many {i}s does {n} have now?", "{c}+{a}*{b}"),
-        ("{n} has {a} packs of {b} {i}s and loses {c} {i}s. How many {i}s are left?", "{a}*{b}-{c}"),
-    ]
+    """Generated one- and two-step arithmetic word problems (small numbers; `rl.tasks.word_problems`' generator) in
+    verl's layout, train and eval, asking for "The answer is N." (TRL's side reads no `\\boxed{}`)."""
     paths = []
     for split, n in (("train", n_train), ("eval", n_eval)):
-        rng, rows = random.Random(f"words-{split}-{seed}"), []
-        for index in range(n):
-            text, expr = rng.choice(shapes)
-            a, b = rng.randint(2, 12), rng.randint(2, 9)
-            c = rng.randint(1, a * b - 1) if "-{c}" in expr else rng.randint(1, 20)
-            if expr == "{a}-{b}":
-                a, b = max(a, b) + 1, min(a, b)
-            values = {"n": rng.choice(names), "i": rng.choice(items), "a": a, "b": b, "c": c}
-            expression = expr.format(**values)
-            rows.append(
-                {
-                    "prompt": [
-                        {"role": "system", "content": WORD_SYSTEM},
-                        {"role": "user", "content": text.format(**values)},
-                    ],
-                    "data_source": "benchmarks/word_problems",
-                    "reward_model": {"style": "rule", "ground_truth": str(int(calc_evaluate(expression)))},
-                    "extra_info": {"split": split, "index": index, "expression": expression},
-                }
-            )
+        rows = [
+            {
+                "prompt": [{"role": "system", "content": WORD_SYSTEM}, {"role": "user", "content": question}],
+                "data_source": "benchmarks/word_problems",
+                "reward_model": {"style": "rule", "ground_truth": str(answer)},
+                "extra_info": {"split": split, "index": index, "expression": expression},
+            }
+            for index, (question, expression, answer) in enumerate(word_problems.problems(n, seed, split))
+        ]
         path = data_dir / f"word_problems-{split}-{n}-seed{seed}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -46,6 +46,7 @@ def get_task(name: str) -> Task:
     import rl.tasks.calculator  # noqa: F401  (each import registers its task)
     import rl.tasks.python_math  # noqa: F401
     import rl.tasks.search_qa  # noqa: F401
+    import rl.tasks.word_problems  # noqa: F401
 
     task = TASKS.get(name)
     if not isinstance(task, Task):

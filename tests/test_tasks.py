@@ -1,0 +1,40 @@
+"""Every registered task: its rows are in verl's layout, its environment exists, and its verifier scores the gold
+answer 1.0 and a wrong one 0.0 (the contract a task's three parts must keep with each other)."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs.registry import env_class
+from rewards.registry import get_reward
+from rl.loop.data import to_prompt_row
+from rl.tasks import TASKS, get_task
+
+get_task("calculator")  # imports the built-ins
+BUILT_IN = sorted(TASKS.names())
+
+
+def test_the_built_in_tasks_are_registered() -> None:
+    assert BUILT_IN == ["calculator", "python_math", "search_qa", "word_problems"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_task_rows_env_and_verifier_agree(name: str) -> None:
+    task = get_task(name)
+    env_class(task.env)
+    train, held_out = task.make_rows(40, 0, "train"), task.make_rows(40, 0, "eval")
+    assert train == task.make_rows(40, 0, "train") and train != held_out  # repeatable, and splits differ
+    verify = get_reward(task.reward)  # the built-in verifiers have verl's signature
+
+    def score(row, text: str) -> float:
+        return float(verify(row.data_source, text, row.ground_truth, row.extra_info)["score"])
+
+    for i, raw in enumerate(train[:8]):
+        row = to_prompt_row(i, raw)
+        assert score(row, f"The answer is \\boxed{{{row.ground_truth}}}.") == 1.0, (name, row.ground_truth)
+        assert score(row, "I do not know.") == 0.0, (name, row.ground_truth)
+
+
+def test_an_unknown_task_names_the_known_ones() -> None:
+    with pytest.raises(LookupError, match="word_problems"):
+        get_task("word_problem")
