@@ -102,6 +102,7 @@ def load_builtin_envs() -> None:
     import envs.calculator  # noqa: F401  (each import registers its environment)
     import envs.python_tool  # noqa: F401
     import envs.search  # noqa: F401
+    import envs.single_turn  # noqa: F401
 
 
 def env_class(name: str) -> type:

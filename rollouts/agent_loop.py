@@ -57,15 +57,6 @@ class Episode:
     pending_calls: list[ToolCall] = field(default_factory=list)
     pending_errors: list[str] = field(default_factory=list)
 
-    # the sample's identity, read through (what the rollout worker groups episodes by)
-    @property
-    def group_id(self) -> int:
-        return self.sample.group_id
-
-    @property
-    def row(self) -> PromptRow:
-        return self.sample.row
-
     @property
     def key(self) -> int:
         """A stable number for this sample (its group and sample id), for its sampling seeds."""

@@ -165,12 +165,14 @@ class RolloutWorker(BroadcastMember):
 
     def _score_group_if_done(self, ep: Episode) -> None:
         """Once every sample of `ep`'s group is done, send the group to each reward model (not awaited)."""
-        group = self.open_groups.get(ep.group_id, [])
-        if not group or not all(member.done for member in group) or ep.group_id in self.model_refs:
+        group = self.open_groups.get(ep.sample.group_id, [])
+        if not group or not all(member.done for member in group) or ep.sample.group_id in self.model_refs:
             return
         assert self.reward_model_item is not None  # set with the handles
         items = [self.reward_model_item(m) for m in group]
-        self.model_refs[ep.group_id] = {name: actor.score.remote(items) for name, actor in self.reward_models.items()}
+        self.model_refs[ep.sample.group_id] = {
+            name: actor.score.remote(items) for name, actor in self.reward_models.items()
+        }
 
     def export_paused(self) -> list[tuple[int, PromptRow, bytes | None]]:
         """The groups left open (partial rollouts), for a checkpoint: (group id, prompt row, the pickled episodes
@@ -184,7 +186,7 @@ class RolloutWorker(BroadcastMember):
                     "paused group %d does not pickle (%s: %s); a resume starts it again", gid, type(e).__name__, e
                 )
                 blob = None
-            out.append((gid, episodes[0].row, blob))
+            out.append((gid, episodes[0].sample.row, blob))
         return out
 
     def adopt_groups(

@@ -56,4 +56,4 @@ def make_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
     ]
 
 
-TASK = register_task(Task(name="word_problems", make_rows=make_rows, env="calculator", reward="math"))
+TASK = register_task(Task(name="word_problems", make_rows=make_rows, env="single_turn", reward="math"))
