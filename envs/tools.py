@@ -113,7 +113,7 @@ class ToolEnv:
         tools = self.tools()
         fn = tools.get(call.name)
         if fn is None:
-            raise ToolError(f"unknown tool {call.name!r}; available: {', '.join(sorted(tools))}")
+            raise ToolError(f"unknown tool {call.name!r}; available: {', '.join(sorted(tools)) or '(none)'}")
         schema = _cached_spec(type(self), call.name, fn)["function"]["parameters"]
         unexpected = sorted(set(call.arguments) - set(schema.get("properties", {})))
         if unexpected:

@@ -137,7 +137,7 @@ def registered() -> list[str]:
 
 
 def test_every_registered_environment_keeps_the_contract(registered) -> None:
-    assert {"calculator", "python", "search"} <= set(registered)
+    assert {"calculator", "python", "search", "single_turn"} <= set(registered)
     seen = {}
     for name in registered:
         try:
@@ -154,7 +154,12 @@ def test_every_registered_environment_keeps_the_contract(registered) -> None:
     }
     assert seen["python"]["observations"] == ["(no output: print the values you need)"]
     assert seen["search"]["tools"] == ["search"] and seen["search"]["observations"] == ["No document matches."]
-    assert all(len(s["error_observations"]) >= 2 for s in seen.values())
+    assert seen["single_turn"] == {
+        "tools": [],
+        "observations": [],
+        "error_observations": ["Error: unknown tool 'no_such_tool'; available: (none)"],
+    }
+    assert all(len(s["error_observations"]) >= 2 for name, s in seen.items() if s["tools"])
 
 
 class Raises:
