@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from envs.config import EnvConfig, Section
+from envs.registry import RegistryError
 from rewards.config import RewardConfig
+from rl.tasks.registry import check_task_name
 from rl.trainer.config import AlgorithmConfig, LearnerSpec, TrainerConfig
 from rollouts.config import ModelConfig, QuantConfig, RolloutConfig
 
@@ -94,6 +96,11 @@ class DataConfig(Section):
     def _check_source(self) -> DataConfig:
         if self.task is None and not self.train_files:
             raise ValueError("set `data.task` to a built-in task or give `data.train_files`")
+        if self.task is not None:
+            try:
+                check_task_name(self.task)
+            except RegistryError as e:
+                raise ValueError(str(e)) from None
         return self
 
 

@@ -7,18 +7,18 @@ import pytest
 
 from envs.registry import env_class
 from rewards.registry import get_reward
+from rl.config import ConfigError, load_config
 from rl.loop.data import to_prompt_row
-from rl.tasks import TASKS, get_task
-
-get_task("calculator")  # imports the built-ins
-BUILT_IN = sorted(TASKS.names())
+from rl.tasks import BUILT_IN, TASKS, get_task
 
 
-def test_the_built_in_tasks_are_registered() -> None:
-    assert BUILT_IN == ["calculator", "python_math", "search_qa", "word_problems"]
+def test_the_built_in_tasks_are_registered_when_asked_for() -> None:
+    assert sorted(BUILT_IN) == ["calculator", "python_math", "search_qa", "word_problems"]
+    for name in BUILT_IN:
+        assert get_task(name).name == name and name in TASKS.names()
 
 
-@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
 def test_task_rows_env_and_verifier_agree(name: str) -> None:
     task = get_task(name)
     env_class(task.env)
@@ -35,6 +35,9 @@ def test_task_rows_env_and_verifier_agree(name: str) -> None:
         assert score(row, "I do not know.") == 0.0, (name, row.ground_truth)
 
 
-def test_an_unknown_task_names_the_known_ones() -> None:
+def test_an_unknown_task_is_a_config_error_naming_the_known_ones() -> None:
     with pytest.raises(LookupError, match="word_problems"):
         get_task("word_problem")
+    with pytest.raises(ConfigError, match="unknown task 'word_problem'. Did you mean 'word_problems'"):
+        load_config(None, ["model={}", "data.task=word_problem"])
+    assert load_config(None, ["model={}", "data.task=my_tasks.py:TASK"]).data.task == "my_tasks.py:TASK"

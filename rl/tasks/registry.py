@@ -8,11 +8,13 @@ optionally the demonstrations a supervised warm start fits. Add your own with a 
 
 from __future__ import annotations
 
+import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from envs.registry import Registry
+from envs.registry import Registry, RegistryError
 
 Rows = list[dict[str, Any]]
 
@@ -34,6 +36,14 @@ class Task:
 
 
 TASKS: Registry[Task] = Registry("task", "tiderl.tasks")
+BUILT_IN = {
+    "calculator": "rl.tasks.calculator",
+    "python_math": "rl.tasks.python_math",
+    "search_qa": "rl.tasks.search_qa",
+    "word_problems": "rl.tasks.word_problems",
+}
+"""The built-in tasks and the module each registers itself in (imported when asked for: the search task loads
+its BM25 index library, which a config check should not pay for)."""
 
 
 def register_task(task: Task) -> Task:
@@ -42,13 +52,21 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
-    """The task registered as `name` (the built-ins are imported first), or a `file.py:TASK` reference."""
-    import rl.tasks.calculator  # noqa: F401  (each import registers its task)
-    import rl.tasks.python_math  # noqa: F401
-    import rl.tasks.search_qa  # noqa: F401
-    import rl.tasks.word_problems  # noqa: F401
-
+    """The task registered as `name` (a built-in is imported first), or a `file.py:TASK` reference."""
+    if name in BUILT_IN:
+        importlib.import_module(BUILT_IN[name])
     task = TASKS.get(name)
     if not isinstance(task, Task):
         raise TypeError(f"task {name!r} is a {type(task).__name__}, not an rl.tasks.Task")
     return task
+
+
+def check_task_name(name: str) -> None:
+    """Fail, naming the known tasks, unless `name` is built in, registered, an entry point or a file reference;
+    imports nothing (what a task file holds is checked when the job loads it)."""
+    known = sorted(set(BUILT_IN) | set(TASKS.names()))
+    if name in known or (":" in name and name.split(":", 1)[0].endswith(".py")):
+        return
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RegistryError(f"unknown task {name!r}.{hint} Known: {', '.join(known)}; or 'path/to/file.py:TASK'.")
