@@ -68,8 +68,8 @@ class DataConfig(Section):
     task: str | None = Field(
         "calculator",
         description="Registered generated task (built in: calculator, python_math, search_qa; or "
-        "'path/to/file.py:TASK'); "
-        "pair it with its environment and reward (rl/tasks/); null when `train_files` is set.",
+        "'path/to/file.py:TASK'); pair it with its environment and reward (rl/tasks/); null when "
+        "`train_files` is set.",
     )
     train_files: list[str] = Field(
         default_factory=list, description="jsonl/parquet files or saved datasets for training."
@@ -81,9 +81,9 @@ class DataConfig(Section):
     sampling: Literal["epoch", "prioritized", "curriculum"] = Field(
         "epoch",
         description="epoch: every prompt once per epoch; prioritized (K1.5): draw prompts with probability "
-        "proportional to "
-        "1 - their tracked success rate (unseen prompts count as 0), so solved prompts fade and hard ones return; "
-        "curriculum (K1.5): each epoch walks the prompts from easy to hard by `extra_info.difficulty` (a number).",
+        "proportional to 1 - their tracked success rate (unseen prompts count as 0), so solved prompts "
+        "fade and hard ones return; curriculum (K1.5): each epoch walks the prompts from easy to hard by "
+        "`extra_info.difficulty` (a number).",
     )
     success_ema: float = Field(
         0.5,
@@ -123,8 +123,7 @@ class ClusterConfig(Section):
     address: str | None = Field(
         None,
         description="Ray cluster (GCS) address to connect to, e.g. HEAD:6379 or auto; unset = the cluster of a "
-        "submitted job "
-        "(RAY_ADDRESS), else start a local Ray instance.",
+        "submitted job (RAY_ADDRESS), else start a local Ray instance.",
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray instance (default: all).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -138,15 +137,14 @@ class ClusterConfig(Section):
     weight_sync: Literal["object_store", "collective"] = Field(
         "object_store",
         description="How weights reach the rollout workers each step: object_store (put once, every worker pulls; one "
-        "node, CPU workers) "
-        "or collective (learner rank 0 broadcasts one buffer: NCCL when learners and workers have GPUs, else gloo).",
+        "node, CPU workers) or collective (learner rank 0 broadcasts one buffer: NCCL when learners and "
+        "workers have GPUs, else gloo).",
     )
     ship_max_mb: float = Field(
         2048.0,
         ge=0,
         description="The driver ships the policy directory to actors through the object store when it is at most this "
-        "big "
-        "(nodes without a shared filesystem); a bigger one must be at the same path on every node.",
+        "big (nodes without a shared filesystem); a bigger one must be at the same path on every node.",
     )
     max_worker_restarts: int = Field(
         3, ge=0, description="Restarts of a dead rollout worker or reward-model actor per RL step before the job fails."

@@ -96,8 +96,8 @@ class RolloutConfig(Section):
         1,
         ge=0,
         description="Async pipeline: start each step's rollouts up to N steps ahead, so generation overlaps the "
-        "learner's "
-        "update; samples are then up to N policy versions old (`policy_lag_mean`). 0 = synchronous.",
+        "learner's update; samples are then up to N policy versions old (`policy_lag_mean`). 0 = "
+        "synchronous.",
     )
     max_num_seqs: int = Field(
         256,
@@ -107,8 +107,7 @@ class RolloutConfig(Section):
     prefix_reuse: bool = Field(
         True,
         description="A multi-turn episode's next turn continues in its cache slot and prefills only its new tokens "
-        "(the tool's result), "
-        "not its whole history (SGLang's / vLLM's prefix caching, per episode).",
+        "(the tool's result), not its whole history (SGLang's / vLLM's prefix caching, per episode).",
     )
     temperature_final: float | None = Field(
         None,
@@ -124,15 +123,14 @@ class RolloutConfig(Section):
     token_budgets: dict[str, int] = Field(
         default_factory=dict,
         description="Per-task budgets of generated tokens per sample, by `data_source` (K2's per-task budgets); a "
-        "row's "
-        "`extra_info.token_budget` overrides them. A sample that reaches its budget is truncated (see "
-        "reward.truncation_penalty).",
+        "row's `extra_info.token_budget` overrides them. A sample that reaches its budget is truncated "
+        "(see reward.truncation_penalty).",
     )
     tool_call_format: Literal["hermes", "kimi_k2"] = Field(
         "hermes",
         description="How the model writes tool calls: hermes = `<tool_call>{json}</tool_call>` (Qwen, Hermes, the "
-        "built-in model); "
-        "kimi_k2 = `<|tool_calls_section_begin|>` ... `functions.NAME:IDX<|tool_call_argument_begin|>{json}` ...",
+        "built-in model); kimi_k2 = `<|tool_calls_section_begin|>` ... "
+        "`functions.NAME:IDX<|tool_call_argument_begin|>{json}` ...",
     )
     repeat_window: int = Field(
         64,
@@ -147,10 +145,8 @@ class RolloutConfig(Section):
         0,
         ge=0,
         description="Partial rollouts (K1.5): tokens a sample may generate per RL step; a sample that reaches it is "
-        "paused "
-        "(tokens, logprobs, policy version per segment, environment) and resumed next step, and its group trains once "
-        "all "
-        "its samples are done. 0 = off (every sample finishes within its step).",
+        "paused (tokens, logprobs, policy version per segment, environment) and resumed next step, and "
+        "its group trains once all its samples are done. 0 = off (every sample finishes within its step).",
     )
 
     @model_validator(mode="after")
@@ -179,9 +175,8 @@ class QuantConfig(Section):
     modules: Literal["routed_experts", "all_linear"] = Field(
         "routed_experts",
         description="routed_experts: only routed MoE experts, as Kimi K2 Thinking (attention, shared experts, dense "
-        "MLP, "
-        "router, embeddings, lm_head stay full precision); all_linear: every linear weight except lm_head and "
-        "embeddings.",
+        "MLP, router, embeddings, lm_head stay full precision); all_linear: every linear weight except "
+        "lm_head and embeddings.",
     )
     targets: list[str] | None = Field(
         None, description="Regexes over parameter names to quantize, instead of `modules`' preset."
@@ -195,8 +190,7 @@ class QuantConfig(Section):
     scale_rule: Literal["amax/7", "amax/7.5"] = Field(
         "amax/7",
         description="amax/7: q in [-7, 7], the grid reported for K2 Thinking, no weight clipped; amax/7.5: q in [-8, "
-        "7], "
-        "compressed-tensors' minmax observer (the extreme positive weight clips to 7).",
+        "7], compressed-tensors' minmax observer (the extreme positive weight clips to 7).",
     )
     scale_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype scales are rounded to and stored in (K2 Thinking ships bf16)."
@@ -204,16 +198,16 @@ class QuantConfig(Section):
     rollout_activation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="Activations the INT4 kernels run on. auto: the policy's dtype (model.dtype), so the engine "
-        "differs "
-        "from the learner by quantization only; float32: exact products, but torch's CPU INT4 kernel is slow with them "
-        "on large matrices; bfloat16: the fast kernels (CPU and GPU), adding bf16 rounding to the mismatch.",
+        "differs from the learner by quantization only; float32: exact products, but torch's CPU INT4 "
+        "kernel is slow with them on large matrices; bfloat16: the fast kernels (CPU and GPU), adding "
+        "bf16 rounding to the mismatch.",
     )
     dense_min_rows: int | None = Field(
         None,
         ge=1,
         description="Rows (tokens) at or above which an INT4 product unpacks its weight on the fly and runs a dense "
-        "matmul instead of the INT4 kernel; unset = 8 for float32 activations (where torch's CPU INT4 kernel loses), "
-        "never for bfloat16.",
+        "matmul instead of the INT4 kernel; unset = 8 for float32 activations (where torch's CPU INT4 "
+        "kernel loses), never for bfloat16.",
     )
     measure_attribution: bool = Field(
         True,

@@ -90,8 +90,8 @@ class AlgorithmConfig(Section):
     rollout_correction: Literal["none", "tis", "mis"] = Field(
         "none",
         description="Train-inference mismatch: none = the loss's ratio is taken against the rollout logprobs; tis/mis "
-        "= against "
-        "the learner's own, times the truncated (tis) or masked (mis) importance weight pi_learner/pi_rollout.",
+        "= against the learner's own, times the truncated (tis) or masked (mis) importance weight "
+        "pi_learner/pi_rollout.",
     )
     rollout_correction_cap: float = Field(
         2.0, gt=1, description="tis: weights truncated at this; mis: weights outside [1/cap, cap] masked."
@@ -175,24 +175,22 @@ class TrainerConfig(Section):
     )
     share_prompt: bool = Field(
         True,
-        description="Forward each distinct prompt of a micro-batch once and its samples' continuations on its KV cache "
-        "(same logprobs and gradients, fewer positions: rl/trainer/forward.py); models that fail the check at start "
-        "forward whole sequences.",
+        description="Forward each distinct prompt of a micro-batch once and its samples' continuations on its KV "
+        "cache (same logprobs and gradients, fewer positions: rl/trainer/forward.py); models that fail "
+        "the check at start forward whole sequences.",
     )
     skip_zero_advantage_backward: bool = Field(
         True,
         description="Sequences whose every policy token has advantage 0 (a GRPO group of equal rewards) give no "
-        "gradient "
-        "under a loss that vanishes there (checked on the loss; no entropy bonus, no KL in the loss): forward them "
-        "without autograd, for the metrics, and skip their backward (same update, less work: rl/trainer/learner.py).",
+        "gradient under a loss that vanishes there (checked on the loss; no entropy bonus, no KL in the "
+        "loss): forward them without autograd, for the metrics, and skip their backward (same update, "
+        "less work: rl/trainer/learner.py).",
     )
     score_zero_advantage: bool = Field(
         True,
         description="With skip_zero_advantage_backward: still forward the sequences without gradient so that the "
-        "metrics "
-        "(mismatch, entropy, clip fraction, ...) cover every token; false: the metrics cover the trained sequences "
-        "only "
-        "(as with DAPO's filtered groups) and the others cost the learner nothing.",
+        "metrics (mismatch, entropy, clip fraction, ...) cover every token; false: the metrics cover the "
+        "trained sequences only (as with DAPO's filtered groups) and the others cost the learner nothing.",
     )
     num_learners: int = Field(
         1,
