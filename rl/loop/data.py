@@ -48,12 +48,13 @@ def builtin_rows(task: str, n: int, seed: int, split: str) -> list[dict[str, Any
 
 def _write_builtin(cfg: JobConfig, split: str, data_dir: Path) -> Path:
     assert cfg.data.task is not None
+    task = get_task(cfg.data.task)  # a `file.py:TASK` reference names its file by the task's own name
     size = cfg.data.train_size if split == "train" else cfg.data.eval_size
-    path = data_dir / f"{cfg.data.task}-{split}-{size}-seed{cfg.seed}.jsonl"
+    path = data_dir / f"{task.name}-{split}-{size}-seed{cfg.seed}.jsonl"
     if not path.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in builtin_rows(cfg.data.task, size, cfg.seed, split)))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in task.make_rows(size, cfg.seed, split)))
         tmp.replace(path)
     return path
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ def prepare_policy(cfg: JobConfig, log=print) -> Path:
     """The policy directory this job starts from: `model.path`, or the cached built-in policy (built if absent)."""
     if cfg.model.path:
         return Path(cfg.model.path)
-    target = cache_dir(cfg.warm_start.cache_dir) / "policies" / f"tiny-k2-{cfg.data.task}-{policy_key(cfg)}"
+    task = re.sub(r"[^\w.-]+", "_", str(cfg.data.task))  # a `file.py:TASK` reference holds slashes
+    target = cache_dir(cfg.warm_start.cache_dir) / "policies" / f"tiny-k2-{task}-{policy_key(cfg)}"
     if (target / "config.json").is_file():
         log(f"using cached warm-started policy {target}")
         return target
