@@ -1,8 +1,12 @@
 """Run model-written Python in a sandbox: a separate process with no network, a read-only filesystem except its
 own scratch directory, an empty environment, resource limits, and nothing left running after the call.
 
-Isolation is bubblewrap (Debian's `bubblewrap`): new network, PID, IPC and UTS namespaces, `/` bound read-only,
-a private `/tmp` with the scratch directory bound at `/tmp/scratch`, `--die-with-parent`. When the caller is root,
+Isolation is bubblewrap (Debian's `bubblewrap`): new network, PID, IPC and UTS namespaces and an empty, read-only
+root that holds only what the interpreter needs (`/usr` and the `/bin`, `/lib*`, `/sbin` links into it, the two
+files of `/etc` the dynamic linker and `time` read, the interpreter's own prefix when it lives outside `/usr`, e.g.
+a configured venv), a private `/tmp` with the scratch directory bound at `/tmp/scratch`, `/dev/null`-style devices
+and the sandbox's own `/proc`; the host's home directories, the project checkout, the rest of `/etc` and other
+users' files do not exist inside. `--die-with-parent` ties it to the worker. When the caller is root,
 the code runs as an unprivileged uid (`setpriv`), because Linux does not enforce `RLIMIT_NPROC` for root and a
 fork bomb would pass. Limits are rlimits set before exec (CPU seconds, address space, file size, open files,
 processes) plus a wall-clock timeout that kills the whole sandbox. stdout/stderr go to files capped by
@@ -17,10 +21,12 @@ rlimits and the unprivileged uid only (no network or filesystem isolation).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -85,6 +91,7 @@ class PythonSandbox:
                 "install it (`apt-get install bubblewrap`, done by `make setup` when run as root), or set "
                 "env.sandbox.allow_unisolated=true to run model code with resource limits only"
             )
+        self._view = filesystem_view(self.python) if self.bwrap is not None else []
 
     def _command(self, scratch: str) -> list[str]:
         run = [self.python, "-I", "-B", f"{SCRATCH if self.bwrap else scratch}/main.py"]
@@ -100,8 +107,8 @@ class PythonSandbox:
         if self.bwrap is None:
             return run
         return [
-            self.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--bind", scratch, SCRATCH, "--chdir", SCRATCH,
+            self.bwrap, *self._view, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            "--bind", scratch, SCRATCH, "--remount-ro", "/", "--chdir", SCRATCH,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
             "--setenv", "HOME", SCRATCH, "--",
@@ -155,6 +162,58 @@ class PythonSandbox:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             shutil.rmtree(host, ignore_errors=True)
+
+
+# What any interpreter needs of the host: the system tree, and of /etc only the linker's cache and the time zone.
+SYSTEM_DIRS = ("/usr",)
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+
+
+def filesystem_view(python: str) -> list[str]:
+    """bwrap arguments that build the sandbox's whole filesystem: the system tree read-only, `/bin`, `/lib*` and
+    `/sbin` as the host has them (links into /usr on merged-/usr systems), the few /etc files above, and the
+    directories the interpreter runs from when they lie outside /usr (a venv and the Python it was made from:
+    `sys.prefix`, `sys.base_prefix`, read from the interpreter itself), each read-only at its own path."""
+    args: list[str] = []
+    for path in SYSTEM_DIRS:
+        args += ["--ro-bind", path, path]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--perms", "0755", "--dir", "/etc"]  # bwrap would make it 0700, unlistable for the sandbox's uid
+    for path in SYSTEM_FILES:
+        if os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    made = {"/", "/etc"}
+    for path in _interpreter_dirs(python):
+        for parent in reversed(Path(path).parents):  # listable parents, as above
+            if str(parent) not in made:
+                made.add(str(parent))
+                args += ["--perms", "0755", "--dir", str(parent)]
+        args += ["--ro-bind", path, path]
+    return args
+
+
+@functools.cache
+def _interpreter_dirs(python: str) -> tuple[str, ...]:
+    """Directories outside the system tree that `python` needs: where the path and its link target sit, and its
+    prefixes. Nothing for the system interpreter."""
+    found = subprocess.run(
+        [python, "-I", "-c", "import sys; print(sys.prefix); print(sys.base_prefix); print(sys.base_exec_prefix)"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    candidates = [*found, str(Path(python).parent), str(Path(python).resolve().parent)]
+    needed: list[str] = []
+    for path in sorted({os.path.normpath(p) for p in candidates}):
+        inside_system = any(path == d or path.startswith(d + "/") for d in (*SYSTEM_DIRS, "/bin", "/sbin"))
+        if not inside_system and not any(path.startswith(d + "/") for d in needed):
+            needed.append(path)
+    return tuple(needed)
 
 
 def _kill_group(pgid: int) -> None:

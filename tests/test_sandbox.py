@@ -3,13 +3,16 @@ caller survives, and nothing (process, file) is left behind."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,16 +129,18 @@ def test_secrets_in_the_environment_are_not_inherited(monkeypatch) -> None:
 
 @needs_bwrap
 def test_writes_only_inside_its_scratch_directory(tmp_path: Path) -> None:
-    in_repo = Path("/var/tmp") / f"tiderl-escaped-{os.getpid()}.txt"  # world-writable on the host, read-only inside
+    in_root = Path(f"/tiderl-escaped-{os.getpid()}.txt")  # the sandbox's own root: read-only
+    in_var = Path("/var/tmp") / f"tiderl-escaped-{os.getpid()}.txt"  # world-writable on the host, absent inside
     in_tmp = tmp_path / "escaped.txt"  # the host's /tmp is not even visible (the sandbox has its own)
     code = "open('scratch.txt', 'w').write('ok')\nprint(open('scratch.txt').read())\n"
     code += (
-        f"for path in ({str(in_repo)!r}, {str(in_tmp)!r}):\n"
+        f"for path in ({str(in_root)!r}, {str(in_var)!r}, {str(in_tmp)!r}):\n"
         "    try:\n        open(path, 'w').write('x')\n    except OSError as e:\n        print(e.strerror)"
     )
     result, _ = run(code)
-    assert result.ok and result.stdout.split("\n")[:3] == ["ok", "Read-only file system", "No such file or directory"]
-    assert not in_repo.exists() and not in_tmp.exists()
+    missing = "No such file or directory"
+    assert result.ok and result.stdout.split("\n")[:4] == ["ok", "Read-only file system", missing, missing]
+    assert not in_root.exists() and not in_var.exists() and not in_tmp.exists()
     assert run("import os\nprint(os.listdir('.'))")[0].observation() == "['main.py']"  # a fresh scratch per call
 
 
@@ -154,3 +159,75 @@ def test_refuses_without_isolation_unless_allowed(monkeypatch) -> None:
     unisolated = LIMITS.model_copy(update={"allow_unisolated": True})
     result, _ = run("import os\nprint(os.getuid())", unisolated)
     assert result.observation() == ("65534" if os.geteuid() == 0 else str(os.geteuid()))
+
+
+@pytest.fixture
+def host_files() -> Iterator[dict[str, Path]]:
+    """World-readable files where model code must not look: the project checkout, /root and /home (made here, as
+    root, when the test may write there)."""
+    made: list[Path] = []
+    files = {"checkout": Path(__file__).resolve().parents[1] / "pyproject.toml"}
+    for place in ("/root", "/home"):
+        path = Path(place) / f"tiderl-sandbox-probe-{os.getpid()}.txt"
+        try:
+            path.write_text("host secret")
+            path.chmod(0o644)
+        except OSError:
+            continue
+        made.append(path)
+        files[place] = path
+    yield files
+    for path in made:
+        path.unlink()
+
+
+@needs_bwrap
+def test_world_readable_host_files_do_not_exist_inside(host_files: dict[str, Path]) -> None:
+    assert set(host_files) == {"checkout", "/root", "/home"} or os.geteuid() != 0  # CI and this machine run as root
+    code = (
+        f"for path in {[str(p) for p in host_files.values()]!r}:\n"
+        "    try:\n        print(open(path).read())\n    except OSError as e:\n        print(e.strerror)"
+    )
+    result, _ = run(code)
+    # absent, not merely unreadable: the sandbox's uid could read each of them if the path were there
+    assert result.ok and result.stdout.splitlines() == ["No such file or directory"] * len(host_files)
+    assert all(p.read_text() for p in host_files.values())
+
+
+@needs_bwrap
+def test_listing_the_root_shows_only_what_the_interpreter_needs() -> None:
+    code = (
+        "import os\nprint(sorted(os.listdir('/')))\nprint(sorted(os.listdir('/etc')))\nprint(os.path.exists('/home'))"
+    )
+    result, _ = run(code)
+    top, etc, home = result.stdout.splitlines()
+    assert result.ok and set(ast.literal_eval(top)) <= {
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib32",
+        "lib64",
+        "libx32",
+        "proc",
+        "sbin",
+        "tmp",
+        "usr",
+    }
+    assert ast.literal_eval(etc) == ["ld.so.cache", "localtime"] and home == "False"
+    assert "work" not in top and "root" not in top
+
+
+@needs_bwrap
+def test_a_venv_interpreter_sees_its_site_packages_but_not_the_rest_of_the_checkout() -> None:
+    """The venv lives inside the checkout; configured as the sandbox's interpreter it is bound (it and the Python it
+    was made from), its neighbours are not."""
+    venv_python = Path(sys.executable)
+    checkout = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, os\nimport typer\nprint(typer.__name__)\n"
+        f"print(os.path.exists({str(checkout / 'pyproject.toml')!r}), os.path.exists({str(checkout / 'rl')!r}))"
+    )
+    result, _ = run(code, LIMITS.model_copy(update={"python": str(venv_python)}))
+    assert result.ok, result.stderr
+    assert result.stdout.splitlines() == ["typer", "False False"]
