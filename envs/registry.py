@@ -13,6 +13,7 @@ defines it (the python tool takes its sandbox limits that way), else `cls(**cfg.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
 import importlib.util
 import sys
@@ -98,11 +99,19 @@ ENVS: Registry[type] = Registry("environment", "tiderl.envs")
 register_env = ENVS.register
 
 
+BUILT_IN_ENVS = {
+    "calculator": "envs.calculator",
+    "python": "envs.python_tool",
+    "search": "envs.search",
+    "single_turn": "envs.single_turn",
+}
+"""The built-in environments and the module each registers itself in: a config check knows the names without
+importing the modules (transformers, BM25)."""
+
+
 def load_builtin_envs() -> None:
-    import envs.calculator  # noqa: F401  (each import registers its environment)
-    import envs.python_tool  # noqa: F401
-    import envs.search  # noqa: F401
-    import envs.single_turn  # noqa: F401
+    for module in BUILT_IN_ENVS.values():
+        importlib.import_module(module)  # each import registers its environment
 
 
 def env_class(name: str) -> type:

@@ -36,7 +36,10 @@ def train(
         _fail(f"--resume {resume}: no such run directory")
     from rl.loop.controller import train as run_job  # heavy imports (torch, ray) only once the config is known good
 
-    run_job(cfg, target, resume=resume is not None)
+    try:
+        run_job(cfg, target, resume=resume is not None)
+    except ConfigError as e:  # what the config asks for that this machine lacks (a tracker's package)
+        _fail(str(e))
 
 
 @app.command()
@@ -53,15 +56,20 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory of a finished (or checkpointed) job.")],
     out: Annotated[Path, typer.Argument(help="Output directory for the Hugging Face checkpoint.")],
     step: Annotated[int | None, typer.Option("--step", help="Checkpoint step to export (default: the latest).")] = None,
+    adapter: Annotated[
+        bool, typer.Option("--adapter", help="LoRA runs: write the adapters in peft's format instead (docs/lora.md).")
+    ] = False,
 ) -> None:
-    """Write the run's policy as a compressed-tensors pack-quantized (W4A16) Hugging Face checkpoint."""
-    from rl.policy.export import export_run
+    """Write the run's policy as a compressed-tensors pack-quantized (W4A16) Hugging Face checkpoint (a LoRA run's:
+    merged), or with --adapter a LoRA run's adapters in peft's format."""
+    from rl.policy.export import export_adapter, export_run
 
     try:
-        path = export_run(run_dir, out, step)
+        path = (export_adapter if adapter else export_run)(run_dir, out, step)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         _fail(str(e))
-    typer.echo(f"exported {path} (compressed-tensors pack-quantized INT4)")
+    what = "LoRA adapters, peft format" if adapter else "compressed-tensors pack-quantized INT4"
+    typer.echo(f"exported {path} ({what})")
 
 
 @app.command("check-env")
@@ -135,18 +143,25 @@ def submit(
     ] = None,
 ) -> None:
     """Submit an RL job to a Ray cluster (Ray Jobs API), with the working directory as its code."""
-    cfg = _load(config, overrides or [])
-    from rl.launch.jobs import JobsClient, JobsError, plan_submission, resolve_address
+    cfg = _load(config, overrides or [], check=False)
+    from rl.launch.jobs import JobsClient, JobsError, driver_modules, plan_submission, resolve_address
+    from rl.launch.preflight import PreflightError, preflight
+    from rl.launch.preflight_io import check_resources
 
     try:
+        preflight(cfg, local_model=False, resources=False)  # what needs no cluster, before reaching it
         plan = plan_submission(
             config, overrides or [], cfg, working_dir=working_dir, run_dir=run_dir, resume=resume, submission_id=job_id
         )
         client = JobsClient(resolve_address(address))
+        problems = check_resources(cfg, client.nodes())  # against the cluster's nodes as Ray reports them
+        if problems:
+            raise PreflightError(problems)
+        client.check_python(plan, driver_modules())
         for note in plan.notes:
             typer.echo(f"note: {note}")
         submitted = client.submit(plan)
-    except JobsError as e:
+    except (JobsError, ConfigError) as e:
         _fail(str(e))
     flag = f"--address {client.address}"
     typer.echo(f"submitted job {submitted}\nrun directory (on the cluster): {plan.run_dir}")
@@ -277,9 +292,16 @@ def _clock(ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else ""
 
 
-def _load(path: Path, overrides: list[str]):
+def _load(path: Path, overrides: list[str], check: bool = True):
+    """The validated config; with `check`, also everything it refers to (`rl.launch.preflight`), for a job that
+    runs here or joins a cluster (`tiderl submit` checks against the cluster itself)."""
     try:
-        return load_config(path, overrides)
+        cfg = load_config(path, overrides)
+        if check:
+            from rl.launch.preflight import preflight
+
+            preflight(cfg)
+        return cfg
     except ConfigError as e:
         _fail(str(e))
 

@@ -15,6 +15,8 @@ says what to do (`JobsError`).
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import json
 import os
 import re
 import secrets
@@ -187,6 +189,19 @@ def plan_submission(
     return Submission(submission_id, entrypoint, runtime_env, target, metadata, notes)
 
 
+def driver_modules() -> list[str]:
+    """Import names of tiderl's own dependencies (pyproject's `dependencies`): what a job's driver imports."""
+    try:
+        requirements = importlib.metadata.requires("tiderl") or []
+    except importlib.metadata.PackageNotFoundError:  # not installed (a bare checkout): the core of them
+        requirements = ["torch", "ray", "transformers", "typer", "pydantic", "pyyaml"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements if "extra ==" not in r]
+    return sorted({IMPORT_NAMES.get(n, n.replace("-", "_")) for n in names})
+
+
+IMPORT_NAMES = {"pyyaml": "yaml"}  # distributions whose import name is not their name with - as _
+
+
 def new_submission_id(config_stem: str) -> str:
     """`<config>-<time>-<random>`: readable in `tiderl status` and as the default run directory's name."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", config_stem).strip("-") or "job"
@@ -355,6 +370,56 @@ class JobsClient:
                 submission_id=submission.submission_id,
                 runtime_env=submission.runtime_env,
                 metadata=submission.metadata,
+            )
+
+    def nodes(self) -> list[dict[str, float]]:
+        """Resources of each live node, as the dashboard reports them (no actor, no job started)."""
+        import requests
+
+        with self._errors():
+            r = requests.get(
+                f"{self.address}/api/v0/nodes", params={"limit": 10000}, headers=auth_headers(), timeout=30
+            )
+            r.raise_for_status()
+        rows = r.json()["data"]["result"]["result"]
+        return [dict(n.get("resources_total") or {}) for n in rows if n.get("state") == "ALIVE"]
+
+    def check_python(self, submission: Submission, modules: list[str], timeout_s: float = 120.0) -> None:
+        """Run the job's `python` on the cluster (a probe job with the job's env_vars and pip, nothing uploaded) and
+        refuse the submission when it is missing or lacks `modules`, naming the interpreter and the fix."""
+        probe = f"{submission.submission_id}-python-check"
+        script = (
+            "import importlib.util as u, json, sys; "
+            f"m = [n for n in {modules!r} if u.find_spec(n) is None]; "
+            "print('TIDERL_PYTHON ' + json.dumps({'python': sys.executable, 'missing': m}))"
+        )
+        env = {k: v for k, v in submission.runtime_env.items() if k in ("env_vars", "pip")}
+        with self._errors():
+            self._client.submit_job(
+                entrypoint=f"python -c {shlex.quote(script)}", submission_id=probe, runtime_env=env or None
+            )
+        status = self.wait(probe, timeout_s + (600.0 if "pip" in env else 0.0))
+        text = self.logs(probe)
+        with self._errors(probe):
+            self._client.delete_job(probe)  # not one of the user's jobs in `tiderl status`
+        found = re.search(r"^TIDERL_PYTHON (.*)$", text, re.MULTILINE)
+        how = (
+            "Start Ray on the head node from the venv tiderl is installed in (`source .venv/bin/activate` before "
+            "`ray start --head`, docs/cluster.md), or install tiderl's dependencies into that interpreter (`pip "
+            "install -e .` from this repository), or add what is missing to cluster.pip"
+        )
+        if found is None:
+            tail = " | ".join(text.strip().splitlines()[-3:]) or status
+            raise JobsError(
+                f"the cluster has no `python` that runs a job (the head node's PATH for its Ray processes, with "
+                f"cluster.env_vars): the check job ended {status}: {tail}. {how}"
+            )
+        report = json.loads(found.group(1))
+        if report["missing"]:
+            raise JobsError(
+                f"the cluster's `python` ({report['python']}, the first python on the PATH of the head node's Ray "
+                f"processes) lacks {', '.join(report['missing'])}: the job's driver would fail there on import, so "
+                f"nothing was submitted. {how}"
             )
 
     def details(self, job_id: str):
