@@ -62,6 +62,18 @@ class WarmStartConfig(Section):
     )
 
 
+class Int4RecoveryConfig(Section):
+    """INT4 recovery before RL (`rl.policy.recovery`): the QAT policy is distilled from its own full-precision
+    weights on the full-precision model's samples of the training prompts (LLM-QAT's data-free distillation), built
+    once and cached. For a model whose INT4 round trip loses the accuracy RL needs to start from."""
+
+    steps: int = Field(0, ge=0, description="Distillation steps (0 = off). Needs quant.enabled and quant.mode=qat.")
+    prompts: int = Field(256, ge=1, description="Training prompts the full-precision model samples once each.")
+    batch_size: int = Field(16, ge=1, description="Teacher samples per optimizer step.")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per forward (bounds full-vocabulary logits memory).")
+    lr: float = Field(2e-5, gt=0, description="AdamW learning rate, decayed linearly to zero over `steps`.")
+
+
 class DataConfig(Section):
     """Prompts, in verl's layout (`prompt`, `data_source`, `reward_model.ground_truth`, `extra_info`)."""
 
@@ -180,6 +192,7 @@ class JobConfig(Section):
     seed: int = Field(0, description="Seed for data order, sampling and initialization.")
     model: ModelConfig
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    int4_recovery: Int4RecoveryConfig = Field(default_factory=Int4RecoveryConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -231,6 +244,16 @@ class JobConfig(Section):
         if any(needs_ray.values()):
             keys = ", ".join(k for k, v in needs_ray.items() if v)
             raise ValueError(f"cluster.backend=in_process runs without Ray; {keys} need the ray backend")
+        return self
+
+    @model_validator(mode="after")
+    def _check_int4_recovery(self) -> JobConfig:
+        if self.int4_recovery.steps and not (self.quant.enabled and self.quant.mode == "qat"):
+            raise ValueError(
+                f"int4_recovery.steps={self.int4_recovery.steps} distils the QAT policy; it needs quant.enabled=true "
+                f"and quant.mode=qat (got enabled={self.quant.enabled}, mode={self.quant.mode}): set "
+                "int4_recovery.steps=0 for this mode"
+            )
         return self
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from rl.loop.evaluation import evaluate
 from rl.loop.metrics import MetricsLogger, StageTimer, rollout_metrics, save_trajectories
 from rl.loop.pipeline import RolloutPipeline
 from rl.loop.sampling import collect_batch, first_group_id, rollout_temperature
+from rl.policy.recovery import recover_int4, recovered_config
 from rl.policy.warmstart import prepare_policy
 from rl.trainer.advantages import ADVANTAGES, AdvantageFn
 from rl.trainer.batch import TrainBatch
@@ -118,8 +119,11 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
         _warn_changed_config(run_dir / "config.yaml", cfg)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     policy_dir = prepare_policy(cfg, log=console.print)
+    train_rows = load_split(cfg, "train", run_dir / "data")
+    if cfg.int4_recovery.steps:  # before Ray starts: the distillation has the machine to itself
+        policy_dir = recover_int4(cfg, policy_dir, train_rows, log=console.print)
+        cfg = recovered_config(cfg, policy_dir)
     with runtime(cfg):
-        train_rows = load_split(cfg, "train", run_dir / "data")
         eval_rows = load_split(cfg, "eval", run_dir / "data") if cfg.eval.enabled else []
         sampler = PromptSampler(train_rows, cfg.seed, cfg.data.shuffle, cfg.data.sampling, cfg.data.success_ema)
         sampler.check()
