@@ -8,7 +8,7 @@ ARGS ?=
 
 ORACLES := .oracles
 
-.PHONY: setup sandbox-tools oracles run lint test test-all clean smollm2 run-real run-smollm2
+.PHONY: setup sandbox-tools browser-tools oracles run lint test test-all clean smollm2 run-real run-smollm2
 
 $(BIN)/tiderl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,18 @@ $(BIN)/tiderl: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $@
 
-setup: $(BIN)/tiderl sandbox-tools
+setup: $(BIN)/tiderl sandbox-tools browser-tools
 
 # The python tool isolates model code with bubblewrap (Debian package); installed here when missing and root.
 sandbox-tools:
 	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get install -y -q bubblewrap >/dev/null 2>&1; } \
 		|| echo "warning: bubblewrap is not installed; the python tool will refuse to run model code (see docs/agentic.md)"
+
+# The viewer's browser test drives Debian's chromium (tests/test_view_browser.py); installed here when missing and root.
+browser-tools:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >/dev/null 2>&1; } \
+		|| echo "note: chromium is not installed; the viewer's browser test will be skipped (docs/view.md)"
 
 run: setup
 	$(BIN)/tiderl train $(CONFIG) $(ARGS)

@@ -33,6 +33,8 @@ class ScoringResult:
     """Samples left out: the rollout ended in `error`, a reward function failed on it, or nothing scored it."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Per-function counts: `reward_failed/<name>`, `reward_none/<name>`, and `unscored_samples`."""
+    left_out: list[tuple[Trajectory, str]] = field(default_factory=list)
+    """The samples left out, each with why (what the run's saved samples show)."""
 
 
 class RewardScorer:
@@ -57,11 +59,12 @@ class RewardScorer:
 
     async def _score(self, trajectories: list[Trajectory], step: int) -> ScoringResult:
         counts: Counter[str] = Counter()
-        live = []
+        live, left_out = [], []
         for traj in trajectories:
             if traj.status is TrajectoryStatus.ERROR:
                 counts["rollout_errors"] += 1
                 log.warning("sample %s left out: %s", traj.sample_id, traj.error)
+                left_out.append((traj, f"rollout error: {traj.error}"))
             else:
                 live.append(traj)
         inputs = [_input(t) for t in live]
@@ -78,14 +81,18 @@ class RewardScorer:
             item = self._combine(
                 traj, [r.values[i] for r in results], results[0].acc[i] if results and results[0].acc else None, counts
             )
-            if item is not None:
+            if isinstance(item, str):
+                left_out.append((traj, item))
+            else:
                 scored.append(item)
         failed = len(trajectories) - len(scored)
-        return ScoringResult(scored=scored, failed=failed, metrics={k: float(v) for k, v in sorted(counts.items())})
+        metrics = {k: float(v) for k, v in sorted(counts.items())}
+        return ScoringResult(scored=scored, failed=failed, metrics=metrics, left_out=left_out)
 
     def _combine(
         self, traj: Trajectory, values: list[float | None | Failure], acc: bool | None, counts: Counter[str]
-    ) -> ScoredTrajectory | None:
+    ) -> ScoredTrajectory | str:
+        """The scored sample, or why it is left out."""
         # (how the log names it, metric name, score | None | why it failed) for every function and reward model
         verdicts: list[tuple[str, str, float | None | Failure]] = [
             (f"reward function {fn.name!r} ", fn.name, v) for (fn, _), v in zip(self.functions, values, strict=True)
@@ -104,11 +111,11 @@ class RewardScorer:
                 breakdown[name] = float(value)
         if failures:
             log.warning("sample %s left out: %s", traj.sample_id, "; ".join(failures))
-            return None
+            return "; ".join(failures)
         if not breakdown:
             counts["unscored_samples"] += 1
             log.warning("sample %s left out: every reward function returned None for it", traj.sample_id)
-            return None
+            return "every reward function returned None for it"
         weights = {fn.name: weight for fn, weight in self.functions} | dict(self.models)
         total = sum(weights[name] * value for name, value in breakdown.items())
         if traj.env_reward is not None:  # the environment's own score, unweighted

@@ -177,13 +177,42 @@ class ClusterConfig(Section):
 
 
 class LoggingConfig(Section):
-    tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
-    progress: bool = Field(True, description="Show a progress bar with the live reward.")
+    """Where a job's metrics and samples go besides metrics.jsonl (`rl.loop.trackers`, `rl.loop.samples`)."""
+
+    trackers: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that receive every step's metrics, the resolved config and the kept samples "
+        "as a table, offline by default: tensorboard (event files in the run directory), wandb (offline run in "
+        "RUN_DIR/wandb unless WANDB_MODE is set), trackio (local project), mlflow (file store RUN_DIR/mlruns unless "
+        "MLFLOW_TRACKING_URI is set). All but tensorboard are extras: pip install 'tiderl[wandb]'.",
+    )
+    project: str = Field("tiderl", description="The W&B / trackio project and MLflow experiment the run logs to.")
+    progress: bool = Field(
+        True, description="Show a progress bar with the live reward, and the rollouts' progress during a step."
+    )
     save_trajectories: bool = Field(
         True,
-        description="Write every step's scored samples to trajectories/step_N.jsonl (conversation, reward breakdown, "
-        "status).",
+        description="Write every step's samples to trajectories/step_N.jsonl (conversation, reward breakdown, "
+        "status, advantage; the failed ones with why), what `tiderl view` shows.",
     )
+    samples_per_step: int = Field(
+        8,
+        ge=0,
+        description="Samples per step kept with their tokens (the best and the worst of a few prompts): the rollout's "
+        "and the learner's logprob of each token, its advantage and what the token mask or IS correction cut; "
+        "in trajectories/ and the trackers' sample tables.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_flag(cls, data: Any) -> Any:
+        """`tensorboard: true/false`, the key before `trackers` (run directories of older versions keep it)."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            flag = data.pop("tensorboard")
+            trackers = [t for t in data.get("trackers", ["tensorboard"]) if t != "tensorboard"]
+            data["trackers"] = (["tensorboard"] if flag else []) + trackers
+        return data
 
 
 class JobConfig(Section):

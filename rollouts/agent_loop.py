@@ -18,6 +18,7 @@ only its own episode as `error`.
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -85,6 +86,32 @@ class Episode:
         self.status, self.sample.error = TrajectoryStatus.ERROR, error
 
 
+@dataclass(frozen=True)
+class GenerationProgress:
+    """Where one generation call stands (what the terminal shows during a long step)."""
+
+    done: int = 0
+    """Samples that ended in this call (finished, truncated or failed)."""
+    running: int = 0
+    """Samples still generating or waiting on a tool."""
+    paused: int = 0
+    """Samples paused at the iteration budget (partial rollouts), to be resumed by the next step."""
+    tokens: int = 0
+    """Tokens generated in this call."""
+
+    def __add__(self, other: GenerationProgress) -> GenerationProgress:
+        return GenerationProgress(
+            self.done + other.done,
+            self.running + other.running,
+            self.paused + other.paused,
+            self.tokens + other.tokens,
+        )
+
+
+PROGRESS_EVERY_S = 0.5
+"""How often a running generation reports its progress (`AgentLoop.on_progress`)."""
+
+
 class AgentLoop:
     def __init__(
         self, engine: Engine, renderer: Renderer, env_factory: Callable[[], Any], rollout: RolloutConfig, env: EnvConfig
@@ -96,6 +123,8 @@ class AgentLoop:
         self.env_cfg = env
         self.parse_tool_calls = TOOL_CALL_PARSERS[rollout.tool_call_format]
         self.temperature = rollout.temperature
+        self.on_progress: Callable[[GenerationProgress], None] | None = None
+        """Called with the running call's progress every `PROGRESS_EVERY_S` and when it ends (None: not reported)."""
 
     def new_episodes(
         self, rows: list[PromptRow], samples_per_prompt: int, group_ids: list[int] | None = None
@@ -182,8 +211,12 @@ class AgentLoop:
 
         tasks = {asyncio.create_task(drive(ep)) for ep in live}
         pending = set(tasks)
+        reported = time.monotonic()
         try:
             while pending:
+                if self.on_progress is not None and time.monotonic() - reported > PROGRESS_EVERY_S:
+                    self.on_progress(_progress(live))
+                    reported = time.monotonic()
                 if batcher.busy:
                     batcher.step()  # a few ms of compute on this thread; environments proceed between steps
                     await asyncio.sleep(0)
@@ -203,6 +236,8 @@ class AgentLoop:
             crashed = bool(pending)
             closing = [ep for ep in live if ep.started and (ep.done or crashed)]
             await asyncio.gather(*(ep.env.close() for ep in closing), return_exceptions=True)
+            if self.on_progress is not None:
+                self.on_progress(_progress(live))
 
     def close_envs(self, episodes: list[Episode]) -> None:
         """Close the environments of episodes dropped unfinished (paused ones given up on a restore)."""
@@ -337,6 +372,13 @@ class AgentLoop:
             policy_version=min((v for _, _, v in ep.sample.segments), default=ep.version),
             status=ep.status,
         )
+
+
+def _progress(episodes: list[Episode]) -> GenerationProgress:
+    paused = sum(ep.status is TrajectoryStatus.PARTIAL for ep in episodes)
+    done = sum(ep.done for ep in episodes)
+    tokens = sum(ep.iteration_tokens for ep in episodes)
+    return GenerationProgress(done, len(episodes) - done - paused, paused, tokens)
 
 
 def _mix_seed(base: int, episode: int, generated: int) -> int:

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from envs.base import PromptRow
+from rollouts.agent_loop import GenerationProgress
 from rollouts.records import Trajectory
 from rollouts.shipping import ShippedDir
 from rollouts.worker import RolloutWorker, WorkerSpec
@@ -79,6 +80,10 @@ class RolloutBackend(Protocol):
 
     def set_reward_models(self, handles: dict[str, Any], make_item: Callable[[Any], Any]) -> None:
         """Reward-model actors to send each finished group to, and the function that makes their input."""
+        ...
+
+    def set_progress_sink(self, sink: Callable[[int, GenerationProgress], None] | None) -> None:
+        """Every worker reports its running generation's progress to `sink(worker_index, progress)`."""
         ...
 
     def num_paused(self) -> int:
@@ -180,6 +185,10 @@ class InProcessBackend:
     def set_reward_models(self, handles: dict[str, Any], make_item: Callable[[Any], Any]) -> None:
         for worker in self.workers:
             worker.set_reward_models(handles, make_item)
+
+    def set_progress_sink(self, sink: Callable[[int, GenerationProgress], None] | None) -> None:
+        for worker in self.workers:
+            worker.set_progress_sink(sink)
 
     def num_paused(self) -> int:
         return sum(worker.num_paused() for worker in self.workers)

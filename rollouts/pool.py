@@ -24,6 +24,7 @@ import ray.exceptions
 
 from envs.base import PromptRow
 from rollouts.actors import ACTOR_LOST
+from rollouts.agent_loop import GenerationProgress
 from rollouts.backend import spread_paused, spread_rows
 from rollouts.records import Trajectory
 
@@ -58,6 +59,7 @@ class RolloutPool:
         self.weights: tuple[Any, int] | None = None
         self.reward_models: dict[str, Any] = {}
         self.reward_model_item: Callable[[Any], Any] | None = None
+        self.progress_sink: Callable[[int, GenerationProgress], None] | None = None
         self.restarts = 0  # over the job
         self.version: int | None = None
         self.source: Any = None  # collective weight sync: the learner actor the weights come from
@@ -145,6 +147,12 @@ class RolloutPool:
         self.reward_models = dict(handles)
         self.reward_model_item = make_item
         self._on_all(lambda w: w.set_reward_models.remote(self.reward_models, make_item))
+
+    def set_progress_sink(self, sink: Callable[[int, GenerationProgress], None] | None) -> None:
+        """Every worker reports its running generation's progress to `sink` (a callable that reaches the controller
+        from the worker's process, e.g. through an actor); kept, so a restarted worker reports too."""
+        self.progress_sink = sink
+        self._on_all(lambda w: w.set_progress_sink.remote(sink))
 
     # -- rollouts -------------------------------------------------------------------------------------------------
     def submit_step(
@@ -255,6 +263,8 @@ class RolloutPool:
             self.group_stale = True
         if self.reward_models:
             ray.get(worker.set_reward_models.remote(self.reward_models, self.reward_model_item))
+        if self.progress_sink is not None:
+            ray.get(worker.set_progress_sink.remote(self.progress_sink))
         self.workers[i] = worker
         self.restarts += 1
         self._reissue(i)

@@ -24,7 +24,7 @@ from ray import cloudpickle
 from envs.base import PromptRow
 from envs.config import EnvConfig
 from envs.registry import make_env
-from rollouts.agent_loop import AgentLoop, Episode
+from rollouts.agent_loop import AgentLoop, Episode, GenerationProgress
 from rollouts.collective import BroadcastMember, Manifest, buffer_size, unflatten
 from rollouts.config import ModelConfig, QuantConfig, RolloutConfig
 from rollouts.engine import Engine
@@ -80,11 +80,18 @@ class RolloutWorker(BroadcastMember):
         make_env(cfg.env)  # fail now, naming the environment, rather than on the first rollout
         self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
+        self.index = worker_index
         self.version = 0
         self.open_groups: dict[int, list[Episode]] = {}
         self.reward_models: dict[str, ray.actor.ActorHandle] = {}
         self.reward_model_item: Callable[[Episode], Any] | None = None
         self.model_refs: dict[int, dict[str, ray.ObjectRef]] = {}
+
+    def set_progress_sink(self, sink: Callable[[int, GenerationProgress], None] | None) -> None:
+        """Report each generation call's progress to `sink(worker_index, progress)` while it runs (the controller's
+        terminal display; passed in, as reward models are)."""
+        index = self.index
+        self.loop.on_progress = None if sink is None else lambda progress: sink(index, progress)
 
     def set_reward_models(self, handles: dict, make_item: Callable[[Episode], Any]) -> None:
         """Reward model actors to send each finished group to (`reward.models_async`), and the function that turns

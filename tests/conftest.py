@@ -82,3 +82,24 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+VIEW_OVERRIDES = (
+    "cluster.backend=in_process",
+    "trainer.steps=3",
+    "eval.enabled=false",
+    "logging.samples_per_step=8",  # every sample of the tiny job's steps (4 prompts x 2)
+    "algorithm.token_mask=[-1e-9, 1e-9]",  # a band the float gap leaves: the mask cuts tokens, to see it recorded
+    "rollout.max_new_tokens_per_turn=24",
+)
+
+
+@pytest.fixture(scope="session")
+def view_run(make_cfg, tmp_path_factory) -> Path:
+    """A finished tiny job's run directory (in process, 3 steps, every sample kept with its tokens, a token mask that
+    cuts some tokens): what `tiderl view` shows, for tests/test_view.py and tests/test_view_browser.py."""
+    from rl.loop.controller import train
+
+    run_dir = tmp_path_factory.mktemp("view") / "run"
+    train(make_cfg(*VIEW_OVERRIDES), run_dir)
+    return run_dir

@@ -3,6 +3,7 @@ fails in well under a second and leaves no processes behind."""
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Annotated
@@ -70,6 +71,38 @@ def export(
         _fail(str(e))
     what = "LoRA adapters, peft format" if adapter else "compressed-tensors pack-quantized INT4"
     typer.echo(f"exported {path} ({what})")
+
+
+@app.command()
+def view(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/calculator-20261202-120000.")],
+    export: Annotated[
+        Path | None, typer.Option("--export", help="Write one self-contained HTML file instead of serving.")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8765,
+    host: Annotated[str, typer.Option("--host", help="Address to serve on (0.0.0.0: every interface).")] = "127.0.0.1",
+) -> None:
+    """Look at a run in the browser: curves, each step's samples, tokens colored by the rollout-vs-learner gap."""
+    from rl.view.data import RunDirError, check_run_dir, snapshot
+
+    try:
+        check_run_dir(run_dir)
+    except RunDirError as e:
+        _fail(str(e))
+    needs = ("plotly",) if export is not None else ("plotly", "starlette", "uvicorn")
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        _fail(f"tiderl view needs {', '.join(missing)}: pip install 'tiderl[view]'")
+    from rl.view.page import render_page
+
+    if export is not None:
+        export.write_text(render_page(snapshot(run_dir)))
+        typer.echo(f"wrote {export} ({export.stat().st_size / 1e6:.1f} MB; opens in a browser with no server)")
+        return
+    from rl.view.server import serve
+
+    typer.echo(f"serving {run_dir} at http://{host}:{port}/ (Ctrl-C stops; the page follows the run while it goes)")
+    serve(run_dir, host, port)
 
 
 @app.command("check-env")

@@ -13,6 +13,7 @@ restoring weights, optimizer, RNG states, data position and paused rollouts, the
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +27,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from envs.base import PromptRow
 from rewards.models import fetch_model_scores
 from rewards.records import ScoredTrajectory
-from rewards.scoring import RewardScorer
-from rl.config import JobConfig, dump_config
+from rewards.scoring import RewardScorer, ScoringResult
+from rl.config import ConfigError, JobConfig, dump_config
 from rl.loop.actors import Actors, runtime
 from rl.loop.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rl.loop.data import PromptSampler, load_split
 from rl.loop.evaluation import evaluate
-from rl.loop.metrics import MetricsLogger, StageTimer, rollout_metrics, save_trajectories
+from rl.loop.metrics import MetricsLogger, StageTimer, rollout_metrics
 from rl.loop.pipeline import RolloutPipeline
+from rl.loop.progress import GenerationDisplay, progress_sink
+from rl.loop.samples import keep_samples, step_records, table_rows, write_records
 from rl.loop.sampling import collect_batch, first_group_id, rollout_temperature
+from rl.loop.trackers import TrackerRun, check_trackers, open_trackers
 from rl.policy.recovery import recover_int4, recovered_config
 from rl.policy.warmstart import prepare_policy
 from rl.trainer.advantages import ADVANTAGES, AdvantageFn
@@ -67,11 +71,10 @@ def rl_step(job: Job, step: int) -> dict[str, float]:
     cfg, actors, timer = job.cfg, job.actors, StageTimer()
     temperature = rollout_temperature(cfg, step)
     batch, sampling_metrics = collect_batch(cfg, step, job.pipeline, job.sampler, actors, job.scorer, timer)
-    if cfg.logging.save_trajectories and batch.scored:
-        save_trajectories(job.run_dir / "trajectories" / f"step_{step:06d}.jsonl", batch.scored)
+    kept, train_batch = keep_samples(batch.scored, cfg.logging.samples_per_step), None
     if batch.scored:
         with timer("advantages"):
-            train_batch, kl_metrics = advantage_batch(job, batch.scored, temperature)
+            train_batch, kl_metrics = advantage_batch(job, batch.scored, temperature, kept)
         with timer("update"):
             train_metrics = actors.learner.train_step(train_batch)
         with timer("sync"):
@@ -79,6 +82,8 @@ def rl_step(job: Job, step: int) -> dict[str, float]:
         metrics = {**rollout_metrics(batch.scored), **train_metrics, **kl_metrics, "temperature": temperature}
     else:  # every sample failed (each counted and logged by the scorer), or every group is still paused
         metrics = {"skipped_step": 1.0}
+    with timer("samples"):
+        save_samples(job, step, batch, train_batch, kept)
     metrics |= {"failed_samples": float(batch.failed), **batch.metrics, **sampling_metrics}
     metrics |= {
         **timer.times,
@@ -93,10 +98,11 @@ def rl_step(job: Job, step: int) -> dict[str, float]:
 
 
 def advantage_batch(
-    job: Job, scored: list[ScoredTrajectory], temperature: float
+    job: Job, scored: list[ScoredTrajectory], temperature: float, kept: list[int] | None = None
 ) -> tuple[TrainBatch, dict[str, float]]:
     """The learner's batch: the trajectories padded, each sequence's advantage on its policy tokens (with
-    `algorithm.kl_in: reward`, from rewards less the KL to the reference policy, reported as `kl_reward_penalty`)."""
+    `algorithm.kl_in: reward`, from rewards less the KL to the reference policy, reported as `kl_reward_penalty`);
+    the learner records its per-token values of the `kept` ones (`TrainBatch.trace`)."""
     algo = job.cfg.algorithm
     rewards = torch.tensor([s.reward for s in scored])
     groups = torch.tensor([s.trajectory.group_id for s in scored])
@@ -109,15 +115,42 @@ def advantage_batch(
         extra["kl_reward_penalty"] = float(algo.kl_coef * kl.mean())
     advantages = job.advantage_fn(rewards, groups, normalize_by_std=algo.normalize_by_std, lengths=lengths)
     batch.advantages = advantages.to(torch.float32)[:, None] * batch.loss_mask
+    if kept:
+        batch.trace = torch.full((len(scored),), -1, dtype=torch.long)
+        batch.trace[kept] = torch.arange(len(kept))
     return batch, extra
+
+
+def save_samples(job: Job, step: int, batch: ScoringResult, train_batch: TrainBatch | None, kept: list[int]) -> None:
+    """The step's samples into trajectories/step_N.jsonl, the kept ones with their tokens and the learner's
+    per-token values, and as a table into the trackers (`rl.loop.samples`)."""
+    traces = job.actors.learner.token_traces() if kept and train_batch is not None else []
+    advantages = train_batch.advantages if train_batch is not None else None
+    records = step_records(batch.scored, advantages, kept, traces, batch.left_out)
+    if job.cfg.logging.save_trajectories and records:
+        write_records(job.run_dir / "trajectories" / f"step_{step:06d}.jsonl", records)
+    job.logger.log_samples(step, table_rows(records))
 
 
 def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run the job into `run_dir`; with `resume`, continue from its latest checkpoint. Returns eval.json's content."""
+    problems = check_trackers(cfg.logging.trackers)
+    if problems:
+        raise ConfigError("\n".join(problems))
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         _warn_changed_config(run_dir / "config.yaml", cfg)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    tracked = TrackerRun(run_dir, cfg.logging.project, run_dir.name, cfg.model_dump(mode="json"))
+    logger = MetricsLogger(run_dir, open_trackers(cfg.logging.trackers, tracked))
+    try:
+        return _train(cfg, run_dir, resume, logger)
+    finally:
+        logger.close()
+
+
+def _train(cfg: JobConfig, run_dir: Path, resume: bool, logger: MetricsLogger) -> dict:
+    """`train` once the run directory and its trackers are open: the policy, the actors, the steps."""
     policy_dir = prepare_policy(cfg, log=console.print)
     train_rows = load_split(cfg, "train", run_dir / "data")
     if cfg.int4_recovery.steps:  # before Ray starts: the distillation has the machine to itself
@@ -148,7 +181,7 @@ def train(cfg: JobConfig, run_dir: Path, resume: bool = False) -> dict:
                 ADVANTAGES.get(cfg.algorithm.advantage),
                 actors.workers.pad_token_id(),
                 eval_rows,
-                MetricsLogger(run_dir, cfg.logging.tensorboard),
+                logger,
                 start,
             )
             return _run(job, resume)
@@ -174,18 +207,22 @@ def _run(job: Job, resume: bool) -> dict:
     if cfg.eval.enabled and "before" not in evals:
         evals["before"] = evaluate(job.actors.workers, job.scorer, job.eval_rows, cfg)
         eval_path.write_text(json.dumps(evals, indent=2))
+        job.logger.log_eval(0, evals["before"])
         console.print(f"eval before RL: {_accuracies(evals['before'])}")
 
     learner_restarts = 0
     columns = [
-        TextColumn("RL step"),
+        TextColumn("{task.description}"),
         MofNCompleteColumn(),
         BarColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
     ]
-    with Progress(*columns, console=console, disable=not cfg.logging.progress) as progress:
-        bar = progress.add_task("rl", total=cfg.trainer.steps, completed=step - 1, status="")
+    with (
+        Progress(*columns, console=console, disable=not cfg.logging.progress) as progress,
+        _generation_display(job, progress),
+    ):
+        bar = progress.add_task("RL step", total=cfg.trainer.steps, completed=step - 1, status="")
         while step <= cfg.trainer.steps:
             try:
                 metrics = rl_step(job, step)
@@ -213,16 +250,24 @@ def _run(job: Job, resume: bool) -> dict:
             job.logger.log(step, metrics)
             progress.update(bar, completed=step, status=_status(metrics))
             step += 1
-    job.logger.close()
-
     if cfg.eval.enabled:
         evals["after"] = evaluate(job.actors.workers, job.scorer, job.eval_rows, cfg)
+        job.logger.log_eval(cfg.trainer.steps, evals["after"])
         eval_path.write_text(json.dumps(evals, indent=2))
         console.print(
             f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}"
         )
     console.print(f"run directory: {run_dir}")
     return evals
+
+
+def _generation_display(job: Job, progress: Progress) -> contextlib.AbstractContextManager:
+    """The rollouts' progress during a step under the RL-step bar (`rl.loop.progress`), with `logging.progress`."""
+    if not job.cfg.logging.progress:
+        return contextlib.nullcontext()
+    sink, read = progress_sink(in_process=job.cfg.cluster.backend == "in_process")
+    job.actors.workers.set_progress_sink(sink)
+    return GenerationDisplay(progress, read)
 
 
 def _checkpoint(job: Job, step: int) -> None:

@@ -1,4 +1,4 @@
-"""Step metrics: `metrics.jsonl` (one flat JSON object per step) and TensorBoard event files in the run dir."""
+"""Step metrics: `metrics.jsonl` (one flat JSON object per step) in the run dir and the trackers (rl.loop.trackers)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rewards.records import ScoredTrajectory
+from rl.loop.trackers import Tracker
 from rollouts.records import TrajectoryStatus
 
 
@@ -33,32 +35,6 @@ def rollout_metrics(scored: list[ScoredTrajectory], prefix: str = "") -> dict[st
     return {prefix + k: v for k, v in out.items()}
 
 
-def save_trajectories(path: Path, scored: list[ScoredTrajectory]) -> None:
-    """One JSON object per scored sample: what it saw and said, and how each reward judged it (as verl's
-    `rollout_data_dir` and TRL's completion logs keep them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for s in scored:
-            t = s.trajectory
-            record = {
-                "sample_id": t.sample_id,
-                "group_id": t.group_id,
-                "data_source": t.row.data_source,
-                "ground_truth": t.row.ground_truth,
-                "messages": t.messages,
-                "reward": s.reward,
-                "reward_breakdown": s.reward_breakdown,
-                "correct": s.correct,
-                "status": t.status.value,
-                "truncation": t.truncation,
-                "response_length": t.response_length,
-                "num_turns": t.num_turns,
-                "num_tool_calls": t.num_tool_calls,
-                "policy_versions": sorted({v for *_, v in t.segments}),
-            }
-            f.write(json.dumps(record, default=str) + "\n")
-
-
 class StageTimer:
     """`with timer("generate"): ...` records `time_generate_s`."""
 
@@ -75,23 +51,29 @@ class StageTimer:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    """A step's metrics into `metrics.jsonl` and the trackers (`rl.loop.trackers`), its kept samples and the held-out
+    evaluations into the trackers."""
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+    def __init__(self, run_dir: Path, trackers: list[Tracker]) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.trackers = trackers
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append the step's metrics, with `wall_time` (Unix seconds when the step was logged: samples/s over
         any span of steps, resumes and restarts included, is the samples between two rows over their wall_time gap)."""
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log_metrics(step, metrics)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        for tracker in self.trackers:
+            tracker.log_samples(step, rows)
+
+    def log_eval(self, step: int, result: dict[str, float]) -> None:
+        """A held-out evaluation (eval.json has it too) as `eval/<metric>` at `step` (0: before RL)."""
+        for tracker in self.trackers:
+            tracker.log_metrics(step, {f"eval/{k}": v for k, v in result.items() if isinstance(v, int | float)})
 
     def rewind(self, step: int) -> None:
         """Forget the steps after `step` (a resume or a restore goes back to a checkpoint and logs them again)."""
@@ -105,5 +87,5 @@ class MetricsLogger:
         tmp.replace(self.path)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()

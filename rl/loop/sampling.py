@@ -13,6 +13,7 @@ from rl.loop.actors import Actors
 from rl.loop.data import PromptSampler
 from rl.loop.metrics import StageTimer
 from rl.loop.pipeline import RolloutPipeline
+from rollouts.records import Trajectory
 
 
 def collect_batch(
@@ -36,6 +37,7 @@ def collect_batch(
         cfg.algorithm.dynamic_sampling_max_rounds if cfg.algorithm.dynamic_sampling else 0,
     )
     kept: list[ScoredTrajectory] = []
+    left_out: list[tuple[Trajectory, str]] = []
     failed, dropped, counts = 0, 0, Counter()
     for round_ in range(rounds + 1):
         missing = want - len({s.trajectory.group_id for s in kept})
@@ -60,6 +62,7 @@ def collect_batch(
         if cfg.data.sampling == "prioritized":
             sampler.update(_accuracy_by_row(result.scored))
         failed += result.failed
+        left_out += result.left_out
         counts.update(result.metrics)
         groups: dict[int, list[ScoredTrajectory]] = {}
         for s in result.scored:
@@ -78,7 +81,7 @@ def collect_batch(
         if cfg.algorithm.dynamic_sampling
         else {}
     )
-    return ScoringResult(scored=kept, failed=failed, metrics=dict(counts)), extra
+    return ScoringResult(scored=kept, failed=failed, metrics=dict(counts), left_out=left_out), extra
 
 
 def first_group_id(cfg: JobConfig, step: int, round_: int = 0) -> int:

@@ -22,6 +22,9 @@ class TrainBatch:
     policy_versions: torch.Tensor  # [batch] int64
     temperature: float | None = None
     """The sampling temperature the batch was generated at (the learner scores at it); None: `rollout.temperature`."""
+    trace: torch.Tensor | None = None  # [batch] int64
+    """Sequences whose per-token learner values the update records (`rl.trainer.trace`): a sequence's index among
+    the samples the run keeps, -1 for the others; None: none recorded."""
 
     @property
     def num_sequences(self) -> int:

@@ -11,6 +11,7 @@ from rl.config import JobConfig
 from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import Learner
 from rl.trainer.learner_group import CHECKPOINT_PARTS
+from rl.trainer.trace import TokenTrace
 from rollouts.shipping import read_tree, write_tree
 
 
@@ -29,6 +30,9 @@ class InProcessLearner:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.learner.train_step(batch)
+
+    def token_traces(self) -> list[TokenTrace]:
+        return self.learner.token_traces()
 
     def get_weights(self) -> Any:
         return self.learner.get_weights()

@@ -52,6 +52,7 @@ from rl.trainer.losses import (
 )
 from rl.trainer.optim import build_optimizer
 from rl.trainer.ptx import PtxData
+from rl.trainer.trace import TokenTrace, TraceRecorder
 from rl.trainer.update_sums import BatchTotals, UpdateParts, UpdateSums, update_metrics
 from rollouts.collective import BroadcastMember, flatten
 from rollouts.model import load_policy
@@ -113,6 +114,7 @@ class Learner(BroadcastMember):
             )
         )
         self.rank = 0
+        self._traces: list[TokenTrace] = []  # the last update's, for `token_traces`
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 hosts the process group's rendezvous (called on rank 0 only)."""
@@ -326,6 +328,7 @@ class Learner(BroadcastMember):
             self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
         )
         sums = UpdateSums()
+        recorder = TraceRecorder(batch.trace) if batch.trace is not None else None
         prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
         micro_batches = self._micro_batches(batch, prompts, backward, score_all)
         if not totals.backward and micro_batches:
@@ -392,6 +395,9 @@ class Learner(BroadcastMember):
                     sums.clip += token_mean(out.clipped.float(), mask, num_tokens).item()
                     sums.entropy += token_mean(entropy, mask, num_tokens).item()
                     sums.ratio += token_mean(out.ratio.detach(), mask, num_tokens).item()
+                    if recorder is not None:  # the few sequences kept for people to look at (rl/trainer/trace.py)
+                        token_masked = train_mask if algo.token_mask is not None else None
+                        recorder.record(sl, logp, token_masked, weights, out.clipped)
                     if attribute:  # the same batch through the other learner mode: the quantization part of the gap
                         other, _ = self.sequence_logprobs(
                             ids, attn, not fake_quant, temperature=temperature, where=where
@@ -415,6 +421,8 @@ class Learner(BroadcastMember):
                 sums.ptx = nll.item()
         distributed.all_reduce_gradients(list(self.model.parameters()))
         sums = distributed.all_reduce_record(sums)
+        if recorder is not None:
+            self._traces = recorder.finish(batch.input_ids, batch.attention_mask, self.tokenizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -430,6 +438,11 @@ class Learner(BroadcastMember):
             attribution=attribute,
         )
         return update_metrics(sums, totals, float(grad_norm), metric_scale, self.version, parts)
+
+    def token_traces(self) -> list[TokenTrace]:
+        """The per-token values the last update recorded for the sequences its batch marked (`TrainBatch.trace`)."""
+        traces, self._traces = self._traces, []
+        return traces
 
     def save(self, path: str) -> None:
         """Write policy (an HF directory), optimizer and RNG states into `path`."""

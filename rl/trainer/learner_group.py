@@ -18,6 +18,7 @@ from rl.config import JobConfig
 from rl.launch.placement import Placement
 from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import LearnerActor
+from rl.trainer.trace import TokenTrace
 from rollouts.actors import ACTOR_LOST
 from rollouts.shipping import ShippedDir, read_tree, write_tree
 
@@ -44,6 +45,10 @@ class LearnerGroup:
         shards = batch.shard(self.size) if self.size > 1 else [batch]
         results = self._get_all([a.train_step.remote(shard) for a, shard in zip(self.actors, shards, strict=True)])
         return {**results[0], **({"learner_shard_tokens_max_share": _max_share(shards)} if self.size > 1 else {})}
+
+    def token_traces(self) -> list[TokenTrace]:
+        """The per-token values the last update recorded (each learner's, for the traced rows of its shard)."""
+        return [t for traces in self._get_all([a.token_traces.remote() for a in self.actors]) for t in traces]
 
     def get_weights(self) -> ray.ObjectRef:
         """The weight-sync payload of rank 0, left in the object store (it never passes through the driver)."""
