@@ -161,6 +161,36 @@ def test_bad_job_id_and_unreachable_address_are_clear_errors(cluster: Cluster):
     assert cluster.tiderl("status", env=cluster.env(RAY_API_SERVER_ADDRESS=cluster.address)).returncode == 0
 
 
+def test_submit_refuses_what_the_cluster_cannot_run(cluster: Cluster, tmp_path: Path):
+    # an actor bigger than every node, against the nodes as the dashboard reports them (each has 2 CPUs)
+    big = cluster.tiderl("submit", "configs/calculator.yaml", "rollout.cpus_per_worker=3", "--address", cluster.address)
+    _assert_clean_error(big, "a rollout actor needs 3 CPU", "largest node: 2 CPU", "[the Ray cluster]")
+    # the job's `python` lacks our packages: a head whose PATH finds the system interpreter (here through
+    # cluster.env_vars, which reach the job's driver as the head's own PATH would)
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to("/usr/bin/python3")
+    result = cluster.tiderl(
+        "submit",
+        "configs/calculator.yaml",
+        *JOB_OVERRIDES,
+        f"cluster.env_vars={{PATH: '{bare}:/usr/bin:/bin'}}",
+        "--address",
+        cluster.address,
+    )
+    _assert_clean_error(result, f"the cluster's `python` ({bare}/python", "lacks ", "typer", "nothing was submitted")
+    assert "source .venv/bin/activate" in result.stderr and "cluster.pip" in result.stderr
+    # no `python` on the PATH at all (Debian's /usr/bin holds only python3)
+    none = cluster.tiderl(
+        "submit", "configs/calculator.yaml", *JOB_OVERRIDES, "cluster.env_vars={PATH: '/usr/bin:/bin'}",
+        "--address", cluster.address,
+    )  # fmt: skip
+    _assert_clean_error(none, "the cluster has no `python` that runs a job", "FAILED", "python: not found")
+    jobs = [j["submission_id"] or "" for j in cluster.api("/api/jobs/")]
+    assert not [j for j in jobs if j.startswith("calculator-") and not j.endswith("-python-check")], jobs
+    assert "python-check" not in cluster.tiderl("status", "--address", cluster.address).stdout  # not the user's
+
+
 def test_token_auth(cluster: Cluster, tmp_path: Path):
     # what Ray 2.60's own client does: with RAY_AUTH_MODE unset it sends no token, even when one is at hand
     plain = subprocess.run(

@@ -177,9 +177,9 @@ def submit(
 ) -> None:
     """Submit an RL job to a Ray cluster (Ray Jobs API), with the working directory as its code."""
     cfg = _load(config, overrides or [], check=False)
-    from rl.launch.jobs import JobsClient, JobsError, driver_modules, plan_submission, resolve_address
+    from rl.launch.jobs import JobsClient, JobsError, plan_submission, resolve_address
     from rl.launch.preflight import PreflightError, preflight
-    from rl.launch.preflight_io import check_resources
+    from rl.launch.preflight_io import check_resources, driver_modules
 
     try:
         preflight(cfg, local_model=False, resources=False)  # what needs no cluster, before reaching it

@@ -15,7 +15,6 @@ says what to do (`JobsError`).
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from rl.config import JobConfig
 # Never worth uploading: environments, VCS data, local runs, test oracles, caches. `cluster.excludes` adds more.
 DEFAULT_EXCLUDES = [".venv", ".git", "runs", ".oracles", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+CHECK = "-python-check"  # the submission id's suffix of `tiderl submit`'s check of the cluster's python
 
 
 class JobsError(RuntimeError):
@@ -187,19 +187,6 @@ def plan_submission(
         runtime_env["pip"] = list(cfg.cluster.pip)
     metadata = {"tiderl_config": config_rel, "tiderl_run_dir": target}
     return Submission(submission_id, entrypoint, runtime_env, target, metadata, notes)
-
-
-def driver_modules() -> list[str]:
-    """Import names of tiderl's own dependencies (pyproject's `dependencies`): what a job's driver imports."""
-    try:
-        requirements = importlib.metadata.requires("tiderl") or []
-    except importlib.metadata.PackageNotFoundError:  # not installed (a bare checkout): the core of them
-        requirements = ["torch", "ray", "transformers", "typer", "pydantic", "pyyaml"]
-    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements if "extra ==" not in r]
-    return sorted({IMPORT_NAMES.get(n, n.replace("-", "_")) for n in names})
-
-
-IMPORT_NAMES = {"pyyaml": "yaml"}  # distributions whose import name is not their name with - as _
 
 
 def new_submission_id(config_stem: str) -> str:
@@ -384,10 +371,10 @@ class JobsClient:
         rows = r.json()["data"]["result"]["result"]
         return [dict(n.get("resources_total") or {}) for n in rows if n.get("state") == "ALIVE"]
 
-    def check_python(self, submission: Submission, modules: list[str], timeout_s: float = 120.0) -> None:
+    def check_python(self, submission: Submission, modules: list[str], timeout_s: float = 60.0) -> None:
         """Run the job's `python` on the cluster (a probe job with the job's env_vars and pip, nothing uploaded) and
         refuse the submission when it is missing or lacks `modules`, naming the interpreter and the fix."""
-        probe = f"{submission.submission_id}-python-check"
+        probe = submission.submission_id + CHECK
         script = (
             "import importlib.util as u, json, sys; "
             f"m = [n for n in {modules!r} if u.find_spec(n) is None]; "
@@ -396,12 +383,18 @@ class JobsClient:
         env = {k: v for k, v in submission.runtime_env.items() if k in ("env_vars", "pip")}
         with self._errors():
             self._client.submit_job(
-                entrypoint=f"python -c {shlex.quote(script)}", submission_id=probe, runtime_env=env or None
+                entrypoint=f"python -c {shlex.quote(script)}",
+                submission_id=probe,
+                runtime_env=env or None,
             )
-        status = self.wait(probe, timeout_s + (600.0 if "pip" in env else 0.0))
-        text = self.logs(probe)
-        with self._errors(probe):
-            self._client.delete_job(probe)  # not one of the user's jobs in `tiderl status`
+        try:
+            status = self.wait(probe, timeout_s + (600.0 if "pip" in env else 0.0))
+            text = self.logs(probe)
+        except JobsError:  # never started: the cluster cannot start a process with this runtime environment
+            status, text = str(self.details(probe).status), ""
+            self.stop(probe, 30.0)
+        finally:
+            self._forget(probe)
         found = re.search(r"^TIDERL_PYTHON (.*)$", text, re.MULTILINE)
         how = (
             "Start Ray on the head node from the venv tiderl is installed in (`source .venv/bin/activate` before "
@@ -409,10 +402,11 @@ class JobsClient:
             "install -e .` from this repository), or add what is missing to cluster.pip"
         )
         if found is None:
-            tail = " | ".join(text.strip().splitlines()[-3:]) or status
+            said = [x for x in text.splitlines() if x.strip() and "job_manager" not in x and "entrypoint" not in x]
+            tail = " | ".join(said[-3:]) or "no output"
             raise JobsError(
                 f"the cluster has no `python` that runs a job (the head node's PATH for its Ray processes, with "
-                f"cluster.env_vars): the check job ended {status}: {tail}. {how}"
+                f"cluster.env_vars and cluster.pip): a check job running `python` was {status}: {tail}. {how}"
             )
         report = json.loads(found.group(1))
         if report["missing"]:
@@ -422,15 +416,27 @@ class JobsClient:
                 f"nothing was submitted. {how}"
             )
 
+    def _forget(self, job_id: str) -> None:
+        """Delete a finished check job; again if Ray's supervisor writes its final status after the delete (it
+        recreates the record then). `list` skips any that lingers."""
+        for _ in range(3):
+            try:
+                with self._errors(job_id):
+                    self._client.delete_job(job_id)
+                time.sleep(1.0)
+                self.details(job_id)
+            except JobsError:  # gone
+                return
+
     def details(self, job_id: str):
         """The job's JobDetails (status, times, entrypoint, message, metadata)."""
         with self._errors(job_id):
             return self._client.get_job_info(job_id)
 
     def list(self) -> list:
-        """Submitted jobs, oldest first (the drivers' own ray.init jobs are left out)."""
+        """Submitted jobs, oldest first (the drivers' own ray.init jobs and submit's checks are left out)."""
         with self._errors():
-            jobs = [j for j in self._client.list_jobs() if j.submission_id]
+            jobs = [j for j in self._client.list_jobs() if j.submission_id and not j.submission_id.endswith(CHECK)]
         return sorted(jobs, key=lambda j: j.start_time or 0)
 
     def logs(self, job_id: str) -> str:

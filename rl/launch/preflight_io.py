@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,16 @@ def local_gpus() -> int:
 
 def _fmt(resources: dict[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if v) or "nothing"
+
+
+def driver_modules() -> list[str]:
+    """Import names of tiderl's own dependencies (pyproject's `dependencies`): what a job's driver imports."""
+    try:
+        requirements = importlib.metadata.requires("tiderl") or []
+    except importlib.metadata.PackageNotFoundError:  # not installed (a bare checkout): the core of them
+        requirements = ["torch", "ray", "transformers", "typer", "pydantic", "pyyaml"]
+    names = [re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements if "extra ==" not in r]
+    return sorted({IMPORT_NAMES.get(n, n.replace("-", "_")) for n in names})
+
+
+IMPORT_NAMES = {"pyyaml": "yaml"}  # distributions whose import name is not their name with - as _
