@@ -184,7 +184,7 @@ class LoggingConfig(Section):
         description="Experiment trackers that receive every step's metrics, the resolved config and the kept samples "
         "as a table, offline by default: tensorboard (event files in the run directory), wandb (offline run in "
         "RUN_DIR/wandb unless WANDB_MODE is set), trackio (local project), mlflow (file store RUN_DIR/mlruns unless "
-        "MLFLOW_TRACKING_URI is set). All but tensorboard are extras: pip install 'tiderl[wandb]'.",
+        "MLFLOW_TRACKING_URI is set). All but tensorboard are extras: pip install -e '.[wandb]'.",
     )
     project: str = Field("tiderl", description="The W&B / trackio project and MLflow experiment the run logs to.")
     progress: bool = Field(

@@ -48,7 +48,7 @@ def tracked_run(make_cfg, tmp_path_factory) -> Path:
 
 def _needs(name: str) -> None:
     if name not in INSTALLED:
-        pytest.skip(f"{name} is not installed: pip install 'tiderl[{name}]'")
+        pytest.skip(f"{name} is not installed: pip install -e '.[{name}]'")
 
 
 def _metrics(run_dir: Path) -> dict[int, dict[str, float]]:

@@ -98,8 +98,8 @@ def test_view_data_follows_a_run_that_is_still_going(view_run: Path, tmp_path: P
 
 
 def test_view_server_and_export(view_run: Path, tmp_path: Path) -> None:
-    pytest.importorskip("plotly", reason="tiderl view needs the view extra: pip install 'tiderl[view]'")
-    pytest.importorskip("starlette", reason="tiderl view needs the view extra: pip install 'tiderl[view]'")
+    pytest.importorskip("plotly", reason="tiderl view needs the view extra: pip install -e '.[view]'")
+    pytest.importorskip("starlette", reason="tiderl view needs the view extra: pip install -e '.[view]'")
     from starlette.testclient import TestClient
 
     from rl.view.server import create_app

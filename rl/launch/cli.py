@@ -92,7 +92,7 @@ def view(
     needs = ("plotly",) if export is not None else ("plotly", "starlette", "uvicorn")
     missing = [name for name in needs if importlib.util.find_spec(name) is None]
     if missing:
-        _fail(f"tiderl view needs {', '.join(missing)}: pip install 'tiderl[view]'")
+        _fail(f"tiderl view needs {', '.join(missing)}: pip install -e '.[view]'")
     from rl.view.page import render_page
 
     if export is not None:

@@ -10,7 +10,7 @@ kept samples as a table (`rl.loop.samples.table_rows`), through the tracker's ow
 - mlflow: an MLflow run in the file store `RUN_DIR/mlruns`, unless `MLFLOW_TRACKING_URI` names another store
   (`mlflow ui --backend-store-uri RUN_DIR/mlruns`).
 
-Every tracker but tensorboard is an optional extra (`pip install 'tiderl[wandb]'`, ...); `check_trackers` names the
+Every tracker but tensorboard is an optional extra (`pip install -e '.[wandb]'`, ...); `check_trackers` names the
 missing ones before anything starts. A resumed job opens a new tracker run that continues the step count. Trackers are
 looked up by name in `TRACKERS` (add one with `@register_tracker`).
 """
@@ -81,7 +81,7 @@ def check_trackers(names: list[str]) -> list[str]:
             problems.append(f"logging.trackers: unknown tracker {name!r} (known: {', '.join(TRACKERS)})")
         elif kind.package is not None and importlib.util.find_spec(kind.package) is None:
             problems.append(
-                f"logging.trackers: {name} is not installed; pip install 'tiderl[{kind.extra}]' "
+                f"logging.trackers: {name} is not installed; pip install -e '.[{kind.extra}]' "
                 f"(or remove {name} from logging.trackers)"
             )
     return problems

@@ -59,9 +59,10 @@ function chartTraces(chart, run) {
   for (const [key, label] of series) {
     if (!rows.some(r => r[key] !== undefined && r[key] !== null)) continue;
     const y = rows.map(r => (r[key] === undefined ? null : r[key]));
+    const dash = ["solid", "dot", "dash", "dashdot", "longdash"][traces.length % 5];  // lines that coincide stay visible
     traces.push(chart.stacked ? { type: "bar", x: steps, y, name: label }
                               : { type: "scatter", mode: "lines+markers", x: steps, y, name: label,
-                                  marker: { size: 4 } });
+                                  marker: { size: 4 }, line: { dash } });
   }
   if (chart.evalPoints) {
     const points = [];
@@ -80,7 +81,8 @@ function chartLayout(chart) {
   return {
     margin: { l: 60, r: 10, t: 10, b: 45 }, barmode: chart.stacked ? "stack" : undefined,
     xaxis: { title: { text: "RL step" }, rangemode: "tozero" },
-    yaxis: { title: { text: chart.y }, type: chart.log ? "log" : "linear", exponentformat: "power" },
+    yaxis: { title: { text: chart.y }, type: chart.log ? "log" : "linear", exponentformat: "power",
+             rangemode: chart.log ? undefined : "tozero" },
     legend: { orientation: "h", y: -0.25 }, hovermode: "x unified",
   };
 }

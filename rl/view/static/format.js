@@ -18,8 +18,9 @@ function el(tag, attrs, ...children) {
 
 function num(value, digits = 3) {
   if (value === null || value === undefined || Number.isNaN(value)) return "–";
-  if (value !== 0 && (Math.abs(value) < 1e-3 || Math.abs(value) >= 1e5)) return value.toExponential(1);
-  return Number(value).toFixed(digits);
+  const size = Math.abs(value);
+  if (value !== 0 && (size < 1e-3 || size >= 1e5)) return value.toExponential(1);
+  return Number(value).toFixed(size >= 100 ? 0 : size >= 10 ? Math.min(digits, 1) : digits);
 }
 
 function signed(value, digits = 3) {
