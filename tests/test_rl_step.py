@@ -14,6 +14,7 @@ from envs.base import PromptRow
 from rewards.scoring import RewardScorer
 from rl.loop.controller import train
 from rl.loop.data import to_prompt_row
+from rl.loop.failures import JobFailed
 from rl.tasks.calculator import make_rows as make_calculator_rows
 from rl.trainer.advantages import grpo
 from rl.trainer.batch import TrainBatch
@@ -143,10 +144,11 @@ def test_job_end_to_end_on_ray_equals_in_process_and_resume_is_exact(tmp_path: P
 
 def test_a_step_whose_samples_all_fail_is_skipped_not_fatal(tmp_path: Path, make_cfg) -> None:
     raising = str(Path(__file__).parent / "data" / "raising_reward.py") + ":compute_score"
-    train(
-        make_cfg(IN_PROCESS, f"reward.functions=[{{name: '{raising}'}}]", "trainer.steps=2", "eval.enabled=false"),
-        tmp_path,
-    )
+    with pytest.raises(JobFailed, match="every one of the 2 RL steps failed"):  # it runs to its end, then says so
+        train(
+            make_cfg(IN_PROCESS, f"reward.functions=[{{name: '{raising}'}}]", "trainer.steps=2", "eval.enabled=false"),
+            tmp_path,
+        )
     rows = _metrics(tmp_path)
     assert [(r["step"], r["failed_samples"], r["skipped_step"]) for r in rows] == [(1, 8.0, 1.0), (2, 8.0, 1.0)]
     assert json.loads((tmp_path / "checkpoints" / "step_000002" / "controller_state.json").read_text())["step"] == 2

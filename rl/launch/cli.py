@@ -36,11 +36,15 @@ def train(
     if resume is not None and not resume.is_dir():
         _fail(f"--resume {resume}: no such run directory")
     from rl.loop.controller import train as run_job  # heavy imports (torch, ray) only once the config is known good
+    from rl.loop.failures import JobFailed
 
     try:
         run_job(cfg, target, resume=resume is not None)
     except ConfigError as e:  # what the config asks for that this machine lacks (a tracker's package)
         _fail(str(e))
+    except JobFailed as e:  # it ran, and every step failed: the summary says what and where to look
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

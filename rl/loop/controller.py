@@ -33,6 +33,7 @@ from rl.loop.actors import Actors, runtime
 from rl.loop.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rl.loop.data import PromptSampler, load_split
 from rl.loop.evaluation import evaluate
+from rl.loop.failures import FailureLog, eval_status, reasons, step_status
 from rl.loop.metrics import MetricsLogger, StageTimer, rollout_metrics
 from rl.loop.pipeline import RolloutPipeline
 from rl.loop.progress import GenerationDisplay, progress_sink
@@ -66,8 +67,9 @@ class Job:
     """The state at step 0, where a learner lost before any checkpoint goes back to."""
 
 
-def rl_step(job: Job, step: int) -> dict[str, float]:
-    """One RL step: generate -> score -> advantages -> update -> sync; returns its metrics."""
+def rl_step(job: Job, step: int) -> dict[str, Any]:
+    """One RL step: generate -> score -> advantages -> update -> sync; returns its metrics (numbers, and the
+    reasons samples failed under `failures`)."""
     cfg, actors, timer = job.cfg, job.actors, StageTimer()
     temperature = rollout_temperature(cfg, step)
     batch, sampling_metrics = collect_batch(cfg, step, job.pipeline, job.sampler, actors, job.scorer, timer)
@@ -85,6 +87,8 @@ def rl_step(job: Job, step: int) -> dict[str, float]:
     with timer("samples"):
         save_samples(job, step, batch, train_batch, kept)
     metrics |= {"failed_samples": float(batch.failed), **batch.metrics, **sampling_metrics}
+    if batch.left_out:  # how many failed and why, in metrics.jsonl and the terminal (rl.loop.failures)
+        metrics["failures"] = reasons(batch.left_out)
     metrics |= {
         **timer.times,
         "time_step_s": sum(timer.times.values()),
@@ -210,7 +214,7 @@ def _run(job: Job, resume: bool) -> dict:
         job.logger.log_eval(0, evals["before"])
         console.print(f"eval before RL: {_accuracies(evals['before'])}")
 
-    learner_restarts = 0
+    learner_restarts, failures = 0, FailureLog()
     columns = [
         TextColumn("{task.description}"),
         MofNCompleteColumn(),
@@ -248,6 +252,9 @@ def _run(job: Job, resume: bool) -> dict:
                 continue
             metrics |= {**job.actors.restarts(), "learner_restarts": float(learner_restarts)}
             job.logger.log(step, metrics)
+            failures.add(step, metrics)
+            if step_status(metrics):
+                console.print(f"[yellow]step {step}: {step_status(metrics)}")
             progress.update(bar, completed=step, status=_status(metrics))
             step += 1
     if cfg.eval.enabled:
@@ -258,6 +265,7 @@ def _run(job: Job, resume: bool) -> dict:
             f"held-out accuracy before RL: {_accuracies(evals['before'])}; after RL: {_accuracies(evals['after'])}"
         )
     console.print(f"run directory: {run_dir}")
+    failures.check(run_dir)  # every step failed: JobFailed, with what and where to look
     return evals
 
 
@@ -340,12 +348,13 @@ def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
 def _status(metrics: dict[str, float]) -> str:
     if "skipped_step" in metrics:
         if metrics["failed_samples"]:
-            return f"step skipped: all {metrics['failed_samples']:.0f} samples failed"
+            return f"step skipped: {step_status(metrics)}"
         return f"step skipped: no group finished ({metrics.get('paused_samples', 0):.0f} samples paused)"
     reward, accuracy, mismatch = metrics["reward_mean"], metrics["accuracy"], metrics["mismatch_abs_logp"]
     return f"reward {reward:.3f}  acc {accuracy:.3f}  |Δlogp| {mismatch:.1e}"
 
 
 def _accuracies(result: dict) -> str:
-    text = f"greedy {result['accuracy']:.3f}"
-    return text + (f", sampled {result['accuracy_sampled']:.3f}" if "accuracy_sampled" in result else "")
+    text = f"greedy {eval_status(result)}"
+    sampled = "accuracy_sampled" in result or "sampled_failed_samples" in result
+    return text + (f", sampled {eval_status(result, 'sampled_')}" if sampled else "")

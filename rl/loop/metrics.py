@@ -63,8 +63,9 @@ class MetricsLogger:
         any span of steps, resumes and restarts included, is the samples between two rows over their wall_time gap)."""
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "wall_time": time.time(), **metrics}) + "\n")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}  # not `failures`' reasons
         for tracker in self.trackers:
-            tracker.log_metrics(step, metrics)
+            tracker.log_metrics(step, numbers)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         for tracker in self.trackers:
