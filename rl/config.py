@@ -258,6 +258,7 @@ class JobConfig(Section):
             quant=self.quant,
             seed=self.seed,
             cache_dir=self.warm_start.cache_dir,
+            lora=self.trainer.lora,
         )
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ and `quant:` (the INT4 definition the engine runs and the learner trains through
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -220,3 +221,35 @@ class QuantConfig(Section):
         description="Measure the attribution every N updates (steps 1, N+1, ...): an extra forward pass over the "
         "batch each time it runs.",
     )
+
+
+class LoraConfig(Section):
+    """LoRA (`trainer.lora`): the policy's weights stay frozen and low-rank adapters are trained (peft); only the
+    adapters travel to the rollout workers, which add them to their copy of the frozen base (see docs/lora.md)."""
+
+    rank: int = Field(8, ge=1, description="Rank r of each adapter (B [out, r] @ A [r, in]).")
+    alpha: float = Field(16.0, gt=0, description="Scale: the adapter adds (alpha / rank) x B @ A to its weight.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapters' input in the learner (0 with fused MoE experts as targets: peft "
+        "cannot apply it there); > 0 makes the learner's logprobs noisy, which the mismatch then shows.",
+    )
+    targets: list[str] = Field(
+        default_factory=lambda: ["."],
+        description="Regexes searched in the names of the linear weights (`...q_proj.weight`) and fused MoE expert "
+        "tensors (`...mlp.experts.gate_up_proj`, `...down_proj`) to adapt; lm_head is never adapted. Default: "
+        "all of them.",
+    )
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoraConfig:
+        if not self.targets:
+            raise ValueError("targets is empty: give at least one regex (e.g. ['self_attn', 'experts'])")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"targets: {pattern!r} is not a valid regex ({e})") from e
+        return self

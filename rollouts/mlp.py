@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rollouts.projections import _Matmul, _projection
+from rollouts.projections import _Matmul, _projection, _weight
 
 FUSE_MOE_MAX_ELEMENTS = 1 << 22
 """Routed + shared expert weights (elements) up to which a MoE block runs on dense weights (`_FusedMoE`)."""
@@ -61,18 +61,21 @@ class _FusedMoE:
     def refresh(self) -> None:
         gate_up, down = self._expert("gate_up_proj"), self._expert("down_proj")  # [E, 2I, H], [E, H, I]
         e, i = self.num_experts, self.inter
-        dtype = self.shared.gate_proj.weight.dtype
+        dtype = self.gate.weight.dtype  # the model's (shared experts may be INT4 modules: `_weight` dequantizes them)
+        shared_gate, shared_up, shared_down = (
+            _weight(m).detach().to(dtype) for m in (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj)
+        )
         self.router = _Matmul(self.gate.weight.float())
         self.experts_in = [_Matmul(w) for w in gate_up.to(dtype)]  # per expert (sparse)
         self.experts_out = [_Matmul(w) for w in down.to(dtype)]
         self.shared_in = _projection(self.shared.gate_proj, self.shared.up_proj)
         self.shared_out = _projection(self.shared.down_proj)
-        gate = torch.cat([gate_up[:, :i].reshape(e * i, -1).to(dtype), self.shared.gate_proj.weight.detach()])
-        up = torch.cat([gate_up[:, i:].reshape(e * i, -1).to(dtype), self.shared.up_proj.weight.detach()])
+        gate = torch.cat([gate_up[:, :i].reshape(e * i, -1).to(dtype), shared_gate])
+        up = torch.cat([gate_up[:, i:].reshape(e * i, -1).to(dtype), shared_up])
         self.w_in = _Matmul(torch.cat([gate, up]))  # [2 (E I + I_shared), H]
         self.w_out = _Matmul(
             torch.cat(
-                [down.permute(1, 0, 2).reshape(down.shape[1], e * i).to(dtype), self.shared.down_proj.weight.detach()],
+                [down.permute(1, 0, 2).reshape(down.shape[1], e * i).to(dtype), shared_down],
                 dim=1,
             )
         )

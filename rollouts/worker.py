@@ -26,9 +26,10 @@ from envs.config import EnvConfig
 from envs.registry import make_env
 from rollouts.agent_loop import AgentLoop, Episode, GenerationProgress
 from rollouts.collective import BroadcastMember, Manifest, buffer_size, unflatten
-from rollouts.config import ModelConfig, QuantConfig, RolloutConfig
+from rollouts.config import LoraConfig, ModelConfig, QuantConfig, RolloutConfig
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
+from rollouts.lora import AdapterInstaller, adapted_parameters
 from rollouts.model import load_policy
 from rollouts.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
 from rollouts.records import Trajectory
@@ -50,6 +51,8 @@ class WorkerSpec:
     """The job's seed: worker i samples from its own stream, seeded `seed * 1009 + i`."""
     cache_dir: str | None = None
     """Where a policy shipped through Ray is unpacked on a node that lacks the driver's disk (None: the default)."""
+    lora: LoraConfig | None = None
+    """`trainer.lora`: the weights it adapts arrive as adapters, added to this worker's frozen base."""
 
 
 class RolloutWorker(BroadcastMember):
@@ -61,10 +64,14 @@ class RolloutWorker(BroadcastMember):
         if cfg.rollout.gpus_per_worker > 0 and torch.cuda.is_available():  # a worker given GPUs generates there
             self.model.to("cuda")
         self.int4_targets: set[str] = set()
-        if cfg.quant.enabled:
-            spec = QuantSpec.from_config(cfg.quant)
-            targets = targeted_parameters(self.model, spec)
-            convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg.quant, cfg.model.dtype))
+        spec = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
+        # LoRA: the adapted weights run dense, as frozen base (INT4 values where quantized) + the pushed adapter
+        adapted = adapted_parameters(self.model, cfg.lora) if cfg.lora is not None else []
+        self.adapters = AdapterInstaller(self.model, adapted, spec) if cfg.lora is not None else None
+        if spec is not None:
+            targets = [n for n in targeted_parameters(self.model, spec) if n not in set(adapted)]
+            if targets:
+                convert_to_int4(self.model, spec, targets, *int4_kernel_settings(cfg.quant, cfg.model.dtype))
             self.int4_targets = set(targets)
         self.renderer = Renderer(self.tokenizer)
         r = cfg.rollout
@@ -100,7 +107,12 @@ class RolloutWorker(BroadcastMember):
         self.reward_model_item = make_item
 
     def load_weights(self, weights: WeightPayload, version: int) -> int:
-        """Install a weight-sync payload (dense tensors and packed INT4 ones) as policy `version`."""
+        """Install a weight-sync payload (dense tensors and packed INT4 ones; with LoRA, the adapters alone) as policy
+        `version`."""
+        if self.adapters is not None:
+            self.adapters.install(self.model, weights)
+            self.version = version
+            return version
         packed = {k for k, v in weights.items() if isinstance(v, PackedInt4)}
         if packed != self.int4_targets:
             raise ValueError(

@@ -203,7 +203,7 @@ def _run(job: Job, resume: bool) -> dict:
     step = _restore(job, checkpoint) + 1 if checkpoint is not None else 1
     if checkpoint is None:
         job.actors.sync_weights(cfg, job.actors.learner.get_version())
-    if cfg.quant.enabled:
+    if cfg.quant.enabled or cfg.trainer.lora is not None:
         _report_sync_payload(run_dir, job.actors.learner.weight_sync_bytes())
 
     eval_path = run_dir / "eval.json"
@@ -336,9 +336,18 @@ def _warn_changed_config(path: Path, cfg: JobConfig) -> None:
 
 
 def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
-    """Write weight_sync.json: bytes per push, INT4 part against the same weights in bf16."""
+    """Write weight_sync.json: bytes per push, INT4 part against the same weights in bf16 (with LoRA, the adapters
+    against a full push of the same model)."""
     sizes = {**sizes, "int4_vs_bf16": sizes["int4_bytes"] / max(sizes["int4_weights_bf16_bytes"], 1)}
+    if "lora_adapter_bytes" in sizes:
+        sizes["adapter_vs_full"] = sizes["lora_adapter_bytes"] / max(sizes["full_push_bytes"], 1)
     (run_dir / "weight_sync.json").write_text(json.dumps(sizes, indent=2))
+    if "lora_adapter_bytes" in sizes:
+        console.print(
+            f"weight sync: LoRA adapters only, {sizes['lora_adapter_bytes'] / 1e6:.3f} MB per push "
+            f"({sizes['adapter_vs_full']:.3f}x a full push of {sizes['full_push_bytes'] / 1e6:.2f} MB)"
+        )
+        return
     console.print(
         f"weight sync: INT4 weights {sizes['int4_bytes'] / 1e6:.2f} MB ({sizes['int4_vs_bf16']:.3f}x their bf16 size), "
         f"other weights {sizes['dense_bytes'] / 1e6:.2f} MB"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import yaml
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import load_file, save_file
 
-from rl.config import validate_config
+from rl.config import JobConfig, validate_config
 from rl.loop.checkpoint import checkpoint_dir, latest_checkpoint
 from rollouts.config import ModelConfig, QuantConfig
 from rollouts.model import load_policy
@@ -33,16 +34,56 @@ SPEC_FILE = "tiderl_quant.json"
 
 
 def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
-    """Export the policy of `run_dir`'s latest checkpoint (or of `step`) with the run's `quant` settings."""
+    """Export the policy of `run_dir`'s latest checkpoint (or of `step`) with the run's `quant` settings. A LoRA run's
+    checkpoint policy is the merged model (base + adapters), so its adapted weights are quantized after merging."""
+    cfg = _run_config(run_dir)
+    return export_policy(_checkpoint(run_dir, step) / "policy", cfg.quant, out, cfg.model.dtype)
+
+
+def export_adapter(run_dir: Path, out: Path, step: int | None = None) -> Path:
+    """Export a LoRA run's adapters in peft's format (`out/adapter_config.json`, `out/adapter_model.safetensors`),
+    for `peft.PeftModel.from_pretrained(base, out)`.
+
+    The base they were trained on: the run's starting policy (its path is the config's `base_model_name_or_path`),
+    or under `quant.mode: qat` that policy's INT4 values, which are written next to the adapters as a pack-quantized
+    checkpoint (`out/int4_base`, loaded exactly by `rollouts.model.load_policy`) and named as the base instead.
+    """
+    cfg = _run_config(run_dir)
+    if cfg.trainer.lora is None:
+        raise ValueError(f"{run_dir} trained every parameter (trainer.lora is not set): export without --adapter")
+    checkpoint = _checkpoint(run_dir, step)
+    source = checkpoint / "adapter"
+    if not (source / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} holds no adapter/ (written by a LoRA run's checkpoints)")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    config = json.loads((source / "adapter_config.json").read_text())
+    if cfg.quant.enabled and cfg.quant.mode == "qat":
+        base = Path(config["base_model_name_or_path"] or "")
+        if not base.is_dir():
+            raise FileNotFoundError(
+                f"the run's starting policy {base} (the adapters' base) is not on this machine: export the INT4 base "
+                f"where it is, or export the merged model (without --adapter)"
+            )
+        config["base_model_name_or_path"] = str(export_policy(base, cfg.quant, out / "int4_base", cfg.model.dtype))
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _run_config(run_dir: Path) -> JobConfig:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml: not a tiderl run directory")
-    cfg = validate_config(yaml.safe_load(config_path.read_text()), str(config_path))
+    return validate_config(yaml.safe_load(config_path.read_text()), str(config_path))
+
+
+def _checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The run's latest checkpoint (or `step`'s), with its policy."""
     checkpoint = checkpoint_dir(run_dir) / f"step_{step:06d}" if step is not None else latest_checkpoint(run_dir)
     if checkpoint is None or not (checkpoint / "policy").is_dir():
         which = f"for step {step} " if step is not None else ""
         raise FileNotFoundError(f"no checkpoint {which}with a policy in {checkpoint_dir(run_dir)}")
-    return export_policy(checkpoint / "policy", cfg.quant, out, cfg.model.dtype)
+    return checkpoint
 
 
 def export_policy(policy_dir: Path, quant: QuantConfig, out: Path, dtype: str = "float32") -> Path:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from envs.config import Section
-from rollouts.config import ModelConfig, QuantConfig
+from rollouts.config import LoraConfig, ModelConfig, QuantConfig
 
 # The built-in variants whose settings are known (rl/trainer/advantages.py, rl/trainer/losses.py); kept here, not
 # imported, so that a config validates without importing torch.
@@ -205,6 +205,11 @@ class TrainerConfig(Section):
     learner_threads: int = Field(2, ge=1, description="torch threads inside the learner.")
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train LoRA adapters on a frozen base instead of every parameter ({rank, alpha, dropout, targets}; "
+        "with quant.mode qat the base is the INT4 one); null = full-parameter training. See docs/lora.md.",
+    )
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from rl.trainer.forward import (
     shares_prompt_cache,
     use_padded_value_attention,
 )
+from rl.trainer.lora import LoraPolicy
 from rl.trainer.losses import (
     LOSSES,
     aggregate,
@@ -69,7 +70,11 @@ class Learner(BroadcastMember):
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
-        self.model, self.tokenizer = load_policy(open_dir(policy_dir, shipped_cache(cfg.cache_dir)), cfg.model)
+        self.model, self.tokenizer = load_policy(base := open_dir(policy_dir, shipped_cache(cfg.cache_dir)), cfg.model)
+        self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
+        # the weights fake-quant swaps: none with LoRA (rl/trainer/lora.py), whose frozen base holds the INT4 values
+        self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant and not cfg.trainer.lora else []
+        self.lora = LoraPolicy.attach(self.model, cfg.trainer.lora, cfg.quant, base) if cfg.trainer.lora else None
         # a learner given GPUs (trainer.learner_gpus) trains there; batches arrive on the CPU and move per step
         self.device = torch.device("cuda" if cfg.trainer.learner_gpus > 0 and torch.cuda.is_available() else "cpu")
         self.model.to(self.device).train()
@@ -85,8 +90,6 @@ class Learner(BroadcastMember):
         mode = cfg.algorithm.loss_agg_mode
         self.agg_mode = DEFAULT_AGG.get(cfg.algorithm.loss, "token-mean") if mode == "auto" else mode
         self.version = 0
-        self.quant = QuantSpec.from_config(cfg.quant) if cfg.quant.enabled else None
-        self.quant_targets = targeted_parameters(self.model, self.quant) if self.quant else []
         self._fake_quant_weights: dict[str, torch.Tensor] | None = (
             None  # an update's fake-quant weights (`_step_fake_quant`)
         )
@@ -145,6 +148,8 @@ class Learner(BroadcastMember):
         state = {
             k: v.detach().cpu() for k, v in self.model.state_dict().items()
         }  # the object store carries CPU tensors
+        if self.lora is not None:  # the adapters alone: the workers hold the frozen base
+            return self.lora.payload()
         if self.quant is None:
             return {k: v.clone() for k, v in state.items()}
         return pack_state_dict(state, self.quant, self.quant_targets)
@@ -167,12 +172,12 @@ class Learner(BroadcastMember):
 
     def weight_sync_bytes(self) -> dict[str, int]:
         """Bytes of one weight-sync payload (INT4 part, the bf16 size of the same weights, the dense rest)."""
-        return payload_nbytes(self.get_weights())
+        return payload_nbytes(self.get_weights()) | (self.lora.sync_bytes() if self.lora is not None else {})
 
     def fake_quant_active(self) -> bool:
         """Whether the next update (RL step version + 1) trains through fake-quant."""
         q = self.cfg.quant
-        return self.quant is not None and q.mode == "qat" and self.version + 1 >= q.fake_quant_start_step
+        return bool(self.quant_targets) and q.mode == "qat" and self.version + 1 >= q.fake_quant_start_step
 
     def sequence_logprobs(
         self,
@@ -324,9 +329,8 @@ class Learner(BroadcastMember):
         score_all = cfg.trainer.score_zero_advantage or not totals.backward
         metric_scale = num_tokens / max(totals.tokens if score_all else totals.backward_tokens, 1.0)
         fake_quant = self.fake_quant_active()
-        attribute = (
-            self.quant is not None and cfg.quant.measure_attribution and self.version % cfg.quant.attribution_every == 0
-        )
+        measure = bool(self.quant_targets) and cfg.quant.measure_attribution  # the quantization part of the mismatch
+        attribute = measure and self.version % cfg.quant.attribution_every == 0
         sums = UpdateSums()
         recorder = TraceRecorder(batch.trace) if batch.trace is not None else None
         prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
@@ -447,7 +451,9 @@ class Learner(BroadcastMember):
     def save(self, path: str) -> None:
         """Write policy (an HF directory), optimizer and RNG states into `path`."""
         out = Path(path)
-        self.model.save_pretrained(out / "policy")
+        if self.lora is not None:  # its adapters in peft's format, and policy/ the merged model
+            self.lora.save_adapter(out / "adapter")
+        self.model.save_pretrained(out / "policy", state_dict=self.lora.merged_state_dict() if self.lora else None)
         self.tokenizer.save_pretrained(out / "policy")
         torch.save(
             {
@@ -476,8 +482,11 @@ class Learner(BroadcastMember):
 
     def load(self, path: str) -> int:
         """Restore what `save` wrote; returns the policy version."""
-        model, _ = load_policy(Path(path) / "policy", self.cfg.model.model_copy(update={"gguf_file": None}))
-        self.model.load_state_dict(model.state_dict())
+        if self.lora is not None:
+            self.lora.load(Path(path))
+        else:
+            model, _ = load_policy(Path(path) / "policy", self.cfg.model.model_copy(update={"gguf_file": None}))
+            self.model.load_state_dict(model.state_dict())
         state: dict[str, Any] = torch.load(Path(path) / "learner_state.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = state["version"]

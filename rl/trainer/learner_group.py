@@ -22,7 +22,7 @@ from rl.trainer.trace import TokenTrace
 from rollouts.actors import ACTOR_LOST
 from rollouts.shipping import ShippedDir, read_tree, write_tree
 
-CHECKPOINT_PARTS = ("policy", "learner_state.pt")  # what a learner writes into a checkpoint
+CHECKPOINT_PARTS = ("policy", "adapter", "learner_state.pt")  # what a learner writes into a checkpoint (LoRA: adapter)
 
 
 class LearnerGroup:
