@@ -53,28 +53,25 @@ def test_keep_samples_takes_the_best_and_the_worst_of_each_prompt() -> None:
         trajectory = Trajectory(sample, empty.long(), empty, empty, 0, TrajectoryStatus.FINISHED)
         return ScoredTrajectory(trajectory, reward, {}, reward > 0)
 
-    batch = [scored(0, 0.5), scored(0, 1.0), scored(0, 0.0), scored(1, 0.0), scored(1, 0.0), scored(2, 1.0)]
-    assert keep_samples(batch, 4) == [1, 2, 3, 5]  # group 0: best, worst; group 1: one (all equal); group 2
-    assert keep_samples(batch, 6) == [1, 2, 3, 5, 0, 4]  # then the rest in batch order
+    batch = [scored(0, 0.0), scored(0, 0.0), scored(1, 0.5), scored(1, 1.0), scored(1, 0.0), scored(2, 1.0)]
+    assert keep_samples(batch, 2) == [3, 4]  # group 1 (rewards differ): best, worst
+    assert keep_samples(batch, 4) == [3, 4, 0, 5]  # then one of each group of equal rewards
+    assert keep_samples(batch, 6) == [3, 4, 0, 5, 1, 2]  # then the rest in batch order
     assert keep_samples(batch, 0) == []
 
 
 def test_failed_samples_are_saved_with_why(make_cfg, tmp_path: Path) -> None:
     from rl.loop.controller import train
+    from rl.loop.failures import JobFailed
 
     raising = str(Path(__file__).parent / "data" / "raising_reward.py") + ":compute_score"
-    train(
-        make_cfg(
-            "cluster.backend=in_process",
-            f"reward.functions=[{{name: '{raising}'}}]",
-            "trainer.steps=1",
-            "eval.enabled=false",
-        ),
-        tmp_path,
-    )
+    reward = f"reward.functions=[{{name: '{raising}'}}]"
+    cfg = make_cfg("cluster.backend=in_process", reward, "trainer.steps=1", "eval.enabled=false")
+    with pytest.raises(JobFailed):  # every step failed: the job says so (and the step's samples say why)
+        train(cfg, tmp_path)
     records = _records(tmp_path, 1)
     assert len(records) == 8 and all(r["failed"] and r["reward"] is None for r in records)
-    assert all("raising_reward" in r["failure"] or "compute_score" in r["failure"] for r in records), records[0]
+    assert all(r["failure"].endswith("raised RuntimeError: grader unavailable") for r in records), records[0]
 
 
 def test_view_data_follows_a_run_that_is_still_going(view_run: Path, tmp_path: Path) -> None:

@@ -26,24 +26,22 @@ from rollouts.records import Trajectory
 
 
 def keep_samples(scored: list[ScoredTrajectory], n: int) -> list[int]:
-    """Indices of `n` samples to keep with their tokens: group by group (in batch order), the best and the worst
-    sample of each prompt (one when all got the same reward), so that a kept pair shows the same prompt answered well
-    and badly; then the others in batch order."""
+    """Indices of `n` samples to keep with their tokens: first, prompt by prompt (in batch order), the best and the
+    worst sample of each prompt whose samples got different rewards (the groups that teach something, and the ones
+    the learner always scores), so that a kept pair shows one prompt answered well and badly; then one sample of each
+    other prompt; then the rest in batch order."""
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(scored):
         groups.setdefault(s.trajectory.group_id, []).append(i)
-    kept: list[int] = []
+    pairs, singles = [], []
     for members in groups.values():
         best, worst = max(members, key=lambda i: scored[i].reward), min(members, key=lambda i: scored[i].reward)
-        for i in [best] if scored[best].reward == scored[worst].reward else [best, worst]:
-            if len(kept) < n:
-                kept.append(i)
-    for i in range(len(scored)):  # fewer groups than n / 2: fill up in batch order
-        if len(kept) >= n:
-            break
-        if i not in kept:
-            kept.append(i)
-    return kept
+        if scored[best].reward == scored[worst].reward:
+            singles.append(best)
+        else:
+            pairs += [best, worst]
+    kept = list(dict.fromkeys(pairs + singles + list(range(len(scored)))))
+    return kept[:n]
 
 
 def sample_record(s: ScoredTrajectory, advantage: float | None) -> dict[str, Any]:
