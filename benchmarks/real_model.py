@@ -36,7 +36,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2_word_problems.yaml"
-MODES = {"fp": ["quant.enabled=false"], "qat": [], "ptq": ["quant.mode=ptq"]}
+MODES = {
+    "fp": ["quant.enabled=false", "int4_recovery.steps=0"],
+    "qat": [],
+    "ptq": ["quant.mode=ptq", "int4_recovery.steps=0"],
+    "lora": ["trainer.lora.rank=16", "trainer.lora.alpha=32", "trainer.lr=1e-4"],
+}
 
 
 def run(mode: str, seed: int, out: Path, extra: list[str]) -> None:

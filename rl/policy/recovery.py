@@ -131,13 +131,16 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
             optimizer.zero_grad(set_to_none=True)
             tokens = sum(t.response_length for t in batch)
             kl_sum = 0.0
+            # The step's fake-quant weights, computed once and held as leaves: the micro-batches (one micro-batch's
+            # full-vocabulary logits in memory at a time) accumulate their gradients there, and the straight-through
+            # estimator hands the sum to the master weights unchanged, as the QAT learner does.
+            swapped = {name: fake_quantize(params[name].detach(), spec).requires_grad_() for name in targets}
             for first in range(0, len(batch), rc.micro_batch_size):
-                # the fake-quant is recomputed per micro-batch: its straight-through gradient reaches the master
-                # weights each time, and memory holds one micro-batch's full-vocabulary logits at a time
-                swapped = {name: fake_quantize(params[name], spec) for name in targets}
                 kl = _kl_sum(teacher, student, swapped, batch[first : first + rc.micro_batch_size], pad)
                 (kl / tokens).backward()
                 kl_sum += kl.item()
+            for name, leaf in swapped.items():
+                params[name].grad = leaf.grad
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             optimizer.step()
             kls.append(kl_sum / tokens)
