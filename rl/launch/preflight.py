@@ -145,8 +145,8 @@ def check_references(cfg: JobConfig) -> list[Problem]:
 def _resolve(
     problems: list[Problem], key: str, ref: str, registry: Registry, builtins: set[str], group: str
 ) -> Any | None:
-    """The object a file reference or an entry point names (None for a built-in or registered name, which needs no
-    check, and for a problem, which is appended)."""
+    """The object a file reference or an entry point names, loaded (None for a built-in or registered name, which
+    needs no check, and for a problem, which is appended)."""
     if _is_file_ref(ref):
         path = Path(ref.rsplit(":", 1)[0]).expanduser()
         if not path.is_file():
@@ -166,9 +166,9 @@ def _resolve(
         except Exception as e:  # the user's module raised on import: say where, without a traceback
             problems.append(Problem(key, ref, f"importing {path} failed: {_where(e, path)}; fix the file"))
         return None
-    if ref in builtins or ref in registry.names():
+    if ref in builtins:
         return None
-    for ep in importlib.metadata.entry_points(group=group):
+    for ep in importlib.metadata.entry_points(group=group):  # a package's: it must load
         if ep.name == ref:
             try:
                 return ep.load()
@@ -177,6 +177,8 @@ def _resolve(
                     Problem(key, ref, f"entry point {ep.value} (group {group}) failed to load: {_where(e)}")
                 )
                 return None
+    if ref in registry.names():  # registered by code already imported
+        return None
     import difflib
 
     known = sorted(builtins | set(registry.names()))
