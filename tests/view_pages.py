@@ -91,8 +91,9 @@ def screenshots(url: str, out_dir: Path) -> list[Path]:
         wait_for_charts(page)
         page.screenshot(path=str(paths[0]), full_page=True)
         open_sample_with_tokens(page)
+        page.check("#panel-main input[data-filter=tokens]")  # the samples kept with their tokens
         rows = page.locator("#panel-main .sample-list tbody tr")
-        rows.nth(min(1, rows.count() - 1)).click()  # a second sample: the worse answer of the first prompt
+        rows.nth(min(1, rows.count() - 1)).click()  # the second: the other answer to the first kept prompt
         page.wait_for_selector("#panel-main .token-view .tok")
         page.locator("#panel-main .tok:not(.ctx)").last.click()
         page.screenshot(path=str(paths[1]), full_page=True)
