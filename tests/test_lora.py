@@ -19,6 +19,7 @@ from rl.launch.cli import app
 from rl.loop.controller import train
 from rl.policy.export import export_adapter, export_run
 from rl.trainer.learner import Learner
+from rollouts.collective import flatten, unflatten
 from rollouts.config import LoraConfig
 from rollouts.int4 import Int4Linear
 from rollouts.lora import adapted_parameters, is_adapter_payload
@@ -62,7 +63,7 @@ def test_adapter_push_rebuilds_the_learners_weights_on_the_worker_bit_for_bit(ti
                 p.add_(torch.randn_like(p) * 0.05)
     payload = learner.get_weights()
     assert is_adapter_payload(payload)
-    worker.load_weights(payload, 1)
+    worker.load_weights(unflatten(*flatten(payload)), 1)  # as the collective sync (cluster.weight_sync) carries it
 
     oracle, on_worker = _peft_merged(learner.model), worker.model.state_dict()
     adapted = learner.lora.names
@@ -122,7 +123,24 @@ def test_a_lora_step_on_an_int4_base_has_mismatch_at_the_float_noise_floor(lora_
     assert all(r["mismatch_abs_logp"] > 1e-3 for r in ptq)  # the same job on a full-precision learner base: ~1.5e-3
     sync = json.loads((lora_runs["straight"] / "weight_sync.json").read_text())
     # rank 4 on 12 weights, fp32; a full push: every linear weight INT4-packed, the rest fp32
-    assert sync["lora_adapter_bytes"] == 27680 and sync["full_push_bytes"] == 237952
+    assert sync["lora_adapter_bytes"] == 27680 and sync["full_push_bytes"] == 169344
+
+
+def test_a_lora_job_on_ray_pushes_adapters_to_its_rollout_workers(
+    ray_local, tiny_policy_dir, make_cfg, tmp_path
+) -> None:
+    """The same as the in-process jobs above, with the learner and the rollout workers as Ray actors."""
+    cfg = make_cfg(
+        f"model.path={tiny_policy_dir}",
+        f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]",
+        "eval.enabled=false",
+        "rollout.max_staleness=0",  # each step's samples from the adapters just pushed
+        *INT4_LORA,
+    )
+    train(cfg, tmp_path)
+    rows = _metrics(tmp_path)
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 and r["mismatch_abs_logp"] < 1e-5 for r in rows)
+    assert json.loads((tmp_path / "weight_sync.json").read_text())["lora_adapter_bytes"] == 27680
 
 
 def test_resume_of_a_lora_job_is_exact(lora_runs) -> None:

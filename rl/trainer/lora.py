@@ -77,7 +77,7 @@ class LoraPolicy:
             base_model_name_or_path=base_path,
         )
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-        return LoraPolicy(model, names, sum(full.values()), base_path)
+        return LoraPolicy(model, names, full["int4_bytes"] + full["dense_bytes"], base_path)
 
     def factors(self) -> dict[str, LoraFactors]:
         """Each adapted weight's adapter (CPU copies: the object store carries CPU tensors)."""
@@ -98,7 +98,7 @@ class LoraPolicy:
 
     def sync_bytes(self) -> dict[str, int]:
         """What weight_sync.json records: the bytes of one adapter push, and of a full push of the same model."""
-        adapter = sum(payload_nbytes(self.payload()).values())
+        adapter = payload_nbytes(self.payload())["dense_bytes"]
         return {"lora_adapter_bytes": adapter, "full_push_bytes": self.full_push_bytes}
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
