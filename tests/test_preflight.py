@@ -6,6 +6,7 @@ is tested against a real cluster in test_cluster_jobs.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -20,28 +21,25 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "calculator.yaml")
 
 
-def _ray_processes() -> int:
-    out = subprocess.run(["pgrep", "-c", "-f", "raylet|gcs_server"], capture_output=True, text=True)
-    return int(out.stdout.strip() or 0)
-
-
 def refused(cwd: Path, *overrides: str, command: str = "train", extra: tuple[str, ...] = ()) -> str:
     """Run `tiderl <command> configs/calculator.yaml <overrides>` in `cwd`; assert it is refused the way every
-    preflight failure must be, and return its stderr."""
-    before = _ray_processes()
+    preflight failure must be, and return its stderr. Ray was not started: a Ray instance writes its session under
+    RAY_TMPDIR (counting Ray processes instead would race with other jobs on a shared machine)."""
+    ray_tmp = cwd / "ray-tmp"
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "rl.launch.cli", command, CONFIG, *overrides, *extra],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     assert "the job cannot start" in proc.stderr and "nothing was started" in proc.stderr, proc.stderr
     assert elapsed < 5.0, f"{elapsed:.1f} s"
-    assert _ray_processes() == before
+    assert not ray_tmp.exists()
     assert not (cwd / "runs").exists()
     return " ".join(proc.stderr.split())  # the terminal wraps long lines
 
