@@ -44,6 +44,7 @@ from rl.policy.recovery import recover_int4, recovered_config
 from rl.policy.warmstart import prepare_policy
 from rl.trainer.advantages import ADVANTAGES, AdvantageFn
 from rl.trainer.batch import TrainBatch
+from rl.trainer.trace import TokenTrace
 from rollouts.actors import ACTOR_LOST
 
 console = Console()
@@ -73,19 +74,20 @@ def rl_step(job: Job, step: int) -> dict[str, Any]:
     cfg, actors, timer = job.cfg, job.actors, StageTimer()
     temperature = rollout_temperature(cfg, step)
     batch, sampling_metrics = collect_batch(cfg, step, job.pipeline, job.sampler, actors, job.scorer, timer)
-    kept, train_batch = keep_samples(batch.scored, cfg.logging.samples_per_step), None
+    kept, train_batch, traces = keep_samples(batch.scored, cfg.logging.samples_per_step), None, []
     if batch.scored:
         with timer("advantages"):
             train_batch, kl_metrics = advantage_batch(job, batch.scored, temperature, kept)
         with timer("update"):
             train_metrics = actors.learner.train_step(train_batch)
+            traces = actors.learner.token_traces() if kept else []  # before the weight push queues behind it
         with timer("sync"):
             actors.sync_weights(cfg, int(train_metrics["policy_version"]))
         metrics = {**rollout_metrics(batch.scored), **train_metrics, **kl_metrics, "temperature": temperature}
     else:  # every sample failed (each counted and logged by the scorer), or every group is still paused
         metrics = {"skipped_step": 1.0}
     with timer("samples"):
-        save_samples(job, step, batch, train_batch, kept)
+        save_samples(job, step, batch, train_batch, kept, traces)
     metrics |= {"failed_samples": float(batch.failed), **batch.metrics, **sampling_metrics}
     if batch.left_out:  # how many failed and why, in metrics.jsonl and the terminal (rl.loop.failures)
         metrics["failures"] = reasons(batch.left_out)
@@ -125,10 +127,16 @@ def advantage_batch(
     return batch, extra
 
 
-def save_samples(job: Job, step: int, batch: ScoringResult, train_batch: TrainBatch | None, kept: list[int]) -> None:
+def save_samples(
+    job: Job,
+    step: int,
+    batch: ScoringResult,
+    train_batch: TrainBatch | None,
+    kept: list[int],
+    traces: list[TokenTrace],
+) -> None:
     """The step's samples into trajectories/step_N.jsonl, the kept ones with their tokens and the learner's
-    per-token values, and as a table into the trackers (`rl.loop.samples`)."""
-    traces = job.actors.learner.token_traces() if kept and train_batch is not None else []
+    per-token values (`traces`), and as a table into the trackers (`rl.loop.samples`)."""
     advantages = train_batch.advantages if train_batch is not None else None
     records = step_records(batch.scored, advantages, kept, traces, batch.left_out)
     if job.cfg.logging.save_trajectories and records:
