@@ -2,7 +2,8 @@
 
 It receives weights with their version (`load_weights`) and generates `samples_per_prompt` trajectories per
 prompt row, each stamped with the versions that generated it. With `quant.enabled`, the quantization targets run
-as INT4 (`rollouts.int4`) from the start, and weight syncs carry them packed.
+as INT4 (`rollouts.int4`) from the start, and weight syncs carry them packed. With `trainer.lora`, a sync carries
+the adapters alone and the worker installs each adapted weight as its frozen base + the adapter (`rollouts.lora`).
 
 With partial rollouts (`rollout.partial_rollout_budget`), the worker keeps the groups it could not finish within
 an iteration's budget (paused episodes with their environments, and their groups' finished samples) and resumes

@@ -167,7 +167,7 @@ def test_export_writes_the_merged_int4_model_and_the_peft_adapter(lora_runs, mak
     done = CliRunner().invoke(app, ["export", str(run), str(tmp_path / "adapter"), "--adapter"])
     assert done.exit_code == 0 and "peft format" in done.output, done.output
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tmp_path / "adapter" / "int4_base") and config["r"] == 4
+    assert config["base_model_name_or_path"] == str((tmp_path / "adapter" / "int4_base").resolve()) and config["r"] == 4
     base, _ = load_policy(config["base_model_name_or_path"], make_cfg().model)  # the INT4 base, decompressed exactly
     policy = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
     assert all(torch.equal(t, merged.state_dict()[k]) for k, t in policy.state_dict().items())  # the trained policy

@@ -65,7 +65,8 @@ def export_adapter(run_dir: Path, out: Path, step: int | None = None) -> Path:
                 f"the run's starting policy {base} (the adapters' base) is not on this machine: export the INT4 base "
                 f"where it is, or export the merged model (without --adapter)"
             )
-        config["base_model_name_or_path"] = str(export_policy(base, cfg.quant, out / "int4_base", cfg.model.dtype))
+        int4_base = export_policy(base, cfg.quant, out / "int4_base", cfg.model.dtype)
+        config["base_model_name_or_path"] = str(int4_base.resolve())  # peft resolves a relative path from the cwd
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
 
