@@ -1,7 +1,7 @@
 """The real-model job in each INT4 mode, side by side: held-out accuracy before and after, reward, mismatch, time.
 
     make smollm2 && pip install -e ".[plots]"                 # once: the model, and the plot's library
-    python benchmarks/real_model.py --modes fp qat ptq --seeds 0 1 2 --out runs/real
+    python benchmarks/real_model.py --modes fp qat qat_norec ptq lora --seeds 0 1 2 --out runs/real
     python benchmarks/real_model.py --report runs/real           # the table and the plot from runs already made
     python benchmarks/real_model.py --probe quant.enabled=false "" quant.scale_rule=amax/7.5   # accuracy before RL
 
@@ -9,9 +9,11 @@ Each (mode, seed) runs `configs/smollm2_word_problems.yaml` (SmolLM2-135M-Instru
 as its own `tiderl train` process, one after another so that every run has the machine to itself:
 
 - `fp`: full precision everywhere (`quant.enabled=false`);
-- `qat`: the config as written: every linear layer but `lm_head` INT4 (group 32) in the rollout engine, the learner
-  training through the same fake-quant;
-- `ptq`: INT4 rollouts, a full-precision learner (`quant.mode=ptq`): what training without INT4-awareness gives.
+- `qat`: the config as written: INT4 recovery (the INT4 policy distilled from full precision, cached), then every
+  linear layer but `lm_head` INT4 (group 32) in the rollout engine, the learner training through the same fake-quant;
+- `qat_norec`: the same without INT4 recovery (RL from the round-tripped pretrained weights);
+- `ptq`: INT4 rollouts, a full-precision learner (`quant.mode=ptq`): what training without INT4-awareness gives;
+- `lora`: LoRA adapters (rank 16, alpha 32, lr 1e-4) trained on the frozen, recovered INT4 base (`trainer.lora`).
 
 Printed: per run, held-out greedy and sampled accuracy before -> after (200 prompts, the rollout engine's policy,
 so INT4 for qat and ptq), the mean training reward of the first and last five steps, the learner-vs-rollout
@@ -39,6 +41,7 @@ CONFIG = ROOT / "configs" / "smollm2_word_problems.yaml"
 MODES = {
     "fp": ["quant.enabled=false", "int4_recovery.steps=0"],
     "qat": [],
+    "qat_norec": ["int4_recovery.steps=0"],
     "ptq": ["quant.mode=ptq", "int4_recovery.steps=0"],
     "lora": ["trainer.lora.rank=16", "trainer.lora.alpha=32", "trainer.lr=1e-4"],
 }
@@ -72,7 +75,7 @@ def probe(override_sets: list[str], prompts: int) -> None:
     from rollouts.worker import RolloutWorker
 
     for overrides in override_sets:
-        cfg = load_config(CONFIG, overrides.split())
+        cfg = load_config(CONFIG, ["int4_recovery.steps=0", *overrides.split()])  # the policy as it is loaded
         worker, scorer = RolloutWorker(os.environ["SMOLLM2_DIR"], cfg.worker_spec(), 0), RewardScorer(cfg.reward)
         rows = [to_prompt_row(i, r) for i, r in enumerate(word_problems.make_rows(prompts, 0, "eval"))]
         greedy = scorer.score(worker.generate(rows, 1, greedy=True, seed=0)).scored
@@ -143,7 +146,7 @@ def draw(out: Path, names: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (reward, mismatch) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"fp": "tab:blue", "qat": "tab:green", "ptq": "tab:red"}
+    colors = {"fp": "tab:blue", "qat": "tab:green", "qat_norec": "tab:olive", "ptq": "tab:red", "lora": "tab:purple"}
     for name in names:
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in rows]
