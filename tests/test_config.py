@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -90,11 +91,6 @@ def test_cross_field_checks(tmp_path: Path) -> None:
     )
 
 
-def _ray_processes() -> int:
-    out = subprocess.run(["pgrep", "-c", "-f", "raylet|gcs_server"], capture_output=True, text=True)
-    return int(out.stdout.strip() or 0)
-
-
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
@@ -106,16 +102,20 @@ def _ray_processes() -> int:
 def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_text: str, expected: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
-    before = _ray_processes()
+    ray_tmp = tmp_path / "ray-tmp"  # a Ray instance would write its session here (other jobs' Ray may be running)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "rl.launch.cli", "train", str(path)], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-m", "rl.launch.cli", "train", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
     )
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2
     assert expected in proc.stderr
     assert elapsed < 5.0
-    assert _ray_processes() == before
+    assert not ray_tmp.exists()
     assert not (tmp_path / "runs").exists()
 
 

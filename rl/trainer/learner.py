@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 import transformers
@@ -53,6 +51,7 @@ from rl.trainer.losses import (
 )
 from rl.trainer.optim import build_optimizer
 from rl.trainer.ptx import PtxData
+from rl.trainer.state import load_state, save_state
 from rl.trainer.trace import TokenTrace, TraceRecorder
 from rl.trainer.update_sums import BatchTotals, UpdateParts, UpdateSums, update_metrics
 from rollouts.collective import BroadcastMember, flatten
@@ -455,17 +454,7 @@ class Learner(BroadcastMember):
             self.lora.save_adapter(out / "adapter")
         self.model.save_pretrained(out / "policy", state_dict=self.lora.merged_state_dict() if self.lora else None)
         self.tokenizer.save_pretrained(out / "policy")
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                "version": self.version,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
-                "numpy_rng": np.random.get_state(),
-                "python_rng": random.getstate(),
-            },
-            out / "learner_state.pt",
-        )
+        save_state(out, self.optimizer, self.version, self.device)
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """What `save` writes, as bytes: the driver writes the checkpoint, so the run directory needs no
@@ -487,14 +476,7 @@ class Learner(BroadcastMember):
         else:
             model, _ = load_policy(Path(path) / "policy", self.cfg.model.model_copy(update={"gguf_file": None}))
             self.model.load_state_dict(model.state_dict())
-        state: dict[str, Any] = torch.load(Path(path) / "learner_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = state["version"]
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
+        self.version = load_state(Path(path), self.optimizer, self.device)
         return self.version
 
 
