@@ -54,6 +54,12 @@ class WarmStartConfig(Section):
         "(0: anneal from the first check).",
     )
     check_every: int = Field(50, ge=1, description="Steps between copy-accuracy checks.")
+    attempts: int = Field(
+        3,
+        ge=1,
+        description="Tries of the warm start: one that ends at `steps` below the target restarts from a fresh "
+        "initialization (seed + 1000 x try); if none reaches it, the best-copying one ships, with a warning.",
+    )
     anneal_steps: int = Field(150, ge=1, description="Linear learning-rate decay to zero once the target is reached.")
     batch_size: int = Field(32, ge=1, description="Demonstrations per optimizer step.")
     lr: float = Field(4e-3, gt=0, description="AdamW learning rate (20 warmup steps, constant, then the anneal).")
