@@ -11,18 +11,17 @@ from rl.config import load_config
 from rl.policy.warmstart import policy_key, prepare_policy
 
 ROOT = Path(__file__).resolve().parents[1]
+SHORT_WARM_START = (
+    "warm_start.enabled=true",
+    "warm_start.steps=40",
+    "warm_start.batch_size=4",
+    "warm_start.check_every=10",
+    "warm_start.anneal_steps=5",
+)
 
 
 def test_warm_start_anneals_once_the_copy_target_is_met_and_is_cached(make_cfg, tmp_path) -> None:
-    overrides = [
-        f"warm_start.cache_dir={tmp_path}",
-        "warm_start.enabled=true",
-        "warm_start.steps=40",
-        "warm_start.batch_size=4",
-        "warm_start.check_every=10",
-        "warm_start.anneal_steps=5",
-        "logging.progress=false",
-    ]
+    overrides = [f"warm_start.cache_dir={tmp_path}", *SHORT_WARM_START, "logging.progress=false"]
     # target 0 stops the constant phase at the first check (step 10, then 5 annealing steps); an untrained
     # model's digit accuracy is far below 0.999, so the second target is never met (the cap: 40)
     easy = make_cfg(*overrides, "warm_start.target_copy_accuracy=0")
@@ -43,11 +42,7 @@ def test_warm_start_that_misses_its_bar_retries_from_a_fresh_init_and_says_so(ma
     the log, in warm_start.json and again whenever the cached policy is used."""
     cfg = make_cfg(
         f"warm_start.cache_dir={tmp_path}",
-        "warm_start.enabled=true",
-        "warm_start.steps=40",
-        "warm_start.batch_size=4",
-        "warm_start.check_every=10",
-        "warm_start.anneal_steps=5",
+        *SHORT_WARM_START,
         "warm_start.target_copy_accuracy=0.999",
         "warm_start.attempts=2",
         "seed=7",
