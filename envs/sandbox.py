@@ -107,7 +107,8 @@ class PythonSandbox:
         if self.bwrap is None:
             return run
         return [
-            self.bwrap, *self._view, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+            # /tmp first: an interpreter that lives under /tmp (a venv there) is bound inside it by the view
+            self.bwrap, "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *self._view,
             "--bind", scratch, SCRATCH, "--remount-ro", "/", "--chdir", SCRATCH,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin",
