@@ -18,6 +18,7 @@ records the teacher samples' statistics and the KL by step.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -109,7 +110,7 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
     torch.set_num_threads(cfg.trainer.learner_threads)
     torch.manual_seed(cfg.seed)
     teacher, tokenizer = load_policy(source, cfg.model)
-    student, _ = load_policy(source, cfg.model)
+    student = copy.deepcopy(teacher)  # one load (a GGUF file is dequantized on every load)
     teacher.requires_grad_(False)
     spec = QuantSpec.from_config(cfg.quant)
     targets = targeted_parameters(student, spec)
@@ -147,11 +148,11 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
             progress.update(bar, advance=1, kl=f"{kls[-1]:.3f}")
     student.eval()
     save_policy(student, tokenizer, out)
-    correct = [t for t in samples if t.status.value == "finished"]
+    finished = [t for t in samples if t.status.value == "finished"]
     return {
         "steps": rc.steps,
         "teacher_samples": len(samples),
-        "teacher_finished_fraction": len(correct) / len(samples),
+        "teacher_finished_fraction": len(finished) / len(samples),
         "teacher_seconds": teacher_seconds,
         "seconds": time.perf_counter() - start,
         "kl_first": kls[0],
