@@ -261,8 +261,8 @@ def _run(job: Job, resume: bool) -> dict:
             metrics |= {**job.actors.restarts(), "learner_restarts": float(learner_restarts)}
             job.logger.log(step, metrics)
             failures.add(step, metrics)
-            if step_status(metrics):
-                console.print(f"[yellow]step {step}: {step_status(metrics)}")
+            if status := step_status(metrics):
+                console.print(f"[yellow]step {step}: {status}")
             progress.update(bar, completed=step, status=_status(metrics))
             step += 1
     if cfg.eval.enabled:
