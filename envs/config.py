@@ -42,7 +42,11 @@ class SandboxConfig(Section):
 class EnvConfig(Section):
     """The tool environment the agent loop runs against."""
 
-    name: str = Field("calculator", description="Registered environment name or 'path/to/file.py:Class'.")
+    name: str = Field(
+        "calculator",
+        description="Registered environment name, 'path/to/file.py:Class', or an agent function "
+        "'path/to/agent.py:run' (`async def run(client: openai.AsyncOpenAI, row)`, docs/agents.md).",
+    )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the environment's constructor (your own environments)."
     )

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from envs.agent import is_agent_function
 from envs.config import EnvConfig
 
 T = TypeVar("T")
@@ -122,6 +123,11 @@ def env_class(name: str) -> type:
 def make_env(cfg: EnvConfig) -> Any:
     """A fresh environment for one sample, from the job's `env` section."""
     cls = env_class(cfg.name)
+    if is_agent_function(cls):
+        raise TypeError(
+            f"env.name={cfg.name!r} is an agent function: it runs against a rollout worker's OpenAI-compatible "
+            "endpoint (rollouts.agents), not as an environment object"
+        )
     if hasattr(cls, "from_config"):
         return cls.from_config(cfg)
     try:
