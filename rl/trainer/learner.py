@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 import transformers
 
@@ -478,9 +477,6 @@ class Learner(BroadcastMember):
             self.model.load_state_dict(model.state_dict())
         self.version = load_state(Path(path), self.optimizer, self.device)
         return self.version
-
-
-LearnerActor = ray.remote(Learner)
 
 
 def _token_logprobs(

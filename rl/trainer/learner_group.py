@@ -17,12 +17,14 @@ import ray.exceptions
 from rl.config import JobConfig
 from rl.launch.placement import Placement
 from rl.trainer.batch import TrainBatch
-from rl.trainer.learner import LearnerActor
+from rl.trainer.learner import Learner
 from rl.trainer.trace import TokenTrace
 from rollouts.actors import ACTOR_LOST
 from rollouts.shipping import ShippedDir, read_tree, write_tree
 
 CHECKPOINT_PARTS = ("policy", "adapter", "learner_state.pt")  # what a learner writes into a checkpoint (LoRA: adapter)
+LearnerActor = ray.remote(Learner)
+"""The learner as a Ray actor (made here, so that rl.trainer.learner imports no Ray: a machine without Ray runs it)."""
 
 
 class LearnerGroup:
