@@ -39,6 +39,34 @@ class SandboxConfig(Section):
     )
 
 
+class ContextConfig(Section):
+    """Context management on long horizons (K2 Thinking's on its long tool runs): once an episode's context passes
+    `budget_tokens`, older tool results are hidden behind `placeholder`, and when that is not enough the oldest
+    exchanges (an assistant turn and its results) are dropped. Each rewrite starts a new training sequence of the
+    episode (`rollouts.context`); nothing is re-tokenized."""
+
+    budget_tokens: int = Field(
+        0,
+        ge=0,
+        description="Context length (tokens) past which the context is rewritten after a tool step; 0 = off (the "
+        "context only grows, up to rollout.max_tokens_per_sample).",
+    )
+    keep_last: int = Field(
+        2, ge=1, description="The most recent tool steps (an assistant turn and its results) always kept verbatim."
+    )
+    placeholder: str = Field(
+        "[tool result hidden]",
+        min_length=1,
+        description="What a hidden tool result's content becomes; dropped exchanges leave this text as a user "
+        "message after the opening prompt.",
+    )
+    drop_turns: bool = Field(
+        True,
+        description="When hiding older tool results does not bring the context under the budget, drop the oldest "
+        "exchanges too (the context then stays within the budget + one turn); false = hide results only.",
+    )
+
+
 class EnvConfig(Section):
     """The tool environment the agent loop runs against."""
 
@@ -53,3 +81,4 @@ class EnvConfig(Section):
     max_turns: int = Field(4, ge=1, description="Assistant turns per sample before it is truncated.")
     max_tool_calls: int = Field(4, ge=0, description="Tool calls per sample before it is truncated.")
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    context: ContextConfig = Field(default_factory=ContextConfig)

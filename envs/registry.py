@@ -102,6 +102,7 @@ register_env = ENVS.register
 
 BUILT_IN_ENVS = {
     "calculator": "envs.calculator",
+    "long_horizon": "envs.long_horizon",
     "python": "envs.python_tool",
     "search": "envs.search",
     "single_turn": "envs.single_turn",

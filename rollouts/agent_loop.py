@@ -13,6 +13,10 @@ a per-iteration budget (partial rollouts), a sample that reaches it is *paused* 
 everything (tokens, logprobs, segments, the open turn, the environment object and its state) stays in the
 `Episode`, and a later `run_episodes` call resumes it exactly where it stopped. An environment that raises marks
 only its own episode as `error`.
+
+With context management (`env.context`, `rollouts.context`), a tool step whose context passes the budget rewrites
+it (older tool results hidden, the oldest steps dropped) and the episode continues in a new training sequence; the
+closed ones travel in `Trajectory.earlier`, each exactly as the engine saw and sampled it.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ import torch
 from envs.base import PromptRow, StepResult, ToolCall
 from envs.config import EnvConfig
 from rollouts.config import RolloutConfig
+from rollouts.context import ContextState, ToolStep, rewrite
 from rollouts.engine import Engine, Generation, Request, SamplingParams
-from rollouts.records import Sample, Trajectory, TrajectoryStatus
+from rollouts.records import Sample, TokenSequence, Trajectory, TrajectoryStatus
 from rollouts.renderer import Renderer
 from rollouts.tool_parsers import TOOL_CALL_PARSERS
 
@@ -57,6 +62,12 @@ class Episode:
     started: bool = False
     pending_calls: list[ToolCall] = field(default_factory=list)
     pending_errors: list[str] = field(default_factory=list)
+    last_turn_start: int = 0
+    """Index in `ids` where the last closed assistant turn began (its tool step starts there)."""
+    context: ContextState = field(default_factory=ContextState)
+    """The prompt and tool steps of the current sequence, for context management."""
+    earlier: list[TokenSequence] = field(default_factory=list)
+    """Sequences closed by context rewrites, oldest first."""
 
     @property
     def key(self) -> int:
@@ -78,6 +89,21 @@ class Episode:
             segments[-1] = (segments[-1][0], end, version)
         elif end > start:
             segments.append((start, end, version))
+
+    def split(self, context: list[int]) -> None:
+        """Close the current sequence as it is and continue in a new one that starts with `context` (a rewrite of
+        the current one: context only, mask 0)."""
+        self.earlier.append(
+            TokenSequence(
+                torch.tensor(self.ids, dtype=torch.long),
+                torch.tensor(self.logprobs, dtype=torch.float32),
+                torch.tensor(self.mask, dtype=torch.float32),
+                list(self.sample.segments),
+            )
+        )
+        self.ids, self.logprobs, self.mask = list(context), [0.0] * len(context), [0.0] * len(context)
+        self.sample.segments = []
+        self.sample.context_rewrites += 1
 
     def truncate(self, reason: str) -> None:
         self.status, self.sample.truncation = TrajectoryStatus.TRUNCATED, reason
@@ -260,6 +286,7 @@ class AgentLoop:
             return
         ep.append(prompt, None, policy=False)
         ep.sample.prompt_length = len(prompt)
+        ep.context = ContextState(list(messages), tools or None, len(prompt))
         if len(prompt) >= self.rollout.max_tokens_per_sample:
             ep.truncate("max_tokens_per_sample")
 
@@ -313,7 +340,7 @@ class AgentLoop:
     def _close_turn(self, ep: Episode) -> str:
         assert ep.turn_start is not None
         text = self.renderer.decode(ep.ids[ep.turn_start :])
-        ep.turn_start = None
+        ep.last_turn_start, ep.turn_start = ep.turn_start, None
         ep.sample.num_turns += 1
         ep.sample.response_text = text
         ep.sample.messages.append({"role": "assistant", "content": text})
@@ -347,12 +374,18 @@ class AgentLoop:
             ep.sample.num_tool_errors += int(result.info.get("tool_errors", 0))
         observations.extend(result.observations)
         ep.sample.messages.extend(observations)
+        obs_start = len(ep.ids)
         ep.append(self.renderer.observation_ids(observations), None, policy=False)
+        ep.context.steps.append(ToolStep(ep.last_turn_start, obs_start, len(ep.ids), observations))
         if result.reward is not None:
             ep.sample.env_reward = float(result.reward)
         if result.done:
             ep.status = TrajectoryStatus.FINISHED
-        elif len(ep.ids) >= self.rollout.max_tokens_per_sample:
+            return
+        context = rewrite(ep.ids, ep.context, self.env_cfg.context, self.renderer)
+        if context is not None:
+            ep.split(context)
+        if len(ep.ids) >= self.rollout.max_tokens_per_sample:
             ep.truncate("max_tokens_per_sample")
 
     def trajectory(self, ep: Episode) -> Trajectory:
@@ -369,8 +402,9 @@ class AgentLoop:
             token_ids=torch.tensor(ep.ids, dtype=torch.long),
             logprobs=torch.tensor(ep.logprobs, dtype=torch.float32),
             loss_mask=torch.tensor(ep.mask, dtype=torch.float32),
-            policy_version=min((v for _, _, v in ep.sample.segments), default=ep.version),
+            policy_version=min((v for seq in [*ep.earlier, ep.sample] for _, _, v in seq.segments), default=ep.version),
             status=ep.status,
+            earlier=list(ep.earlier),
         )
 
 

@@ -66,6 +66,21 @@ class Sample:
     """What went wrong when its status is ERROR."""
     env_reward: float | None = None
     """The environment's own score of the episode, if it gave one."""
+    context_rewrites: int = 0
+    """Times context management (`env.context`) rewrote the context; the episode has this many + 1 sequences."""
+
+
+@dataclass
+class TokenSequence:
+    """One training sequence of an episode whose context was rewritten (`env.context`): the tokens the engine saw
+    and sampled up to a rewrite. Each policy token is trained in the one sequence it was sampled in; carried into
+    a later context it is context there (mask 0)."""
+
+    token_ids: torch.Tensor  # [num_tokens] int64
+    logprobs: torch.Tensor  # [num_tokens] float32, 0 where `loss_mask` is 0
+    loss_mask: torch.Tensor  # [num_tokens] float32
+    segments: list[tuple[int, int, int]]
+    """(start, end, policy version) of this sequence's generated spans (as `Sample.segments`)."""
 
 
 @dataclass
@@ -85,6 +100,9 @@ class Trajectory:
     """Oldest version of the weights that generated a policy token of this trajectory (see `segments`)."""
     status: TrajectoryStatus
     """How the episode ended."""
+    earlier: list[TokenSequence] = field(default_factory=list)
+    """The episode's sequences before its last context rewrite, oldest first (empty without `env.context`); the
+    fields above are its last sequence. All of them train with the episode's reward and advantage."""
     model_score_refs: dict[str, tuple[Any, int]] = field(default_factory=dict)
     """Reward model name -> (Ray ObjectRef of a batch's scores, this sample's position in it), when the worker
     sent the episode for scoring as soon as its group finished (`reward.models_async`)."""
@@ -96,8 +114,12 @@ class Trajectory:
 
     @property
     def response_length(self) -> int:
-        """Number of policy-generated tokens."""
-        return int(self.loss_mask.sum().item())
+        """Number of policy-generated tokens (of every sequence of the episode)."""
+        return int(self.loss_mask.sum().item()) + sum(int(s.loss_mask.sum().item()) for s in self.earlier)
+
+    def sequences(self) -> list[TokenSequence]:
+        """The episode's training sequences, oldest first: the earlier ones and the last (this record's tokens)."""
+        return [*self.earlier, TokenSequence(self.token_ids, self.logprobs, self.loss_mask, self.segments)]
 
     # the sample's fields, read through
     @property

@@ -116,14 +116,15 @@ def advantage_batch(
     batch = TrainBatch.from_scored(scored, torch.zeros(len(scored)), job.pad_id, temperature)
     extra: dict[str, float] = {}
     if algo.kl_coef > 0 and algo.kl_in == "reward":
-        kl = job.actors.learner.reference_kl(batch)  # [batch], summed over each sample's policy tokens
+        kl = batch.per_episode(job.actors.learner.reference_kl(batch), len(scored))  # summed over its policy tokens
         rewards = rewards - algo.kl_coef * kl
         extra["kl_reward_penalty"] = float(algo.kl_coef * kl.mean())
     advantages = job.advantage_fn(rewards, groups, normalize_by_std=algo.normalize_by_std, lengths=lengths)
-    batch.advantages = advantages.to(torch.float32)[:, None] * batch.loss_mask
-    if kept:
-        batch.trace = torch.full((len(scored),), -1, dtype=torch.long)
-        batch.trace[kept] = torch.arange(len(kept))
+    # every sequence of an episode (several after context rewrites) trains with the episode's advantage
+    batch.advantages = advantages.to(torch.float32)[batch.rows_of(len(scored))][:, None] * batch.loss_mask
+    if kept:  # a kept episode's trace is that of its last sequence, the tokens its record holds
+        batch.trace = torch.full((batch.num_sequences,), -1, dtype=torch.long)
+        batch.trace[batch.last_rows(len(scored))[kept]] = torch.arange(len(kept))
     return batch, extra
 
 
@@ -137,7 +138,9 @@ def save_samples(
 ) -> None:
     """The step's samples into trajectories/step_N.jsonl, the kept ones with their tokens and the learner's
     per-token values (`traces`), and as a table into the trackers (`rl.loop.samples`)."""
-    advantages = train_batch.advantages if train_batch is not None else None
+    advantages = None
+    if train_batch is not None:  # the row of each sample's last sequence: the tokens its record holds
+        advantages = train_batch.advantages[train_batch.last_rows(len(batch.scored))]
     records = step_records(batch.scored, advantages, kept, traces, batch.left_out)
     if job.cfg.logging.save_trajectories and records:
         write_records(job.run_dir / "trajectories" / f"step_{step:06d}.jsonl", records)

@@ -38,6 +38,7 @@ class Task:
 TASKS: Registry[Task] = Registry("task", "tiderl.tasks")
 BUILT_IN = {
     "calculator": "rl.tasks.calculator",
+    "long_horizon": "rl.tasks.long_horizon",
     "python_math": "rl.tasks.python_math",
     "search_qa": "rl.tasks.search_qa",
     "word_problems": "rl.tasks.word_problems",

@@ -1,4 +1,8 @@
-"""What the learner consumes: a step's scored trajectories right-padded into tensors, with their advantages."""
+"""What the learner consumes: a step's scored trajectories right-padded into tensors, with their advantages.
+
+A row is one training sequence. An episode whose context was rewritten (`env.context`) has several
+(`Trajectory.sequences()`): each is a row of its own, and every row of an episode gets the episode's advantage
+(`episode` maps rows back to trajectories)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ class TrainBatch:
     rollout_logprobs: torch.Tensor  # [batch, seq] float32, 0 off the loss mask
     advantages: torch.Tensor  # [batch, seq] float32, each sequence's advantage on its policy tokens
     policy_versions: torch.Tensor  # [batch] int64
+    episode: torch.Tensor | None = None  # [batch] int64
+    """Index of the scored trajectory each row is a sequence of (None: one row per trajectory, in order)."""
     temperature: float | None = None
     """The sampling temperature the batch was generated at (the learner scores at it); None: `rollout.temperature`."""
     trace: torch.Tensor | None = None  # [batch] int64
@@ -29,6 +35,21 @@ class TrainBatch:
     @property
     def num_sequences(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def rows_of(self, num_episodes: int) -> torch.Tensor:
+        """[batch] the trajectory each row is a sequence of (the identity when there is one row each)."""
+        return self.episode if self.episode is not None else torch.arange(num_episodes)
+
+    def per_episode(self, values: torch.Tensor, num_episodes: int) -> torch.Tensor:
+        """Per-row values ([batch]) summed over each trajectory's sequences ([num_episodes])."""
+        if self.episode is None:
+            return values
+        return torch.zeros(num_episodes, dtype=values.dtype).index_add_(0, self.episode, values.cpu())
+
+    def last_rows(self, num_episodes: int) -> torch.Tensor:
+        """[num_episodes] the row of each trajectory's last sequence (its own tokens)."""
+        rows = self.rows_of(num_episodes)
+        return torch.zeros(num_episodes, dtype=torch.long).scatter_reduce(0, rows, torch.arange(len(rows)), "amax")
 
     def to(self, device: torch.device | str) -> TrainBatch:
         """The batch with its tensors on `device` (itself when already there)."""
@@ -67,28 +88,35 @@ class TrainBatch:
     def from_scored(
         scored: list[ScoredTrajectory], advantages: torch.Tensor, pad_token_id: int, temperature: float | None = None
     ) -> TrainBatch:
-        """Right-pad the trajectories; `advantages` is one scalar per trajectory ([batch])."""
+        """Right-pad the trajectories' sequences; `advantages` is one scalar per trajectory ([len(scored)]), given
+        to every sequence of it."""
         if not scored:
             raise ValueError("cannot build a TrainBatch from zero trajectories")
-        lengths = [len(s.trajectory.token_ids) for s in scored]
-        batch, seq = len(scored), max(lengths)
+        rows = [(i, sequence) for i, s in enumerate(scored) for sequence in s.trajectory.sequences()]
+        lengths = [len(sequence.token_ids) for _, sequence in rows]
+        batch, seq = len(rows), max(lengths)
         input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, seq), dtype=torch.long)
         loss_mask = torch.zeros((batch, seq), dtype=torch.float32)
         logprobs = torch.zeros((batch, seq), dtype=torch.float32)
-        for i, s in enumerate(scored):
-            t, n = s.trajectory, lengths[i]
-            input_ids[i, :n] = t.token_ids
-            attention_mask[i, :n] = 1
-            loss_mask[i, :n] = t.loss_mask
-            logprobs[i, :n] = t.logprobs
-        versions = torch.tensor([s.trajectory.policy_version for s in scored], dtype=torch.long)
+        for row, (_, t) in enumerate(rows):
+            n = lengths[row]
+            input_ids[row, :n] = t.token_ids
+            attention_mask[row, :n] = 1
+            loss_mask[row, :n] = t.loss_mask
+            logprobs[row, :n] = t.logprobs
+        episode = torch.tensor([i for i, _ in rows], dtype=torch.long)
+        versions = torch.tensor(
+            [min((v for *_, v in t.segments), default=scored[i].trajectory.policy_version) for i, t in rows],
+            dtype=torch.long,
+        )
         return TrainBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             loss_mask=loss_mask,
             rollout_logprobs=logprobs,
-            advantages=advantages.to(torch.float32)[:, None] * loss_mask,
+            advantages=advantages.to(torch.float32)[episode][:, None] * loss_mask,
             policy_versions=versions,
+            episode=episode if batch != len(scored) else None,
             temperature=temperature,
         )

@@ -1,0 +1,69 @@
+"""The `long_horizon` task: follow a chain of `hops` locked doors (`envs.long_horizon`), one `open` call each,
+and report the treasure behind the last; scored by `contains_answer`. 200 doors by default: an episode of at least
+200 sequential tool calls, run with context management (`env.context`, configs/long_horizon.yaml)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from envs.long_horizon import DEFAULT_HOPS, make_chain
+from rl.tasks.registry import Task, register_task
+
+DATA_SOURCE = "tiderl/long_horizon"
+SYSTEM_PROMPT = "Open the doors in order with the open tool. Each door shows the next key. Report the treasure."
+TOKENS_PER_HOP = 64
+"""Generated-token budget per door (`extra_info.token_budget` = hops x this): a call is ~25 tokens."""
+
+
+def make_rows(n: int, seed: int, split: str, hops: int = DEFAULT_HOPS) -> list[dict[str, Any]]:
+    """`n` chains of `hops` doors in verl's layout; train and eval draw disjoint chain seeds."""
+    rng = random.Random(f"{split}-{seed}")
+    offset = 0 if split == "train" else 1 << 30
+    rows = []
+    for i in range(n):
+        chain_seed = offset + rng.randrange(1 << 30)
+        keys, treasure = make_chain(chain_seed, hops)
+        rows.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": f"There are {hops} doors. The first key is {keys[0]}."},
+                ],
+                "data_source": DATA_SOURCE,
+                "reward_model": {"style": "rule", "ground_truth": treasure},
+                "extra_info": {
+                    "split": split,
+                    "index": i,
+                    "chain_seed": chain_seed,
+                    "hops": hops,
+                    "token_budget": hops * TOKENS_PER_HOP,
+                },
+            }
+        )
+    return rows
+
+
+def demonstration(keys: list[str], treasure: str) -> list[dict[str, Any]]:
+    """The assistant's side of a solved chain, as chat messages (rooms as the environment describes them are not
+    needed: the assistant only copies each result's key)."""
+    turns: list[dict[str, Any]] = []
+    for k, key in enumerate(keys):
+        call = {"type": "function", "function": {"name": "open", "arguments": {"key": key}}}
+        turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        last = k + 1 == len(keys)
+        result = f"The treasure is {treasure}." if last else f"Next key: {keys[k + 1]}"
+        turns.append({"role": "tool", "name": "open", "content": f"Door {k + 1} opens. {result}"})
+    turns.append({"role": "assistant", "content": f"The treasure is {treasure}."})
+    return turns
+
+
+TASK = register_task(
+    Task(
+        name="long_horizon",
+        make_rows=make_rows,
+        env="long_horizon",
+        reward="contains_answer",
+        demonstration=demonstration,
+    )
+)
