@@ -21,6 +21,7 @@ register_reward = REWARDS.register
 
 BUILT_IN_REWARDS = {
     "calculator": "rewards.calculator",
+    "code_tests": "rewards.code_tests",
     "numeric_answer": "rewards.calculator",
     "contains_answer": "rewards.answers",
     "math": "rewards.math",

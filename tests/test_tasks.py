@@ -3,6 +3,9 @@ answer 1.0 and a wrong one 0.0 (the contract a task's three parts must keep with
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+
 import pytest
 
 from envs.registry import env_class
@@ -13,7 +16,7 @@ from rl.tasks import BUILT_IN, TASKS, get_task
 
 
 def test_the_built_in_tasks_are_registered_when_asked_for() -> None:
-    assert sorted(BUILT_IN) == ["calculator", "python_math", "search_qa", "word_problems"]
+    assert sorted(BUILT_IN) == ["calculator", "code_tests", "python_math", "search_qa", "word_problems"]
     for name in BUILT_IN:
         assert get_task(name).name == name and name in TASKS.names()
 
@@ -27,11 +30,15 @@ def test_task_rows_env_and_verifier_agree(name: str) -> None:
     verify = get_reward(task.reward)  # the built-in verifiers have verl's signature
 
     def score(row, text: str) -> float:
-        return float(verify(row.data_source, text, row.ground_truth, row.extra_info)["score"])
+        result = verify(row.data_source, text, row.ground_truth, row.extra_info)
+        if inspect.isawaitable(result):  # an async verifier (code_tests runs its sandboxes concurrently)
+            result = asyncio.run(result)
+        return float(result["score"])
 
     for i, raw in enumerate(train[:8]):
         row = to_prompt_row(i, raw)
-        assert score(row, f"The answer is \\boxed{{{row.ground_truth}}}.") == 1.0, (name, row.ground_truth)
+        gold = task.gold(raw) if task.gold else f"The answer is \\boxed{{{row.ground_truth}}}."
+        assert score(row, gold) == 1.0, (name, row.ground_truth)
         assert score(row, "I do not know.") == 0.0, (name, row.ground_truth)
 
 

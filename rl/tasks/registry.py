@@ -33,11 +33,15 @@ class Task:
     """The registered reward that verifies an answer against `reward_model.ground_truth` (`reward.functions`)."""
     demonstration: Callable[..., list[dict[str, Any]]] | None = None
     """Assistant turns that solve a row, for a supervised warm start (the built-in policy's)."""
+    gold: Callable[[dict[str, Any]], str] | None = None
+    """A response to a row that its reward scores 1.0 (the task contract test's gold answer); None: the ground truth
+    in `\\boxed{}`."""
 
 
 TASKS: Registry[Task] = Registry("task", "tiderl.tasks")
 BUILT_IN = {
     "calculator": "rl.tasks.calculator",
+    "code_tests": "rl.tasks.code_tests",
     "long_horizon": "rl.tasks.long_horizon",
     "python_math": "rl.tasks.python_math",
     "search_qa": "rl.tasks.search_qa",
