@@ -54,8 +54,8 @@ class RewardModelConfig(Section):
 class RewardConfig(Section):
     functions: list[RewardFunctionConfig] = Field(
         default_factory=lambda: [RewardFunctionConfig(name="calculator")],
-        min_length=1,
-        description="Reward functions; the first is the task verifier that `accuracy` reports.",
+        description="Reward functions; the first is the task verifier that `accuracy` reports. Empty only with an "
+        "agent function as the environment (`env.name=agent.py:run`), whose returned reward then stands alone.",
     )
     models: list[RewardModelConfig] = Field(
         default_factory=list, description="Reward models (classifier or judge actors), added to the functions' sum."

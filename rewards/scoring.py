@@ -8,6 +8,10 @@ and logged with its id, when its rollout ended in `error`, when any function fai
 scored it (all returned None). Reward models' scores (`rewards.models`, fetched into `Trajectory.model_scores`) are
 weighted and added like functions; a model that failed on a sample (`Trajectory.model_score_failures`) fails it.
 Per-function counts go to the step's metrics: `reward_failed/<name>` and `reward_none/<name>`.
+
+An agent function's reward (`envs.agent`, `rollouts.agents`) is the environment's: with no reward functions
+configured it is the whole reward (and a sample is correct when it is >= 1); a dict's components are logged as
+`env/<name>`.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class RewardScorer:
         if failures:
             log.warning("sample %s left out: %s", traj.sample_id, "; ".join(failures))
             return "; ".join(failures)
-        if not breakdown:
+        if not breakdown and traj.env_reward is None:
             counts["unscored_samples"] += 1
             log.warning("sample %s left out: every reward function returned None for it", traj.sample_id)
             return "every reward function returned None for it"
@@ -120,12 +124,15 @@ class RewardScorer:
         total = sum(weights[name] * value for name, value in breakdown.items())
         if traj.env_reward is not None:  # the environment's own score, unweighted
             breakdown["env"] = traj.env_reward
+            breakdown |= {f"env/{name}": part for name, part in traj.sample.env_reward_parts.items()}
             total += traj.env_reward
         if traj.status is TrajectoryStatus.TRUNCATED and self.truncation_penalty:
             breakdown["truncation_penalty"] = self.truncation_penalty
             total += self.truncation_penalty
         first = values[0] if values else None
         correct = _correct(first, acc) if isinstance(first, float) else False
+        if not self.functions and traj.env_reward is not None:  # an agent's reward alone: 1 (or more) is right
+            correct = traj.env_reward >= 1.0
         return ScoredTrajectory(trajectory=traj, reward=total, reward_breakdown=breakdown, correct=correct)
 
 

@@ -68,6 +68,26 @@ class ModelConfig(Section):
         return self
 
 
+class EndpointConfig(Section):
+    """The OpenAI-compatible endpoint each rollout worker serves when its environment is an agent function
+    (`env.name=agent.py:run`, `rollouts.endpoint`), and `tiderl serve`'s."""
+
+    host: str = Field("127.0.0.1", description="Address the endpoint listens on (127.0.0.1: this machine only).")
+    port: int = Field(0, ge=0, le=65535, description="Port (0 = a free port per worker; agents get the URL).")
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="Requests generated at once (engine slots); more wait their turn."
+    )
+    max_concurrent_episodes: int = Field(
+        256, ge=1, description="Agent episodes a worker runs at once; the rest start as earlier ones end."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="A request not answered within this gets a timeout error (its agent decides)."
+    )
+    episode_timeout_s: float = Field(
+        600.0, gt=0, description="An agent episode still running after this fails its sample (counted)."
+    )
+
+
 class RolloutConfig(Section):
     """Generation."""
 
@@ -149,6 +169,7 @@ class RolloutConfig(Section):
         "paused (tokens, logprobs, policy version per segment, environment) and resumed next step, and "
         "its group trains once all its samples are done. 0 = off (every sample finishes within its step).",
     )
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
 
     @model_validator(mode="after")
     def _check_budgets(self) -> RolloutConfig:

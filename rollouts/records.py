@@ -66,6 +66,8 @@ class Sample:
     """What went wrong when its status is ERROR."""
     env_reward: float | None = None
     """The environment's own score of the episode, if it gave one."""
+    env_reward_parts: dict[str, float] = field(default_factory=dict)
+    """Named components of `env_reward` (their sum), when an agent function returned a dict (`envs.agent`)."""
     context_rewrites: int = 0
     """Times context management (`env.context`) rewrote the context; the episode has this many + 1 sequences."""
 

@@ -22,12 +22,15 @@ import torch
 import transformers
 from ray import cloudpickle
 
+from envs.agent import is_agent_function
 from envs.base import PromptRow
 from envs.config import EnvConfig
-from envs.registry import make_env
+from envs.registry import env_class, make_env
 from rollouts.agent_loop import AgentLoop, Episode, GenerationProgress
+from rollouts.agents import AgentRunner
 from rollouts.collective import BroadcastMember, Manifest, buffer_size, unflatten
 from rollouts.config import LoraConfig, ModelConfig, QuantConfig, RolloutConfig
+from rollouts.endpoint import Endpoint
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
 from rollouts.lora import AdapterInstaller, adapted_parameters
@@ -35,6 +38,7 @@ from rollouts.model import load_policy
 from rollouts.quant import PackedInt4, QuantSpec, WeightPayload, targeted_parameters
 from rollouts.records import Trajectory
 from rollouts.renderer import Renderer
+from rollouts.sampling import SamplingParams
 from rollouts.shipping import ShippedDir, open_dir, shipped_cache
 
 log = logging.getLogger("tiderl")
@@ -85,7 +89,14 @@ class RolloutWorker(BroadcastMember):
             r.max_num_seqs,
             r.prefix_reuse,
         )
-        make_env(cfg.env)  # fail now, naming the environment, rather than on the first rollout
+        self.agents: AgentRunner | None = None
+        agent = env_class(cfg.env.name)
+        if is_agent_function(agent):  # the user's agent, run against this worker's OpenAI-compatible endpoint
+            endpoint = Endpoint(self.engine, self.renderer, r, served_model_name(cfg.model), cfg.env.max_turns)
+            endpoint.start()
+            self.agents = AgentRunner(endpoint, agent, cfg.env.name)
+        else:
+            make_env(cfg.env)  # fail now, naming the environment, rather than on the first rollout
         self.loop = AgentLoop(self.engine, self.renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
         self.index = worker_index
@@ -141,6 +152,8 @@ class RolloutWorker(BroadcastMember):
         """Every sample to its end. With `seed`, from a fresh generator (evals: repeatable, the training stream
         untouched)."""
         generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
+        if self.agents is not None:
+            return self._run_agents(rows, [row.index for row in rows], samples_per_prompt, greedy, generator, None)
         return self.loop.run(rows, samples_per_prompt, self.version, greedy, generator)
 
     def generate_step(
@@ -154,6 +167,8 @@ class RolloutWorker(BroadcastMember):
         """One RL step's rollouts: resume the groups left open by the last step, start `rows`, and return the
         trajectories of every group whose samples are all done. `iteration_budget` 0 = no pausing; `temperature`
         overrides the configured one (the schedule)."""
+        if self.agents is not None:  # agents run each sample to its end (preflight refuses partial rollouts)
+            return self._run_agents(rows, group_ids, samples_per_prompt, False, self.generator, temperature)
         for gid, episodes in zip(
             group_ids,
             _chunks(self.loop.new_episodes(rows, samples_per_prompt, group_ids), samples_per_prompt),
@@ -246,6 +261,30 @@ class RolloutWorker(BroadcastMember):
     def pad_token_id(self) -> int:
         return self.renderer.pad_token_id
 
+    def endpoint_url(self) -> str | None:
+        """Base URL of this worker's OpenAI-compatible endpoint (None: its environment is not an agent function)."""
+        return self.agents.endpoint.base_url if self.agents is not None else None
+
+    def _run_agents(
+        self,
+        rows: list[PromptRow],
+        group_ids: list[int],
+        samples_per_prompt: int,
+        greedy: bool,
+        generator: torch.Generator,
+        temperature: float | None,
+    ) -> list[Trajectory]:
+        """Every sample as the agent function's episode against this worker's endpoint (`rollouts.agents`)."""
+        assert self.agents is not None
+        r = self.cfg.rollout
+        sampling = SamplingParams(temperature or r.temperature, greedy, r.top_p, r.top_k)
+        base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        trajectories = self.agents.run(rows, samples_per_prompt, group_ids, self.version, sampling, base_seed)
+        if self.loop.on_progress is not None:
+            tokens = sum(t.response_length for t in trajectories)
+            self.loop.on_progress(GenerationProgress(done=len(trajectories), tokens=tokens))
+        return trajectories
+
 
 RolloutWorkerActor = ray.remote(RolloutWorker)
 
@@ -264,6 +303,11 @@ def int4_kernel_settings(quant: QuantConfig, model_dtype: str) -> tuple[torch.dt
         activation = getattr(torch, choice)
     dense_min_rows = quant.dense_min_rows or (8 if activation == torch.float32 else None)
     return activation, dense_min_rows
+
+
+def served_model_name(model: ModelConfig) -> str:
+    """The name `/v1/models` lists: the policy directory's name, or `tiderl-tiny` for the built-in policy."""
+    return model.path.rstrip("/").rsplit("/", 1)[-1] if model.path else "tiderl-tiny"
 
 
 def _chunks(items: list, size: int) -> list[list]:

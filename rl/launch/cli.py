@@ -109,6 +109,29 @@ def view(
     serve(run_dir, host, port)
 
 
+@app.command()
+def serve(
+    target: Annotated[Path, typer.Argument(help="Run directory (its latest checkpoint) or a policy directory.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. rollout.max_new_tokens_per_turn=200.")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8000,
+    host: Annotated[str, typer.Option("--host", help="Address to serve on (0.0.0.0: every interface).")] = "127.0.0.1",
+    step: Annotated[int | None, typer.Option("--step", help="Checkpoint step of a run (default: the latest).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Decode greedily (default: rollout.temperature).")] = False,
+) -> None:
+    """Serve a policy on an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions, /v1/models), as
+    the rollout workers serve agents (docs/agents.md)."""
+    from rl.launch.serve import serve as run_server
+
+    try:
+        run_server(target, overrides or [], step, host, port, greedy)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+
+
 @app.command("check-env")
 def check_env(
     name: Annotated[str, typer.Argument(help="Registered environment name or path/to/file.py:Class.")],

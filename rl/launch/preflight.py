@@ -22,6 +22,7 @@ fail later (a node dying) fails as before, clearly, at run time.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 import traceback
@@ -32,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from envs.agent import agent_signature_problem, is_agent_function
 from envs.registry import BUILT_IN_ENVS, ENVS, Registry, RegistryError
 from rewards.registry import BUILT_IN_REWARDS, REWARDS
 from rl.config import ConfigError, JobConfig
@@ -107,6 +109,15 @@ def check_references(cfg: JobConfig) -> list[Problem]:
     env = _resolve(problems, "env.name", cfg.env.name, ENVS, set(BUILT_IN_ENVS), "tiderl.envs")
     if env is not None:
         problems += _env_signature(cfg, env)
+    if not cfg.reward.functions and not is_agent_function(env):
+        problems.append(
+            Problem(
+                "reward.functions",
+                [],
+                "nothing would score the samples: name at least one reward function (the task's verifier first); "
+                "only an agent function's own reward (env.name=agent.py:run) stands without one",
+            )
+        )
     for i, f in enumerate(cfg.reward.functions):
         fn = _resolve(problems, f"reward.functions[{i}].name", f.name, REWARDS, set(BUILT_IN_REWARDS), "tiderl.rewards")
         if fn is not None:
@@ -197,6 +208,8 @@ def _resolve(
 
 def _env_signature(cfg: JobConfig, cls: Any) -> list[Problem]:
     name = cfg.env.name
+    if is_agent_function(cls):
+        return _agent_checks(cfg, cls)
     missing = [m for m in ("reset", "step", "close") if not callable(getattr(cls, m, None))]
     if missing:
         return [
@@ -223,6 +236,48 @@ def _env_signature(cfg: JobConfig, cls: Any) -> list[Problem]:
     except ValueError:  # no signature to read (a builtin): tried at run time
         pass
     return []
+
+
+def _agent_checks(cfg: JobConfig, fn: Any) -> list[Problem]:
+    """An agent function (`env.name=agent.py:run`, envs/agent.py): its signature, the `openai` package it is handed
+    a client of, and the settings an agent episode cannot honour."""
+    name = cfg.env.name
+    problems = []
+    why = agent_signature_problem(fn)
+    if why is not None:
+        problems.append(Problem("env.name", name, f"{_name(fn)} {why}"))
+    if importlib.util.find_spec("openai") is None:
+        problems.append(
+            Problem(
+                "env.name",
+                name,
+                "an agent function is handed an openai.AsyncOpenAI client, and the openai package is not installed: "
+                "pip install -e '.[agents]'",
+            )
+        )
+    if cfg.env.kwargs:
+        problems.append(
+            Problem("env.kwargs", cfg.env.kwargs, "an agent function takes no constructor arguments: drop env.kwargs")
+        )
+    if cfg.rollout.partial_rollout_budget:
+        problems.append(
+            Problem(
+                "rollout.partial_rollout_budget",
+                cfg.rollout.partial_rollout_budget,
+                "an agent episode runs to its end within its step (an agent cannot be paused between two "
+                "steps): set it to 0",
+            )
+        )
+    if cfg.reward.models and cfg.reward.models_async:
+        problems.append(
+            Problem(
+                "reward.models_async",
+                True,
+                "agent episodes are sent to reward models after the step's rollouts, not from the worker: set "
+                "reward.models_async=false",
+            )
+        )
+    return problems
 
 
 def _reward_signature(key: str, name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> list[Problem]:
