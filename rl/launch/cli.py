@@ -77,6 +77,48 @@ def export(
     typer.echo(f"exported {path} ({what})")
 
 
+@app.command("eval")
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a finished (or checkpointed) job.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key.sub=value overrides of the run's config, e.g. data.eval_size=64.")
+    ] = None,
+    heavy: Annotated[
+        int | None,
+        typer.Option(
+            "--heavy",
+            min=1,
+            help="Heavy mode: N sampled trajectories per prompt, majority vote and reflective "
+            "aggregation reported for n = 1, 2, 4, ..., N (docs/eval.md).",
+        ),
+    ] = None,
+    step: Annotated[int | None, typer.Option("--step", help="Checkpoint step (default: the latest).")] = None,
+    reflect_greedy: Annotated[
+        bool, typer.Option("--reflect-greedy", help="Heavy mode: the reflection decodes greedily (default: sampled).")
+    ] = False,
+) -> None:
+    """Evaluate a run's policy on its held-out prompts (greedy and sampled accuracy, as the job's eval), with
+    heavy mode when asked; the results go into the run's eval.json (`checkpoint`, `heavy`)."""
+    if not (run_dir / "config.yaml").is_file():
+        _fail(f"{run_dir} has no config.yaml: not a tiderl run directory")
+    from rich.console import Console
+
+    from rl.loop.evaluation import evaluate_run
+    from rl.loop.failures import eval_status
+    from rl.loop.heavy import heavy_table
+
+    try:
+        out = evaluate_run(run_dir, overrides or [], step, heavy, reflect_greedy)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(str(e))
+    result = out["checkpoint"]
+    sampled = f", sampled {eval_status(result, 'sampled_')}" if "sampled_failed_samples" in result else ""
+    typer.echo(f"step {result['step']}: held-out greedy {eval_status(result)}{sampled}")
+    if "heavy" in out:
+        Console().print(heavy_table(out["heavy"]))
+    typer.echo(f"wrote {run_dir / 'eval.json'}")
+
+
 @app.command()
 def view(
     run_dir: Annotated[Path, typer.Argument(help="Run directory, e.g. runs/calculator-20261202-120000.")],
