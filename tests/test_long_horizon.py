@@ -163,6 +163,7 @@ def test_split_sequences_train_with_the_episodes_advantage(chain, renderer) -> N
     assert batch.per_episode(torch.ones(n + 1), 2).tolist() == [float(n), 1.0]
 
 
+@pytest.mark.slow  # a policy build (1024 positions) and a job step: ~2 min on a shared 2-core machine
 def test_the_long_horizon_config_runs_as_a_real_job(tmp_path: Path, cache_dir: Path) -> None:
     """configs/long_horizon.yaml, shrunk to the test policy, through `train`: the environment, task, reward and
     context settings load and a step trains on the episodes (the untrained policy does not call the tool)."""
@@ -183,3 +184,44 @@ def test_the_long_horizon_config_runs_as_a_real_job(tmp_path: Path, cache_dir: P
     assert metrics["num_samples"] == 8 and metrics["failed_samples"] == 0.0
     samples = [json.loads(line) for line in (tmp_path / "trajectories" / "step_000001.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all("There are 200 doors" in json.dumps(s) for s in samples)
+
+
+def test_the_engine_continues_a_rewritten_context_in_its_slot_from_the_common_prefix(
+    renderer, tiny_policy_dir, make_cfg, monkeypatch
+) -> None:
+    """The engine's cache across a rewrite: the episode's next request (the rewritten context) continues in the slot
+    that holds the previous sequence, keeps the positions up to the first one that changed and prefills only the
+    rest; it samples what a fresh prefill of the rewritten context samples."""
+    from rollouts.decoder import Decoder
+    from rollouts.engine import Engine
+    from rollouts.sampling import SamplingParams
+
+    traj, _ = run_chain(renderer, ContextConfig(budget_tokens=360, keep_last=1, placeholder=PLACEHOLDER), hops=12)
+    first, second = traj.sequences()[:2]
+    before = first.token_ids.tolist()
+    rewritten = second.token_ids[: int(second.loss_mask.argmax())].tolist()  # the context the next turn saw
+    common = next(i for i, (a, b) in enumerate(zip(before, rewritten, strict=False)) if a != b)
+    assert 0 < common < len(rewritten) <= 360 < len(before)
+
+    fed: list[tuple[int, int]] = []  # (start, length) of each cache extension
+    extend = Decoder.extend
+
+    def recording_extend(self, ids, starts, lengths, rows):
+        fed.extend(zip(starts.tolist(), lengths.tolist(), strict=True))
+        return extend(self, ids, starts, lengths, rows)
+
+    monkeypatch.setattr(Decoder, "extend", recording_extend)
+    model, _ = load_policy(tiny_policy_dir, make_cfg().model)
+    outs = {}
+    for reuse in (True, False):
+        engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, prefix_reuse=reuse)
+        batcher = engine.batcher(SamplingParams(1.0, False, 1.0, 0), 1, 512)
+        results: list[Generation] = []
+        for prompt, seed in ((before, 1), (rewritten, 2)):
+            batcher.submit(Request(prompt, 6, seed, [], session="episode"), results.append)
+            while batcher.busy:
+                batcher.step()
+        outs[reuse] = results[1]
+    assert fed == [(common, len(rewritten) - common)]  # with reuse: one extension from the common prefix
+    assert outs[True].token_ids == outs[False].token_ids
+    assert outs[True].logprobs == pytest.approx(outs[False].logprobs, abs=1e-4)
