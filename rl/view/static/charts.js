@@ -121,7 +121,20 @@ function drawEvalSummary(container, run) {
     rows.filter(([k]) => (ev.before || {})[k] !== undefined || (ev.after || {})[k] !== undefined).map(([k, label]) =>
       el("tr", {}, el("td", {}, label), el("td", { class: "num" }, num((ev.before || {})[k])),
          el("td", { class: "num" }, ev.after ? num(ev.after[k]) : "(after the last step)"))));
-  container.replaceChildren(el("div", { class: "card" }, el("h3", {}, "Held-out evaluation"),
+  const cards = [el("div", { class: "card" }, el("h3", {}, "Held-out evaluation"),
     el("p", { class: "explain" }, "Prompts the policy never trains on, answered before and after RL (eval.json)."),
-    table));
+    table)];
+  if (ev.heavy && Array.isArray(ev.heavy.by_n)) cards.push(heavyCard(ev.heavy));
+  container.replaceChildren(...cards);
+}
+
+function heavyCard(heavy) {
+  const columns = [["majority", "majority vote"], ["pass", "pass@n"], ["reflective", "reflective"]];
+  return el("div", { class: "card" }, el("h3", {}, "Heavy mode"),
+    el("p", { class: "explain" }, `tiderl eval --heavy ${heavy.n}: ${heavy.n} samples per prompt at ` +
+      `T=${heavy.temperature} (step ${heavy.step}), aggregated over n of them (docs/eval.md).`),
+    el("table", {},
+      el("tr", {}, el("th", { class: "num" }, "n"), ...columns.map(([, label]) => el("th", { class: "num" }, label))),
+      heavy.by_n.map(r => el("tr", {}, el("td", { class: "num" }, String(r.n)),
+        ...columns.map(([k]) => el("td", { class: "num" }, num(r[k])))))));
 }
