@@ -148,19 +148,17 @@ def test_an_agent_that_raises_fails_only_its_sample(worker, agent_cfg):
 
 
 def test_agent_episodes_overlap(worker):
-    """64 episodes, each waiting on a slow tool between two requests: run one after another they would wait
-    64 x 0.25 s = 16 s; run concurrently the wait is paid about once over the compute of the same episodes without
-    the wait (measured alongside, under the same load)."""
-
-    def wall(sleep: float) -> float:
-        start = time.perf_counter()
-        trajectories = worker.generate_step(rows("slow_tools", 64, start=500, sleep=sleep), list(range(64)), 1, 0)
-        assert [t.num_turns for t in trajectories] == [2] * 64
-        return time.perf_counter() - start
-
-    compute = wall(0.0)
-    waiting = wall(0.25) - compute
-    assert waiting < 64 * 0.25 / 8, (compute, waiting)  # at least 8x overlap; ~1x the wait on an idle machine
+    """64 episodes on one worker, each calling a slow tool between two requests: all 64 are in their tool at once
+    (the tool waits until they are, which episodes run one after another never reach), so a step pays a tool's wait
+    about once. The wall clock is printed; docs/agents.md has it against the compute floor on an idle machine."""
+    in_tool = ENVS.get(AGENT).__globals__["IN_TOOL"]
+    in_tool["most"] = 0
+    start = time.perf_counter()
+    batch = rows("slow_tools", 64, start=500, sleep=0.25, gather=64)
+    trajectories = worker.generate_step(batch, list(range(64)), 1, 0)
+    print(f"64 episodes with a 0.25 s tool: {time.perf_counter() - start:.1f} s")
+    assert [t.num_turns for t in trajectories] == [2] * 64 and all(t.error is None for t in trajectories)
+    assert in_tool["most"] == 64, in_tool
 
 
 def test_preflight_checks_agent_functions(make_cfg, tmp_path):
@@ -231,3 +229,16 @@ def test_serving_phase_chats_with_any_key(worker):
 
 async def _close(endpoint, phase):
     endpoint.close_phase(phase)
+
+
+@pytest.mark.slow
+def test_a_ray_job_trains_on_an_agents_episodes(make_cfg, tmp_path, ray_local):
+    """The same on the Ray rollout pool: each worker actor serves its endpoint and runs the agents in its process."""
+    from rl.loop.controller import train
+
+    cfg = make_cfg(f"env.name={AGENT_FILE}:varied", "reward.functions=[]", "eval.enabled=false", "trainer.steps=2")
+    train(cfg, tmp_path / "run")
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "step" in s and "reward_mean" in s]
+    assert [s["step"] for s in steps] == [1, 2] and all(s.get("failed_samples", 0) == 0 for s in steps)
+    assert all(s["train_tokens"] > 0 for s in steps)

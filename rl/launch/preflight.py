@@ -208,7 +208,7 @@ def _resolve(
 
 def _env_signature(cfg: JobConfig, cls: Any) -> list[Problem]:
     name = cfg.env.name
-    if is_agent_function(cls):
+    if is_agent_function(cls) or inspect.isfunction(cls):  # a plain function can only be meant as an agent
         return _agent_checks(cfg, cls)
     missing = [m for m in ("reset", "step", "close") if not callable(getattr(cls, m, None))]
     if missing:

@@ -125,11 +125,23 @@ async def bad_return(client, row):
     return "yes"
 
 
+IN_TOOL = {"now": 0, "most": 0}
+"""Agents waiting on their tool at once (now, and the most over a run): how far the episodes overlap."""
+
+
 async def slow_tools(client, row):
-    """Two requests around a slow tool (`extra_info["sleep"]` seconds, as a sandbox or a web call would take)."""
+    """Two requests around a slow tool (`extra_info["sleep"]` seconds, as a sandbox or a web call would take). With
+    `extra_info["gather"]` = n, the tool also waits (up to 120 s) until n agents are in it at once: only episodes
+    that run concurrently get there."""
     messages = list(row.messages)
     _, choice, _ = await ask(client, messages)
+    IN_TOOL["now"] += 1
+    IN_TOOL["most"] = max(IN_TOOL["most"], IN_TOOL["now"])
+    deadline = asyncio.get_running_loop().time() + 120
+    while IN_TOOL["most"] < row.extra_info.get("gather", 0) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
     await asyncio.sleep(row.extra_info["sleep"])
+    IN_TOOL["now"] -= 1
     messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "content": "done"}]
     await ask(client, messages)
     return 1.0
