@@ -69,6 +69,9 @@ class Scores:
 
     values: list[float | None | Failure]
     acc: list[bool | None] = field(default_factory=list)
+    info: list[dict[str, Any] | None] = field(default_factory=list)
+    """verl style: the other keys of a returned dict (verl's `reward_extra_info`, e.g. code_tests' `reason`), kept
+    with the sample in the run's saved trajectories."""
 
 
 def detect_style(name: str, fn: Callable[..., Any]) -> Style:
@@ -112,23 +115,23 @@ class RewardFunction:
             results = await asyncio.gather(*(self._verl_async_one(x) for x in inputs))
         else:
             results = await self._verl_sync(inputs)
-        return Scores([v for v, _ in results], [a for _, a in results])
+        return Scores([v for v, _, _ in results], [a for _, a, _ in results], [i for _, _, i in results])
 
     async def _call(self, *args: Any, **kwargs: Any) -> Any:
         if self.is_async:
             return await asyncio.wait_for(self.fn(*args, **kwargs), self.timeout_s)
         return await asyncio.wait_for(_in_daemon_thread(functools.partial(self.fn, *args, **kwargs)), self.timeout_s)
 
-    async def _verl_async_one(self, x: RewardInput) -> tuple[float | None | Failure, bool | None]:
+    async def _verl_async_one(self, x: RewardInput) -> _Verdict:
         try:
             raw = await self._call(x.data_source, x.response_text, x.ground_truth, x.extra_info)
         except TimeoutError:
-            return Failure(f"timed out after {self.timeout_s:g} s"), None
+            return Failure(f"timed out after {self.timeout_s:g} s"), None, None
         except Exception as e:
-            return Failure(f"raised {type(e).__name__}: {e}"), None
+            return Failure(f"raised {type(e).__name__}: {e}"), None, None
         return _verl_value(raw)
 
-    async def _verl_sync(self, inputs: list[RewardInput]) -> list[tuple[float | None | Failure, bool | None]]:
+    async def _verl_sync(self, inputs: list[RewardInput]) -> list[_Verdict]:
         """A sync verl function over the batch in one daemon thread, sample after sample, each within `timeout_s`.
 
         One thread per batch rather than per sample: thread start-up and hand-over cost more than a typical
@@ -136,7 +139,7 @@ class RewardFunction:
         and a fresh thread takes the remaining samples.
         """
         loop = asyncio.get_running_loop()
-        results: list[tuple[float | None | Failure, bool | None]] = [(None, None)] * len(inputs)
+        results: list[_Verdict] = [(None, None, None)] * len(inputs)
         start = 0
         while start < len(inputs):
             queue: asyncio.Queue = asyncio.Queue()
@@ -165,10 +168,11 @@ class RewardFunction:
                     j, (ok, value) = await asyncio.wait_for(queue.get(), self.timeout_s)
                 except TimeoutError:
                     stop.set()
-                    results[start] = (Failure(f"timed out after {self.timeout_s:g} s"), None)
+                    results[start] = (Failure(f"timed out after {self.timeout_s:g} s"), None, None)
                     start += 1
                     break
-                results[j] = _verl_value(value) if ok else (Failure(f"raised {type(value).__name__}: {value}"), None)
+                failed = (Failure(f"raised {type(value).__name__}: {value}"), None, None)
+                results[j] = _verl_value(value) if ok else failed
                 start = j + 1
         return results
 
@@ -249,15 +253,25 @@ def _in_daemon_thread(call: Callable[[], Any]) -> asyncio.Future:
     return future
 
 
-def _verl_value(raw: Any) -> tuple[float | None | Failure, bool | None]:
-    """A verl-style return value: a number, None, or a dict with `score` (and optionally `acc`)."""
-    acc = None
+_Verdict = tuple[float | None | Failure, bool | None, dict[str, Any] | None]
+"""A verl-style function's verdict on one sample: score, acc, the dict's other keys."""
+
+
+def _verl_value(raw: Any) -> _Verdict:
+    """A verl-style return value: a number, None, or a dict with `score` (and optionally `acc` and other keys, kept
+    as the sample's info: numbers, strings and booleans as they are, anything else as its short repr)."""
+    acc, info = None, None
     if isinstance(raw, dict):
         if "score" not in raw:
-            return Failure(f"returned a dict without 'score': {_short(raw)}"), None
+            return Failure(f"returned a dict without 'score': {_short(raw)}"), None, None
         acc = bool(raw["acc"]) if raw.get("acc") is not None else None
+        info = {
+            str(k): v if v is None or isinstance(v, (str, int, float, bool)) else _short(v)
+            for k, v in raw.items()
+            if k not in ("score", "acc")
+        } or None
         raw = raw["score"]
-    return _check_value(raw), acc
+    return _check_value(raw), acc, info
 
 
 def _check_value(raw: Any) -> float | None | Failure:

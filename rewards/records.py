@@ -3,7 +3,8 @@ computed from."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from rollouts.records import Trajectory
 
@@ -19,3 +20,5 @@ class ScoredTrajectory:
     """Each reward function's own score, by name, for metrics and saved trajectories."""
     correct: bool
     """Whether the task's verifier judged the answer correct (what `accuracy` averages)."""
+    reward_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """What verl-style functions returned besides `score`/`acc`, by function name (e.g. code_tests' `reason`)."""

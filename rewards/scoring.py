@@ -88,6 +88,11 @@ class RewardScorer:
             if isinstance(item, str):
                 left_out.append((traj, item))
             else:
+                item.reward_info = {
+                    fn.name: r.info[i]
+                    for (fn, _), r in zip(self.functions, results, strict=True)
+                    if r.info and r.info[i]
+                }
                 scored.append(item)
         failed = len(trajectories) - len(scored)
         metrics = {k: float(v) for k, v in sorted(counts.items())}

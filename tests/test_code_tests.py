@@ -155,6 +155,7 @@ def test_malformed_ground_truth_is_an_error_naming_the_sample() -> None:
     scores = asyncio.run(fn.score(inputs, 0, None))
     assert scores.values[0] == 1.0 and scores.values[2] == 1.0 and scores.acc == [True, None, True]
     assert isinstance(scores.values[1], Failure) and "index 1" in scores.values[1].reason
+    assert scores.info[0] == {"passed": 3, "total": 3, "reason": "all 3 tests passed"}  # kept with the sample
 
 
 def test_code_extraction_takes_the_last_python_block() -> None:

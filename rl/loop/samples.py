@@ -50,6 +50,7 @@ def sample_record(s: ScoredTrajectory, advantage: float | None) -> dict[str, Any
         **_trajectory_fields(s.trajectory),
         "reward": s.reward,
         "reward_breakdown": s.reward_breakdown,
+        "reward_info": s.reward_info,
         "correct": s.correct,
         "advantage": advantage,
         "failed": False,
