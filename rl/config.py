@@ -158,6 +158,12 @@ class ClusterConfig(Section):
         "node, CPU workers) or collective (learner rank 0 broadcasts one buffer: NCCL when learners and "
         "workers have GPUs, else gloo).",
     )
+    weight_sync_delta: bool = Field(
+        True,
+        description="Push only the INT4 groups and full-precision tensors that changed since the push each rollout "
+        "worker holds (a full push to a worker that missed one, a new or restarted worker, a resumed job); the "
+        "workers reconstruct the full push bit for bit. LoRA pushes stay adapters only. See docs/speed.md.",
+    )
     ship_max_mb: float = Field(
         2048.0,
         ge=0,

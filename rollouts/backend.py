@@ -26,6 +26,7 @@ import torch
 
 from envs.base import PromptRow
 from rollouts.agent_loop import GenerationProgress
+from rollouts.delta import PushInfo
 from rollouts.records import Trajectory
 from rollouts.shipping import ShippedDir
 from rollouts.worker import RolloutWorker, WorkerSpec
@@ -74,8 +75,14 @@ class RolloutBackend(Protocol):
         """Every sample to its end (evaluation); with `seed`, repeatable and without touching the training stream."""
         ...
 
-    def publish(self, weights: Any, version: int) -> None:
-        """Every later call generates with `weights` (a weight-sync payload) as policy `version`."""
+    def publish(self, weights: Any, version: int, info: PushInfo | None = None, full: Any = None) -> int:
+        """Every later call generates with `weights` (a weight-sync payload) as policy `version`. With `info` naming a
+        base push (`rollouts.delta`), `weights` is a delta against it and `full` the whole payload, which workers
+        not holding the base get instead; returns how many did."""
+        ...
+
+    def delta_base(self, common: bool = False) -> str | None:
+        """The push most workers hold (with `common`: the one all hold), what the next delta is taken against."""
         ...
 
     def set_reward_models(self, handles: dict[str, Any], make_item: Callable[[Any], Any]) -> None:
@@ -178,9 +185,20 @@ class InProcessBackend:
             for t in worker.generate(rows[i::n], samples_per_prompt, greedy, None if seed is None else seed + i)
         ]
 
-    def publish(self, weights: Any, version: int) -> None:
+    def publish(self, weights: Any, version: int, info: PushInfo | None = None, full: Any = None) -> int:
+        base_id, sync_id = (info.base_id, info.sync_id) if info is not None else (None, None)
+        fallbacks = 0
         for worker in self.workers:
-            worker.load_weights(weights, version)
+            lagging = base_id is not None and worker.sync_id != base_id
+            worker.load_weights(full if lagging else weights, version, sync_id)
+            fallbacks += lagging
+        return fallbacks
+
+    def delta_base(self, common: bool = False) -> str | None:
+        held = [w.sync_id for w in self.workers]
+        if common and len(set(held)) > 1:
+            return None
+        return max(set(held), key=held.count, default=None)
 
     def set_reward_models(self, handles: dict[str, Any], make_item: Callable[[Any], Any]) -> None:
         for worker in self.workers:

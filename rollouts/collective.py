@@ -9,8 +9,9 @@ built from its own TCPStore (as verl and OpenRLHF do for the same reason). Its m
 (rank 0 here) and the workers (1..n); when a member is replaced (a restarted worker or learner) every member
 leaves and the group is formed again.
 
-The payload (dense tensors and packed INT4 ones) travels as one uint8 buffer plus a small manifest (names,
-dtypes, shapes) sent through Ray, so one push is one collective whatever the number of tensors.
+The payload (dense tensors and packed INT4 ones, or a delta push's changed groups and rows: `rollouts.delta`)
+travels as one uint8 buffer plus a small manifest (names, dtypes, shapes) sent through Ray, so one push is one
+collective whatever the number of tensors.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rollouts.delta import DenseRows, IndexCode, Int4Groups, WeightDelta
 from rollouts.quant import PackedInt4, WeightPayload
 
 Manifest = list[tuple[str, str, Any]]
 """(name, "dense" | "int4", spec): dense spec = (dtype, shape); int4 spec = ((dtype, shape) of packed, of scale,
-the dense shape, the dense dtype, the group size)."""
+the dense shape, the dense dtype, the group size). A delta push (`rollouts.delta`) starts with ("", "delta",
+(base id, sync id, INT4 groups)), then (name, "int4_groups" | "dense_rows", (index kind, unit count, (dtype, shape)
+of the index, then of the words and scales, or of the rows))."""
 
 
 class BroadcastGroup:
@@ -67,11 +71,20 @@ class BroadcastMember:
             self.broadcast_group = None
 
 
-def flatten(payload: WeightPayload, device: torch.device | str = "cpu") -> tuple[Manifest, torch.Tensor]:
-    """The payload as (manifest, one uint8 buffer on `device`)."""
+def flatten(payload: WeightPayload | WeightDelta, device: torch.device | str = "cpu") -> tuple[Manifest, torch.Tensor]:
+    """The payload (or a delta push, `rollouts.delta`) as (manifest, one uint8 buffer on `device`)."""
     manifest: Manifest = []
     parts: list[torch.Tensor] = []
-    for name in sorted(payload):
+    if isinstance(payload, WeightDelta):
+        manifest.append(("", "delta", (payload.base_id, payload.sync_id, payload.int4_groups)))
+        for kind, entries in (("int4_groups", payload.int4), ("dense_rows", payload.dense)):
+            for name in sorted(entries):
+                entry = entries[name]
+                index = entry.index
+                tensors = [index.data, *((entry.words, entry.scales) if kind == "int4_groups" else (entry.rows,))]
+                manifest.append((name, kind, (index.kind, index.count, *((t.dtype, tuple(t.shape)) for t in tensors))))
+                parts += tensors
+    for name in sorted(payload) if not isinstance(payload, WeightDelta) else []:
         value = payload[name]
         if isinstance(value, PackedInt4):
             manifest.append(
@@ -102,25 +115,39 @@ def flatten(payload: WeightPayload, device: torch.device | str = "cpu") -> tuple
 def buffer_size(manifest: Manifest) -> int:
     total = 0
     for _, kind, spec in manifest:
-        for dtype, shape in spec[:2] if kind == "int4" else [spec]:
+        specs = {"int4": spec[:2], "dense": [spec], "delta": [], "int4_groups": spec[2:], "dense_rows": spec[2:]}[kind]
+        for dtype, shape in specs:
             total += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
     return total
 
 
-def unflatten(manifest: Manifest, buffer: torch.Tensor) -> WeightPayload:
+def unflatten(manifest: Manifest, buffer: torch.Tensor) -> WeightPayload | WeightDelta:
     """Inverse of `flatten` (tensors are views into `buffer`, on its device)."""
     offset = 0
 
     def take(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         nonlocal offset
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        t = buffer[offset : offset + n].view(dtype).reshape(shape)
+        size = torch.empty((), dtype=dtype).element_size()
+        n = torch.Size(shape).numel() * size
+        raw = buffer[offset : offset + n]
+        if offset % size:  # after a delta's odd-sized uint8 index: a view would be misaligned
+            raw = raw.clone()
         offset += n
-        return t
+        return raw.view(dtype).reshape(shape)
 
     payload: WeightPayload = {}
+    delta: WeightDelta | None = None
     for name, kind, spec in manifest:
-        if kind == "int4":
+        if kind == "delta":
+            delta = WeightDelta(spec[0], spec[1], int4_groups=spec[2])
+        elif kind in ("int4_groups", "dense_rows"):
+            assert delta is not None, "a delta manifest starts with its header"
+            index = IndexCode(spec[0], take(*spec[2]), spec[1])
+            if kind == "int4_groups":
+                delta.int4[name] = Int4Groups(index, take(*spec[3]), take(*spec[4]))
+            else:
+                delta.dense[name] = DenseRows(index, take(*spec[3]))
+        elif kind == "int4":
             (pd, ps), (sd, ss), shape, dtype, group_size = spec
             payload[name] = PackedInt4(
                 packed=take(pd, ps), scale=take(sd, ss), shape=shape, dtype=dtype, group_size=group_size
@@ -129,7 +156,7 @@ def unflatten(manifest: Manifest, buffer: torch.Tensor) -> WeightPayload:
             payload[name] = take(*spec)
     if offset != buffer.numel():
         raise ValueError(f"weight broadcast: {buffer.numel()} bytes received, the manifest describes {offset}")
-    return payload
+    return delta if delta is not None else payload
 
 
 def _check_packed_fields() -> None:

@@ -26,6 +26,7 @@ from envs.base import PromptRow
 from rollouts.actors import ACTOR_LOST
 from rollouts.agent_loop import GenerationProgress
 from rollouts.backend import spread_paused, spread_rows
+from rollouts.delta import PushInfo
 from rollouts.records import Trajectory
 
 log = logging.getLogger("tiderl")
@@ -56,7 +57,8 @@ class RolloutPool:
         self.outstanding: list[StepHandle] = []  # submitted, not yet collected (oldest first)
         self.in_flight: list[dict[int, PromptRow]] = [{} for _ in range(size)]
         self.samples_per_prompt: int | None = None
-        self.weights: tuple[Any, int] | None = None
+        self.weights: tuple[Any, int, str | None] | None = None  # the full payload of the last push, version, sync id
+        self.held: list[str | None] = [None] * size  # the push each worker holds (sent: calls on a worker run in order)
         self.reward_models: dict[str, Any] = {}
         self.reward_model_item: Callable[[Any], Any] | None = None
         self.progress_sink: Callable[[int, GenerationProgress], None] | None = None
@@ -70,9 +72,11 @@ class RolloutPool:
         ] = []  # weight loads sent, answer not yet checked: (worker, ref, version)
 
     # -- weights and reward models -------------------------------------------------------------------------------
-    def publish(self, weights: Any, version: int) -> None:
+    def publish(self, weights: Any, version: int, info: PushInfo | None = None, full: Any = None) -> int:
         """Have every worker load `weights` (a payload or an ObjectRef to one, put in the object store once) as
-        policy `version`; kept, so a restarted worker starts from them.
+        policy `version`; kept, so a restarted worker starts from them. With delta sync (`info.base_id` set),
+        `weights` is a delta against that push and `full` the whole payload: a worker that does not hold the base
+        (it missed a push, or is new) gets `full` instead. Returns how many workers got `full` that way.
 
         Returns without waiting for the loads: calls on an actor run in order, so every later call to a worker
         (the next step's rollouts, an evaluation, a checkpoint's state) runs on the new weights, and the
@@ -80,10 +84,27 @@ class RolloutPool:
         load's answer is checked once it is in (`_check_loads`); a worker that dies meanwhile is met, restarted
         with these weights and its groups re-issued by the next call that needs it."""
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        base_id, sync_id = (info.base_id, info.sync_id) if info is not None else (None, None)
+        if base_id is not None and full is None:
+            raise ValueError("weight sync: a delta push needs the full payload too (for workers without its base)")
+        full_ref = ref if base_id is None else full if isinstance(full, ray.ObjectRef) else ray.put(full)
         self._check_loads()
-        self.weights, self.source = (ref, version), None
-        self.loading += [(i, w.load_weights.remote(ref, version), version) for i, w in enumerate(self.workers)]
+        self.weights, self.source = (full_ref, version, sync_id), None
+        fallbacks = 0
+        for i, w in enumerate(self.workers):
+            send = ref if base_id is None or self.held[i] == base_id else full_ref
+            fallbacks += base_id is not None and send is full_ref
+            self.loading.append((i, w.load_weights.remote(send, version, sync_id), version))
+            self.held[i] = sync_id
         self.version = version
+        return fallbacks
+
+    def delta_base(self, common: bool = False) -> str | None:
+        """The push most workers hold (with `common`, the one all hold, else None): what a delta is taken against."""
+        held = [h for h in self.held if h is not None]
+        if not held or (common and len(set(self.held)) > 1):
+            return None
+        return max(set(held), key=held.count)
 
     def _check_loads(self, wait: bool = False) -> None:
         """Check the answers of the weight loads that are in (all of them with `wait`): each names the version it
@@ -102,17 +123,21 @@ class RolloutPool:
                 raise RuntimeError(f"weight sync: rollout worker {i} reports version {loaded}, expected {version}")
         self.loading = [entry for entry in self.loading if entry[1] not in done]
 
-    def broadcast_from(self, source: Any, version: int, backend: str) -> None:
+    def broadcast_from(self, source: Any, version: int, backend: str, delta: bool = False) -> PushInfo:
         """Collective weight sync (`cluster.weight_sync: collective`): `source` (learner rank 0) broadcasts its
-        payload to every worker in one collective. The group is formed on first use and formed again when a
-        member was replaced; if a worker dies during the broadcast it is restarted with the weights through the
-        object store and the group is formed again at the next push."""
+        push to every worker in one collective: with `delta`, a delta when every worker holds the push it is taken
+        against, else the full payload. The group is formed on first use and formed again when a member was
+        replaced; if a worker dies during the broadcast it is restarted with the weights through the object store
+        and the group is formed again at the next push."""
         self._check_loads(wait=True)
         if self.group_source is not source or self.group_stale:
             self._form_group(source, backend)
-        manifest = ray.get(source.prepare_broadcast.remote())
-        refs = [source.send_broadcast.remote()] + [w.receive_weights.remote(manifest, version) for w in self.workers]
+        manifest, info = ray.get(source.prepare_broadcast.remote(self.delta_base(common=True), delta))
+        refs = [source.send_broadcast.remote()] + [
+            w.receive_weights.remote(manifest, version, info.sync_id) for w in self.workers
+        ]
         self.source, self.weights, self.version = source, None, version
+        self.held = [info.sync_id] * len(self.workers)
         try:
             ray.get(refs[0])
         except ray.exceptions.RayTaskError:
@@ -122,12 +147,12 @@ class RolloutPool:
             loaded = ray.get(refs[1:])
         except ACTOR_LOST:
             self.group_stale = True
-            self._on_all(
-                lambda w: w.load_weights.remote(source.get_weights.remote(), version)
-            )  # restarts the dead, reloads all
-            return
+            self._on_all(lambda w: w.load_weights.remote(source.get_weights.remote(), version))  # restarts the dead
+            self.held = [None] * len(self.workers)  # reloaded whole, outside any push: the next one is full
+            return info
         if any(v != version for v in loaded):
             raise RuntimeError(f"weight broadcast: workers report versions {loaded}, expected {version}")
+        return info
 
     def _form_group(self, source: Any, backend: str) -> None:
         members = [source, *self.workers]
@@ -254,8 +279,10 @@ class RolloutPool:
         except Exception:  # already gone
             pass
         worker = self.start(i)
-        if self.weights is not None:
+        self.held[i] = None
+        if self.weights is not None:  # the last push's full payload, as a full push would have given it
             ray.get(worker.load_weights.remote(*self.weights))
+            self.held[i] = self.weights[2]
         elif (
             self.source is not None
         ):  # collective sync: the new worker is not in the group; fetch through the object store

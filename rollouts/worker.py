@@ -30,6 +30,7 @@ from rollouts.agent_loop import AgentLoop, Episode, GenerationProgress
 from rollouts.agents import AgentRunner
 from rollouts.collective import BroadcastMember, Manifest, buffer_size, unflatten
 from rollouts.config import LoraConfig, ModelConfig, QuantConfig, RolloutConfig
+from rollouts.delta import WeightDelta, apply_delta, owned_copy, payload_digest
 from rollouts.endpoint import Endpoint
 from rollouts.engine import Engine
 from rollouts.int4 import convert_to_int4, load_packed
@@ -101,6 +102,9 @@ class RolloutWorker(BroadcastMember):
         self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + worker_index)
         self.index = worker_index
         self.version = 0
+        self.sync_id: str | None = None  # the weight push this worker holds (None: the policy it started from)
+        self.int4_held: dict[str, PackedInt4] = {}
+        self.loads = {"full": 0, "delta": 0}
         self.open_groups: dict[int, list[Episode]] = {}
         self.reward_models: dict[str, ray.actor.ActorHandle] = {}
         self.reward_model_item: Callable[[Episode], Any] | None = None
@@ -118,13 +122,20 @@ class RolloutWorker(BroadcastMember):
         self.reward_models = dict(handles)
         self.reward_model_item = make_item
 
-    def load_weights(self, weights: WeightPayload, version: int) -> int:
-        """Install a weight-sync payload (dense tensors and packed INT4 ones; with LoRA, the adapters alone) as policy
-        `version`."""
-        if self.adapters is not None:
+    def load_weights(self, weights: WeightPayload | WeightDelta, version: int, sync_id: str | None = None) -> int:
+        """Install a weight-sync push as policy `version`: a full payload (dense tensors and packed INT4 ones; with
+        LoRA, the adapters alone), or a delta against the push this worker holds (`rollouts.delta`), written into
+        its weights in place. `sync_id` names the push (what a later delta is taken against)."""
+        if isinstance(weights, WeightDelta):
+            self._apply_delta(weights)
+        elif self.adapters is not None:
             self.adapters.install(self.model, weights)
-            self.version = version
-            return version
+        else:
+            self._install_full(weights)
+        self.version, self.sync_id = version, sync_id
+        return version
+
+    def _install_full(self, weights: WeightPayload) -> None:
         packed = {k for k, v in weights.items() if isinstance(v, PackedInt4)}
         if packed != self.int4_targets:
             raise ValueError(
@@ -135,16 +146,37 @@ class RolloutWorker(BroadcastMember):
         missing, unexpected = self.model.load_state_dict(dense, strict=False)
         if missing or unexpected:
             raise ValueError(f"weight sync: missing {missing}, unexpected {unexpected}")
-        load_packed(self.model, weights)
-        self.version = version
-        return version
+        # the worker's own copies: a later delta writes into them (an object-store payload may be read-only)
+        self.int4_held = {k: owned_copy(weights[k]) for k in packed}  # type: ignore[arg-type]
+        load_packed(self.model, self.int4_held)
+        self.loads["full"] += 1
 
-    def receive_weights(self, manifest: Manifest, version: int) -> int:
+    def _apply_delta(self, delta: WeightDelta) -> None:
+        if delta.base_id != self.sync_id or self.adapters is not None:
+            raise ValueError(
+                f"weight sync: a delta against push {delta.base_id} reached rollout worker {self.index}, which holds "
+                f"{'LoRA adapters' if self.adapters is not None else self.sync_id}; the sender must push the full "
+                f"weights"
+            )
+        apply_delta(delta, self.int4_held, self.model.state_dict())
+        load_packed(self.model, {name: self.int4_held[name] for name in delta.int4})  # rebuild their kernel layouts
+        self.loads["delta"] += 1
+
+    def weight_sync_state(self) -> dict[str, Any]:
+        """The push this worker holds and how many full and delta pushes it has loaded."""
+        return {"version": self.version, "sync_id": self.sync_id, **self.loads}
+
+    def weights_digest(self) -> str:
+        """`rollouts.delta.payload_digest` of the weights this worker runs (its full-precision state and the packed
+        INT4 tensors of the last push): equal to the digest of the full payload it was pushed."""
+        return payload_digest({**self.model.state_dict(), **self.int4_held})
+
+    def receive_weights(self, manifest: Manifest, version: int, sync_id: str | None = None) -> int:
         """Collective weight sync: receive learner rank 0's broadcast buffer and install it as `version`."""
         if self.broadcast_group is None:
             raise RuntimeError("receive_weights before join_broadcast")
         buffer = torch.empty(buffer_size(manifest), dtype=torch.uint8, device=self.broadcast_group.device)
-        return self.load_weights(unflatten(manifest, self.broadcast_group.broadcast(buffer)), version)
+        return self.load_weights(unflatten(manifest, self.broadcast_group.broadcast(buffer)), version, sync_id)
 
     def generate(
         self, rows: list[PromptRow], samples_per_prompt: int, greedy: bool = False, seed: int | None = None

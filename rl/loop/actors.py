@@ -64,16 +64,20 @@ class Actors:
             workers.set_reward_models(reward_models.actors, reward_model_item)
         return Actors(learner, workers, reward_models, placement, policy)
 
-    def sync_weights(self, cfg: JobConfig, version: int) -> None:
-        """Push the learners' weights (rank 0's) to every rollout worker as policy `version`."""
+    def sync_weights(self, cfg: JobConfig, version: int) -> dict[str, float]:
+        """Push the learners' weights (rank 0's) to every rollout worker as policy `version`: with
+        `cluster.weight_sync_delta`, only what changed since the push the workers hold (`rollouts.delta`). Returns the
+        push's metrics (bytes sent to a worker, of a full push, whether it was a delta)."""
+        delta = cfg.cluster.weight_sync_delta
         if cfg.cluster.weight_sync == "collective":
             assert isinstance(self.workers, RolloutPool) and isinstance(
                 self.learner, LearnerGroup
             )  # the config requires ray
             backend = "nccl" if cfg.trainer.learner_gpus > 0 and cfg.rollout.gpus_per_worker > 0 else "gloo"
-            self.workers.broadcast_from(self.learner.actors[0], version, backend)
-        else:
-            self.workers.publish(self.learner.get_weights(), version)
+            return self.workers.broadcast_from(self.learner.actors[0], version, backend, delta).metrics()
+        info, update, full = self.learner.weight_update(self.workers.delta_base() if delta else None, delta)
+        fallbacks = self.workers.publish(update, version, info, full)
+        return {**info.metrics(), **({"sync_full_fallbacks": float(fallbacks)} if info.base_id is not None else {})}
 
     def restart_learner(self, cfg: JobConfig) -> None:
         """A new learner (group) from the starting policy; the caller restores a checkpoint into it."""

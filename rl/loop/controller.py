@@ -82,8 +82,10 @@ def rl_step(job: Job, step: int) -> dict[str, Any]:
             train_metrics = actors.learner.train_step(train_batch)
             traces = actors.learner.token_traces() if kept else []  # before the weight push queues behind it
         with timer("sync"):
-            actors.sync_weights(cfg, int(train_metrics["policy_version"]))
-        metrics = {**rollout_metrics(batch.scored), **train_metrics, **kl_metrics, "temperature": temperature}
+            sync_metrics = actors.sync_weights(cfg, int(train_metrics["policy_version"]))
+        metrics = {**rollout_metrics(batch.scored), **train_metrics, **kl_metrics, **sync_metrics}
+        metrics["temperature"] = temperature
+
     else:  # every sample failed (each counted and logged by the scorer), or every group is still paused
         metrics = {"skipped_step": 1.0}
     with timer("samples"):
@@ -215,7 +217,8 @@ def _run(job: Job, resume: bool) -> dict:
     if checkpoint is None:
         job.actors.sync_weights(cfg, job.actors.learner.get_version())
     if cfg.quant.enabled or cfg.trainer.lora is not None:
-        _report_sync_payload(run_dir, job.actors.learner.weight_sync_bytes())
+        delta = cfg.cluster.weight_sync_delta and cfg.trainer.lora is None
+        _report_sync_payload(run_dir, job.actors.learner.weight_sync_bytes(), delta)
 
     eval_path = run_dir / "eval.json"
     evals: dict = json.loads(eval_path.read_text()) if checkpoint is not None and eval_path.is_file() else {}
@@ -346,10 +349,11 @@ def _warn_changed_config(path: Path, cfg: JobConfig) -> None:
         )
 
 
-def _report_sync_payload(run_dir: Path, sizes: dict[str, int]) -> None:
-    """Write weight_sync.json: bytes per push, INT4 part against the same weights in bf16 (with LoRA, the adapters
-    against a full push of the same model)."""
-    sizes = {**sizes, "int4_vs_bf16": sizes["int4_bytes"] / max(sizes["int4_weights_bf16_bytes"], 1)}
+def _report_sync_payload(run_dir: Path, sizes: dict[str, int], delta: bool) -> None:
+    """Write weight_sync.json: bytes of a full push, INT4 part against the same weights in bf16 (with LoRA, the
+    adapters against a full push of the same model), and whether pushes are deltas (`cluster.weight_sync_delta`:
+    each step's bytes are then metrics.jsonl's `sync_bytes`)."""
+    sizes = {**sizes, "int4_vs_bf16": sizes["int4_bytes"] / max(sizes["int4_weights_bf16_bytes"], 1), "delta": delta}
     if "lora_adapter_bytes" in sizes:
         sizes["adapter_vs_full"] = sizes["lora_adapter_bytes"] / max(sizes["full_push_bytes"], 1)
     (run_dir / "weight_sync.json").write_text(json.dumps(sizes, indent=2))

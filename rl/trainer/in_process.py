@@ -12,6 +12,7 @@ from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import Learner
 from rl.trainer.learner_group import CHECKPOINT_PARTS
 from rl.trainer.trace import TokenTrace
+from rollouts.delta import PushInfo
 from rollouts.shipping import read_tree, write_tree
 
 
@@ -36,6 +37,9 @@ class InProcessLearner:
 
     def get_weights(self) -> Any:
         return self.learner.get_weights()
+
+    def weight_update(self, base_id: str | None, delta: bool) -> tuple[PushInfo, Any, Any]:
+        return self.learner.weight_update(base_id, delta)
 
     def get_version(self) -> int:
         return self.learner.get_version()

@@ -53,16 +53,16 @@ from rl.trainer.ptx import PtxData
 from rl.trainer.state import load_state, save_state
 from rl.trainer.trace import TokenTrace, TraceRecorder
 from rl.trainer.update_sums import BatchTotals, UpdateParts, UpdateSums, update_metrics
-from rollouts.collective import BroadcastMember, flatten
+from rl.trainer.weights import WeightSource
 from rollouts.model import load_policy
-from rollouts.quant import QuantSpec, WeightPayload, fake_quantize, pack_state_dict, payload_nbytes, targeted_parameters
+from rollouts.quant import QuantSpec, fake_quantize, targeted_parameters
 from rollouts.shipping import ShippedDir, open_dir, read_tree, shipped_cache, write_tree
 
 # Sequence-level losses aggregate per sequence unless the config says otherwise (verl's recommendations).
 DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
 
 
-class Learner(BroadcastMember):
+class Learner(WeightSource):
     def __init__(self, policy_dir: str | ShippedDir, cfg: LearnerSpec) -> None:
         torch.set_num_threads(cfg.trainer.learner_threads)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
@@ -140,37 +140,6 @@ class Learner(BroadcastMember):
 
     def get_version(self) -> int:
         return self.version
-
-    def get_weights(self) -> WeightPayload:
-        """The weight-sync payload: the state dict, with the quantization targets packed as INT4 when enabled."""
-        state = {
-            k: v.detach().cpu() for k, v in self.model.state_dict().items()
-        }  # the object store carries CPU tensors
-        if self.lora is not None:  # the adapters alone: the workers hold the frozen base
-            return self.lora.payload()
-        if self.quant is None:
-            return {k: v.clone() for k, v in state.items()}
-        return pack_state_dict(state, self.quant, self.quant_targets)
-
-    def prepare_broadcast(self) -> list:
-        """Collective weight sync, part 1: pack the payload into one buffer; returns its manifest (the
-        receivers allocate from it)."""
-        manifest, self._outgoing = flatten(
-            self.get_weights(), self.broadcast_group.device if self.broadcast_group else "cpu"
-        )
-        return manifest
-
-    def send_broadcast(self) -> int:
-        """Collective weight sync, part 2: broadcast the buffer (blocks until every worker received it)."""
-        if self.broadcast_group is None:
-            raise RuntimeError("send_broadcast before join_broadcast")
-        self.broadcast_group.broadcast(self._outgoing)
-        n, self._outgoing = int(self._outgoing.numel()), None
-        return n
-
-    def weight_sync_bytes(self) -> dict[str, int]:
-        """Bytes of one weight-sync payload (INT4 part, the bf16 size of the same weights, the dense rest)."""
-        return payload_nbytes(self.get_weights()) | (self.lora.sync_bytes() if self.lora is not None else {})
 
     def fake_quant_active(self) -> bool:
         """Whether the next update (RL step version + 1) trains through fake-quant."""

@@ -20,6 +20,7 @@ from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import Learner
 from rl.trainer.trace import TokenTrace
 from rollouts.actors import ACTOR_LOST
+from rollouts.delta import PushInfo
 from rollouts.shipping import ShippedDir, read_tree, write_tree
 
 CHECKPOINT_PARTS = ("policy", "adapter", "learner_state.pt")  # what a learner writes into a checkpoint (LoRA: adapter)
@@ -55,6 +56,13 @@ class LearnerGroup:
     def get_weights(self) -> ray.ObjectRef:
         """The weight-sync payload of rank 0, left in the object store (it never passes through the driver)."""
         return self.actors[0].get_weights.remote()
+
+    def weight_update(self, base_id: str | None, delta: bool) -> tuple[PushInfo, ray.ObjectRef, ray.ObjectRef | None]:
+        """Rank 0's push (`Learner.weight_update`): what it carries, and refs to the update and (for a delta) the
+        full payload, left in the object store."""
+        info, update, full = self.actors[0].weight_update.options(num_returns=3).remote(base_id, delta)
+        info = ray.get(info)
+        return info, update, full if info.base_id is not None else None
 
     def get_version(self) -> int:
         return ray.get(self.actors[0].get_version.remote())
