@@ -13,7 +13,8 @@ the YAML points at, and what no single section can see:
   layout (`prompt`, `reward_model.ground_truth`) or of PTX examples (`messages` or `text`);
 - resources: each actor's bundle fits some node, and all of them the machine or cluster (`rl.launch.placement`);
 - algorithm preconditions: a group baseline needs 2+ samples per prompt, token budgets must fit
-  `rollout.max_tokens_per_sample` (and it the model's positions), a setting of another variant is not set.
+  `rollout.max_tokens_per_sample` (and it the model's positions), a setting of another variant is not set;
+  sharded learners (`trainer.sharding: fsdp`) train neither LoRA nor Muon.
 
 `tiderl submit` adds what only the cluster can say (`rl.launch.jobs`: its nodes, its interpreter). What can only
 fail later (a node dying) fails as before, clearly, at run time.
@@ -373,6 +374,35 @@ def check_algorithm(cfg: JobConfig) -> list[Problem]:
             )
         )
     problems += _other_variant_settings(cfg)
+    problems += _sharding(cfg)
+    return problems
+
+
+def _sharding(cfg: JobConfig) -> list[Problem]:
+    """What sharded learners (`trainer.sharding: fsdp`, rl/trainer/sharding.py) do not train."""
+    t = cfg.trainer
+    if t.sharding != "fsdp":
+        return []
+    problems = []
+    if t.lora is not None:
+        problems.append(
+            Problem(
+                "trainer.sharding",
+                t.sharding,
+                "trainer.lora trains small adapters on a frozen base that every learner keeps whole, and sharded "
+                "learners do not shard that base: use trainer.sharding=replicate with LoRA, or trainer.lora=null "
+                "to shard full-parameter training",
+            )
+        )
+    if t.optimizer == "muon":
+        problems.append(
+            Problem(
+                "trainer.sharding",
+                t.sharding,
+                "trainer.optimizer=muon orthogonalizes each whole weight matrix, and sharded learners hold row "
+                "shards of them: use trainer.optimizer=adamw, or trainer.sharding=replicate",
+            )
+        )
     return problems
 
 

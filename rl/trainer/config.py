@@ -198,6 +198,12 @@ class TrainerConfig(Section):
         description="Data-parallel learner actors (torch.distributed: gloo on CPU, NCCL on GPU); each trains on a "
         "token-balanced shard of the batch.",
     )
+    sharding: Literal["replicate", "fsdp"] = Field(
+        "replicate",
+        description="With num_learners > 1: replicate = every learner holds the whole model and optimizer state "
+        "(gradients summed); fsdp = parameters, gradients and optimizer state sharded over the learners with FSDP2 "
+        "(rl/trainer/sharding.py, docs/cluster.md).",
+    )
     learner_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner actor.")
     learner_gpus: float = Field(
         0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU)."
@@ -210,6 +216,15 @@ class TrainerConfig(Section):
         description="Train LoRA adapters on a frozen base instead of every parameter ({rank, alpha, dropout, targets}; "
         "with quant.mode qat the base is the INT4 one); null = full-parameter training. See docs/lora.md.",
     )
+
+    @model_validator(mode="after")
+    def _check_sharding(self) -> TrainerConfig:
+        if self.sharding == "fsdp" and self.num_learners < 2:
+            raise ValueError(
+                f"trainer.sharding=fsdp shards the model over the learners: it needs trainer.num_learners >= 2 (got "
+                f"{self.num_learners}); set trainer.num_learners or trainer.sharding=replicate"
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from rl.trainer.losses import (
 )
 from rl.trainer.optim import build_optimizer
 from rl.trainer.ptx import PtxData
+from rl.trainer.sharding import SHARDS_DIR, ShardedMember, plain_norm
 from rl.trainer.state import load_state, save_state
 from rl.trainer.trace import TokenTrace, TraceRecorder
 from rl.trainer.update_sums import BatchTotals, UpdateParts, UpdateSums, update_metrics
@@ -62,7 +63,7 @@ from rollouts.shipping import ShippedDir, open_dir, read_tree, shipped_cache, wr
 DEFAULT_AGG = {"gspo": "seq-mean-token-mean", "k2": "seq-mean-token-sum"}
 
 
-class Learner(WeightSource):
+class Learner(WeightSource, ShardedMember):
     def __init__(self, policy_dir: str | ShippedDir, cfg: LearnerSpec) -> None:
         torch.set_num_threads(cfg.trainer.learner_threads)
         transformers.utils.logging.disable_progress_bar()  # one bar per actor per load would drown the job's own
@@ -126,6 +127,7 @@ class Learner(WeightSource):
         backend = "nccl" if torch.cuda.is_available() and next(self.model.parameters()).is_cuda else "gloo"
         distributed.init_process_group(rank, world_size, address, port, backend)
         self.rank = rank
+        self.start_sharding()  # with trainer.sharding=fsdp (rl/trainer/sharding.py)
         return rank
 
     def parameters_digest(self) -> str:
@@ -133,7 +135,7 @@ class Learner(WeightSource):
         import hashlib
 
         h = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
+        for name, tensor in sorted(self.full_state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
@@ -213,6 +215,8 @@ class Learner(WeightSource):
     def _forward(self, fake_quant: bool) -> Any:
         """The model call: the model itself, or with `fake_quant` a functional call that swaps the targeted weights
         for their fake-quant (the step's, inside `_step_fake_quant`; else computed here for this scoring)."""
+        if self.sharded is not None:  # the shards hold one mode's weights at a time (rl/trainer/sharding.py)
+            return self.sharded.forward(self.model, fake_quant)
         if not fake_quant:
             return self.model
         swapped = self._fake_quant_weights
@@ -226,6 +230,10 @@ class Learner(WeightSource):
         """Fake-quantize the targeted weights once for all the micro-batches of an update (they do not change
         within it), as leaves that collect the micro-batches' gradients; on exit each leaf's gradient goes to its
         master weight unchanged, the straight-through gradient `fake_quantize`'s backward gives."""
+        if self.sharded is not None:  # fake-quant shards in place of the master shards (rl/trainer/sharding.py)
+            with self.sharded.step(active):
+                yield
+            return
         if not active:
             yield
             return
@@ -306,8 +314,15 @@ class Learner(WeightSource):
             # no sequence of the whole batch has a gradient: one backward still runs, so the step is the one the full
             # backward gives (zero gradients: AdamW moves on its moments) and not a skipped optimizer step
             micro_batches[0] = (micro_batches[0][0], True)
+        if self.sharded is not None:  # the same forwards and backwards on every rank, whatever its shard
+            micro_batches = self.sharded.align(micro_batches)
         with self._step_fake_quant(fake_quant):  # one fake-quant of the weights for every forward of this update
             for sl, needs_grad in micro_batches:
+                if sl is None:  # an idle micro-batch of a sharded learner
+                    assert self.sharded is not None
+                    score = lambda i, a, w, other: self.sequence_logprobs(i, a, fake_quant != other, where=w)  # noqa: E731
+                    self.sharded.idle_pass(score, needs_grad, attribute)
+                    continue
                 width = int(batch.attention_mask[sl].sum(1).max())  # trim right padding of this micro-batch
                 ids, attn = batch.input_ids[sl, :width], batch.attention_mask[sl, :width]
                 mask, old, adv = (
@@ -380,17 +395,19 @@ class Learner(WeightSource):
                     sums.fresh_tokens += float(fresh.sum())
                     sums.stale += float((delta.abs() * stale).sum())
                     sums.stale_tokens += float(stale.sum())
-            if (
-                self.ptx is not None and self.rank == 0
+            if self.ptx is not None and (
+                self.rank == 0 or self.sharded is not None
             ):  # the auxiliary NLL on curated examples, through the same (fake-quant) forward
                 ids, attn, ptx_mask = (t.to(self.device) for t in self.ptx.batch())
                 logp, _ = self.sequence_logprobs(
                     ids, attn, fake_quant, temperature=1.0, where=ptx_mask > 0
                 )  # PTX is plain NLL
                 nll = -(logp * ptx_mask).sum() / ptx_mask.sum().clamp(min=1)
-                (cfg.algorithm.ptx_coef * nll).backward()
-                sums.ptx = nll.item()
-        distributed.all_reduce_gradients(list(self.model.parameters()))
+                share = 1 if self.sharded is None else self.sharded.world  # sharded: every rank runs it, 1/n each
+                (cfg.algorithm.ptx_coef * nll / share).backward()
+                sums.ptx = nll.item() / share
+        if self.sharded is None:  # sharded: already summed by the backward's reduce-scatter
+            distributed.all_reduce_gradients(list(self.model.parameters()))
         sums = distributed.all_reduce_record(sums)
         if recorder is not None:
             self._traces = recorder.finish(batch.input_ids, batch.attention_mask, self.tokenizer)
@@ -400,6 +417,8 @@ class Learner(WeightSource):
         if cfg.trainer.reset_optimizer_each_step:
             self.optimizer = build_optimizer(self.model, cfg.trainer)
         self.version += 1
+        if self.sharded is not None:
+            self.sharded.gather()  # rank 0's whole weights, for the push
         parts = UpdateParts(
             rollout_correction=cfg.algorithm.rollout_correction != "none",
             kl_to_reference=self.reference is not None and cfg.algorithm.kl_in == "loss",
@@ -408,7 +427,7 @@ class Learner(WeightSource):
             fake_quant=fake_quant,
             attribution=attribute,
         )
-        return update_metrics(sums, totals, float(grad_norm), metric_scale, self.version, parts)
+        return update_metrics(sums, totals, plain_norm(grad_norm), metric_scale, self.version, parts)
 
     def token_traces(self) -> list[TokenTrace]:
         """The per-token values the last update recorded for the sequences its batch marked (`TrainBatch.trace`)."""
@@ -418,11 +437,16 @@ class Learner(WeightSource):
     def save(self, path: str) -> None:
         """Write policy (an HF directory), optimizer and RNG states into `path`."""
         out = Path(path)
+        if self.sharded is not None:  # every rank its optimizer shards; rank 0 the whole weights, version and RNG
+            self.sharded.save_optimizer(out / SHARDS_DIR, self.optimizer)
+            if self.rank != 0:
+                return
         if self.lora is not None:  # its adapters in peft's format, and policy/ the merged model
             self.lora.save_adapter(out / "adapter")
-        self.model.save_pretrained(out / "policy", state_dict=self.lora.merged_state_dict() if self.lora else None)
+        state = self.lora.merged_state_dict() if self.lora else self.sharded.full_state if self.sharded else None
+        self.model.save_pretrained(out / "policy", state_dict=state)
         self.tokenizer.save_pretrained(out / "policy")
-        save_state(out, self.optimizer, self.version, self.device)
+        save_state(out, self.optimizer if self.sharded is None else None, self.version, self.device)
 
     def checkpoint_files(self) -> dict[str, bytes]:
         """What `save` writes, as bytes: the driver writes the checkpoint, so the run directory needs no
@@ -443,8 +467,11 @@ class Learner(WeightSource):
             self.lora.load(Path(path))
         else:
             model, _ = load_policy(Path(path) / "policy", self.cfg.model.model_copy(update={"gguf_file": None}))
-            self.model.load_state_dict(model.state_dict())
-        self.version = load_state(Path(path), self.optimizer, self.device)
+            (self.sharded.load_full if self.sharded else self.model.load_state_dict)(model.state_dict())
+        self.version = load_state(Path(path), self.optimizer if self.sharded is None else None, self.device)
+        if self.sharded is not None:
+            self.sharded.load_optimizer(Path(path) / SHARDS_DIR, self.optimizer)
+            self.sharded.gather()
         return self.version
 
 

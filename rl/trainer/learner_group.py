@@ -3,7 +3,10 @@
 With `trainer.num_learners` > 1 the actors form a torch.distributed group (gloo on CPU, NCCL on GPU; rank 0
 hosts the rendezvous); each step the batch is cut into token-balanced shards, one per learner, the gradients
 are summed over the group (`rl.trainer.distributed`), and every learner takes the same optimizer step. Rank 0 is the
-source of weights and checkpoints; every rank loads a checkpoint.
+source of weights and checkpoints; every rank loads a checkpoint. With `trainer.sharding: fsdp` each learner holds a
+shard of the parameters, gradients and optimizer state (rl/trainer/sharding.py): rank 0 still publishes the weights
+(every rank joins their gather at the end of each update), and every rank writes its optimizer shards into a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from rl.config import JobConfig
 from rl.launch.placement import Placement
 from rl.trainer.batch import TrainBatch
 from rl.trainer.learner import Learner
+from rl.trainer.sharding import SHARDS_DIR
 from rl.trainer.trace import TokenTrace
 from rollouts.actors import ACTOR_LOST
 from rollouts.delta import PushInfo
 from rollouts.shipping import ShippedDir, read_tree, write_tree
 
-CHECKPOINT_PARTS = ("policy", "adapter", "learner_state.pt")  # what a learner writes into a checkpoint (LoRA: adapter)
+CHECKPOINT_PARTS = ("policy", "adapter", "learner_state.pt", SHARDS_DIR)  # what learners write (LoRA: adapter)
 LearnerActor = ray.remote(Learner)
 """The learner as a Ray actor (made here, so that rl.trainer.learner imports no Ray: a machine without Ray runs it)."""
 
@@ -31,6 +35,7 @@ LearnerActor = ray.remote(Learner)
 class LearnerGroup:
     def __init__(self, policy_dir: str | ShippedDir, cfg: JobConfig, placement: Placement) -> None:
         n = cfg.trainer.num_learners
+        self.sharded = cfg.trainer.sharding == "fsdp"
         spec = cfg.learner_spec()
         self.actors = [
             LearnerActor.options(**placement.options("learner", i)).remote(policy_dir, spec) for i in range(n)
@@ -74,12 +79,16 @@ class LearnerGroup:
         return ray.get(self.actors[0].reference_kl.remote(batch))
 
     def parameters_digests(self) -> list[str]:
-        """One hash of all parameters per learner (equal after every step)."""
-        return ray.get([a.parameters_digest.remote() for a in self.actors])
+        """One hash of all parameters per learner (equal after every step); sharded: rank 0's, of the whole weights."""
+        return ray.get([a.parameters_digest.remote() for a in self.actors[: 1 if self.sharded else None]])
 
     def save(self, path: str) -> None:
-        """Rank 0's policy, optimizer and RNG states into `path`, written here (on the driver's node)."""
-        write_tree(ray.get(self.actors[0].checkpoint_files.remote()), Path(path))
+        """Rank 0's policy, optimizer and RNG states into `path`, written here (on the driver's node); sharded: with
+        every rank's optimizer shards (each rank's files have their own names)."""
+        files: dict[str, bytes] = {}
+        for part in self._get_all([a.checkpoint_files.remote() for a in self.actors[: None if self.sharded else 1]]):
+            files.update(part)
+        write_tree(files, Path(path))
 
     def load(self, path: str) -> int:
         """Every learner from the checkpoint at `path` (read here, sent through the object store)."""

@@ -13,11 +13,12 @@ import torch
 STATE_FILE = "learner_state.pt"
 
 
-def save_state(out: Path, optimizer: torch.optim.Optimizer, version: int, device: torch.device) -> None:
-    """Write optimizer, version and RNG states to `out / STATE_FILE`."""
+def save_state(out: Path, optimizer: torch.optim.Optimizer | None, version: int, device: torch.device) -> None:
+    """Write optimizer, version and RNG states to `out / STATE_FILE` (no optimizer: a sharded learner's is saved
+    apart, rl/trainer/sharding.py)."""
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "version": version,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
@@ -28,10 +29,11 @@ def save_state(out: Path, optimizer: torch.optim.Optimizer, version: int, device
     )
 
 
-def load_state(path: Path, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+def load_state(path: Path, optimizer: torch.optim.Optimizer | None, device: torch.device) -> int:
     """Restore what `save_state` wrote into `optimizer` and the RNGs; returns the policy version."""
     state: dict[str, Any] = torch.load(path / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda_rng"])

@@ -36,9 +36,7 @@ class WeightSource(BroadcastMember):
         """The weight-sync payload: the state dict, with the quantization targets packed as INT4 when enabled."""
         if self.lora is not None:  # the adapters alone: the workers hold the frozen base
             return self.lora.payload()
-        state = {
-            k: v.detach().cpu() for k, v in self.model.state_dict().items()
-        }  # the object store carries CPU tensors
+        state = self.full_state_dict()  # on the CPU: the object store carries CPU tensors
         if self.quant is None:
             return {k: v.clone() for k, v in state.items()}
         return pack_state_dict(state, self.quant, self.quant_targets)
