@@ -10,10 +10,21 @@ Kernels (`Int4Matmul`):
   fp32 activations it reproduces `F.linear(x, dequantized W)` to summation order; its speed per row is flat, so
   from `dense_min_rows` rows on, unpacking the weight on the fly and running one dense matmul wins (fp32
   activations; see `benchmarks/int4_decode.py`).
-- CUDA: torch's tinygemm `_weight_int4pack_mm` (bf16 activations, uint8 nibbles, inner-k tiles).
-  Written for the GPU machines; not exercised by the CPU test suite.
-Shapes a kernel refuses (CPU: out features not a multiple of 16, in features not a multiple of the group size)
-run the on-the-fly dense path: the weight still lives packed.
+- CUDA: torch's tinygemm `_weight_int4pack_mm` (aten/src/ATen/native/cuda/int4mm.cu). Its layout, read from
+  that source: the weight goes in as uint8 [n, k / 2], element 2j in the high nibble of byte j and 2j + 1 in the low
+  one, and `_convert_weight_to_int4pack(w, inner_k_tiles)` tiles it for the m16n8k16 tensor cores (int32
+  [n / 8, k / (16 inner_k_tiles), 32, inner_k_tiles / 2]); `scales_and_zeros` is bf16 [k / group, n, 2] (scale,
+  zero). The kernel dequantizes each nibble u as fma(bf16(u - 8), scale, zero) in bf16, so our symmetric q in
+  [-8, 7] goes in as u = q + 8 with zero 0 and each weight is exactly round_bf16(q * scale): with bf16 scales (the
+  spec's default) that is `dequantize(q, scale, bf16)`, the learner's fake-quant weight of a bf16 model bit for
+  bit (an fp32 model's fake-quant weight is q * scale unrounded; q * scale needs up to 11 significant bits, bf16
+  keeps 8). Activations must be bf16 and contiguous; products accumulate in fp32 and the output is rounded to
+  bf16. The kernel takes n a multiple of 8, k a multiple of 16 x inner_k_tiles (8, 4 or 2: the largest that divides
+  k is used) and groups of 32, 64, 128 or 256. `benchmarks/gpu_check.sh` checks the layout exactly on a GPU
+  (identity activations read the kernel's weight back); the CPU test suite cannot run it.
+Shapes or settings a kernel refuses (CPU: out features not a multiple of 16, in features not a multiple of the group
+size; CUDA: the above, or scales that bf16 cannot hold exactly) run the on-the-fly dense path: the weight still
+lives packed, and the product is exact to the spec.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from torch import nn
 from rollouts.quant import PackedInt4, QuantSpec, WeightPayload, pack_state_dict
 
 _CUDA_INNER_K_TILES = (8, 4, 2)
+_CUDA_GROUP_SIZES = (32, 64, 128, 256)
 
 
 class Int4Matmul:
@@ -59,7 +71,9 @@ class Int4Matmul:
         scale = weight.scale.to(torch.float32)  # [n, k / g]
         if q.is_cuda:
             tiles = next((t for t in _CUDA_INNER_K_TILES if k % (t * 16) == 0), None)
-            if tiles is None or n % 8:
+            # the kernel reads bf16 scales: fp16 or fp32 scales (quant.scale_dtype) that bf16 rounds stay dense
+            exact_scales = torch.equal(scale.to(torch.bfloat16).to(torch.float32), scale)
+            if tiles is None or n % 8 or g not in _CUDA_GROUP_SIZES or not exact_scales:
                 return None, None
             nibbles = (q.to(torch.int16) + 8).to(torch.uint8)
             packed = torch._convert_weight_to_int4pack((nibbles[:, ::2] << 4 | nibbles[:, 1::2]).contiguous(), tiles)
@@ -74,7 +88,7 @@ class Int4Matmul:
         rows = x.shape[0]
         if self.kernel_weight is None or (self.dense_min_rows is not None and rows >= self.dense_min_rows):
             return F.linear(x, self._dense(x.dtype))
-        xa = x.to(self.activation_dtype)
+        xa = x.to(self.activation_dtype).contiguous()  # tinygemm reads the activations as a dense row-major matrix
         g = self.weight.group_size
         if x.is_cuda:
             y = torch._weight_int4pack_mm(xa, self.kernel_weight, g, self.scales_and_zeros)

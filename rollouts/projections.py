@@ -68,4 +68,4 @@ def _weight(module: nn.Module) -> torch.Tensor:
     """A projection's [out, in] weight as a dense tensor (an INT4 one dequantized to the values it multiplies by)."""
     if type(module) is nn.Linear:
         return module.weight
-    return module.matmul.weight.dequantize(torch.float32)
+    return module.matmul.weight.dequantize()  # the model's dtype: a bf16 model's activations meet bf16 weights
