@@ -16,7 +16,7 @@ from rl.tasks import BUILT_IN, TASKS, get_task
 
 
 def test_the_built_in_tasks_are_registered_when_asked_for() -> None:
-    assert sorted(BUILT_IN) == ["calculator", "code_tests", "python_math", "search_qa", "word_problems"]
+    assert sorted(BUILT_IN) == ["calculator", "code_tests", "long_horizon", "python_math", "search_qa", "word_problems"]
     for name in BUILT_IN:
         assert get_task(name).name == name and name in TASKS.names()
 
