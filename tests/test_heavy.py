@@ -162,8 +162,10 @@ def test_heavy_mode_matches_a_hand_count_of_the_same_samples(heavy_setup) -> Non
 def test_tiderl_eval_heavy_writes_eval_json(make_cfg, tool_policy_dir, tmp_path) -> None:
     cfg = make_cfg("data.eval_size=4", "rollout.max_new_tokens_per_turn=40", "eval.sampled=false")
     run = tmp_path / "run"
-    (run / "checkpoints" / "step_000003").mkdir(parents=True)
-    shutil.copytree(tool_policy_dir, run / "checkpoints" / "step_000003" / "policy")
+    checkpoint = run / "checkpoints" / "step_000003"  # a checkpoint's policy and the file that marks it complete
+    checkpoint.mkdir(parents=True)
+    shutil.copytree(tool_policy_dir, checkpoint / "policy")
+    (checkpoint / "controller_state.json").write_text(json.dumps({"step": 3}))
     (run / "config.yaml").write_text(dump_config(cfg))
     (run / "eval.json").write_text(json.dumps({"after": {"accuracy": 0.5}}))
     result = CliRunner().invoke(app, ["eval", str(run), "cluster.backend=in_process", "--heavy", "2"])
