@@ -280,9 +280,8 @@ class Endpoint:
         phase, key, episode = self._episode(request)
         messages = normalize_messages(body.messages)
         turn = episode.chat_turn(messages, body.tools if body.tool_choice != "none" else None)
-        reply = await self._generate(
-            phase, key, episode, turn, body.max_completion_tokens or body.max_tokens, body.seed
-        )
+        budget = body.max_completion_tokens or body.max_tokens
+        reply = await self._generate(phase, key, episode, turn, budget, body.seed, texts=body.logprobs)
         response = chat_response(reply, body.model or self.model_name, body.logprobs, body.return_token_ids)
         return stream_events(response) if body.stream else response
 
@@ -292,7 +291,9 @@ class Endpoint:
             raise APIError("stream is supported on /v1/chat/completions only", param="stream")
         phase, key, episode = self._episode(request)
         turn = episode.text_turn(body.prompt)  # type: ignore[arg-type]  # lists of prompts are refused by parse
-        reply = await self._generate(phase, key, episode, turn, body.max_tokens or 16, body.seed, chat=False)
+        reply = await self._generate(
+            phase, key, episode, turn, body.max_tokens or 16, body.seed, chat=False, texts=body.logprobs is not None
+        )
         return completion_response(reply, body.model or self.model_name, body.logprobs, body.return_token_ids)
 
     async def _generate(
@@ -304,8 +305,10 @@ class Endpoint:
         max_tokens: int | None,
         seed: int | None,
         chat: bool = True,
+        texts: bool = False,
     ) -> Reply:
-        """Sample one reply for `turn` within the episode's limits, and record it."""
+        """Sample one reply for `turn` within the episode's limits, and record it (`texts`: decode each token, for
+        logprobs in the response)."""
         try:
             if self.max_turns is not None and episode.requests >= self.max_turns:
                 episode.refuse("max_turns")
@@ -338,7 +341,7 @@ class Endpoint:
         except BaseException:
             episode.release(turn)
             raise
-        reply = self._reply(turn.prompt, generation, phase.version, chat)
+        reply = self._reply(turn.prompt, generation, phase.version, chat, texts)
         cut = (
             None if generation.stop_reason == "stop" else ("repeat" if generation.stop_reason == "repeat" else limiter)
         )
@@ -361,11 +364,11 @@ class Endpoint:
         finally:
             phase.pending.discard(fut)
 
-    def _reply(self, prompt: list[int], generation: Generation, version: int, chat: bool) -> Reply:
+    def _reply(self, prompt: list[int], generation: Generation, version: int, chat: bool, texts: bool) -> Reply:
         ids = generation.token_ids
         text = self.renderer.decode(ids)
         tokenizer = self.renderer.tokenizer
-        texts = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        token_texts = [tokenizer.decode([t], skip_special_tokens=False) for t in ids] if texts else []
         content: str | None = text
         tool_calls: list[dict[str, Any]] = []
         finish = "stop" if generation.stop_reason == "stop" else "length"
@@ -382,7 +385,7 @@ class Endpoint:
                     for i, c in enumerate(calls)
                 ]
                 finish = "tool_calls"
-        return Reply(text, content, tool_calls, finish, list(prompt), ids, generation.logprobs, texts, version)  # type: ignore[arg-type]
+        return Reply(text, content, tool_calls, finish, list(prompt), ids, generation.logprobs, token_texts, version)  # type: ignore[arg-type]
 
 
 def _bearer(header: str) -> str:
