@@ -271,6 +271,7 @@ class JobConfig(Section):
             seed=self.seed,
             cache_dir=self.warm_start.cache_dir,
             lora=self.trainer.lora,
+            record_routing=self.algorithm.routing_replay != "off",
         )
 
     @model_validator(mode="after")

@@ -37,6 +37,7 @@ from rollouts.context import ContextState, ToolStep, rewrite
 from rollouts.engine import Engine, Generation, Request, SamplingParams
 from rollouts.records import Sample, TokenSequence, Trajectory, TrajectoryStatus
 from rollouts.renderer import Renderer
+from rollouts.replay import ReplayRecord
 from rollouts.tool_parsers import TOOL_CALL_PARSERS
 
 
@@ -62,6 +63,8 @@ class Episode:
     started: bool = False
     pending_calls: list[ToolCall] = field(default_factory=list)
     pending_errors: list[str] = field(default_factory=list)
+    replay: ReplayRecord = field(default_factory=ReplayRecord)
+    """Routing and kept ids for the learner to replay (`rollouts.replay`), when the engine records them."""
     last_turn_start: int = 0
     """Index in `ids` where the last closed assistant turn began (its tool step starts there)."""
     context: ContextState = field(default_factory=ContextState)
@@ -212,7 +215,9 @@ class AgentLoop:
         # one draw from the worker's stream per call; each generation's seed derives from it, the episode and the
         # tokens it generated so far, so a sample's tokens do not depend on what it was batched with
         base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        sampling = SamplingParams(self.temperature, greedy, self.rollout.top_p, self.rollout.top_k)
+        kept = 0 if greedy else self.rollout.kept_per_token  # top-p alone samples under the record's bound
+        top_k = self.rollout.top_k or kept
+        sampling = SamplingParams(self.temperature, greedy, self.rollout.top_p, top_k, kept)
         batcher = self.engine.batcher(sampling, len(live), self.rollout.max_tokens_per_sample)
         submitted = asyncio.Event()
 
@@ -319,6 +324,7 @@ class AgentLoop:
         if ep.turn_start is None:
             ep.turn_start = len(ep.ids)
         start = len(ep.ids)
+        ep.replay.add(ep.ids, out)
         ep.append(out.token_ids, out.logprobs, policy=True)
         ep.add_segment(start, len(ep.ids), ep.version)
         ep.generated += len(out.token_ids)
@@ -397,6 +403,7 @@ class AgentLoop:
                 "only finished episodes become trajectories"
             )
         assert ep.status is not None  # done
+        routing, sampling_mask = ep.replay.tensors(ep.ids)
         return Trajectory(
             sample=ep.sample,
             token_ids=torch.tensor(ep.ids, dtype=torch.long),
@@ -404,6 +411,8 @@ class AgentLoop:
             loss_mask=torch.tensor(ep.mask, dtype=torch.float32),
             policy_version=min((v for seq in [*ep.earlier, ep.sample] for _, _, v in seq.segments), default=ep.version),
             status=ep.status,
+            routing=routing,
+            sampling_mask=sampling_mask,
             earlier=list(ep.earlier),
         )
 

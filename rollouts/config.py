@@ -110,8 +110,22 @@ class RolloutConfig(Section):
     top_k: int = Field(
         0,
         ge=0,
-        description="Draw from the k most likely tokens (0 = off). Logprobs stay the full tempered distribution's, "
-        "the one the learner scores.",
+        description="Draw from the k most likely tokens (0 = off). With top-k or top-p, the rollout logprob is of the "
+        "distribution drawn from (renormalized over the kept tokens), and the learner scores under the same "
+        "truncation (`sampling_mask_replay`).",
+    )
+    sampling_mask_replay: bool | None = Field(
+        None,
+        description="Sampling-mask replay: record the ids each draw kept under top-k / top-p, and the learner "
+        "renormalizes its logprob over them, so ratio and mismatch compare the same distribution (null = on "
+        "whenever top_p < 1 or top_k > 0). Off: the learner scores the full distribution, which differs from the "
+        "rollout's by the kept mass's log (docs/algorithms.md).",
+    )
+    sampling_mask_max_kept: int = Field(
+        512,
+        ge=1,
+        description="Sampling-mask replay keeps at most this many tokens per draw: top-p alone samples under "
+        "top_k = this bound (it rarely binds at top_p <= 0.95), so the record is exact; a larger top_k is an error.",
     )
     max_staleness: int = Field(
         1,
@@ -170,6 +184,27 @@ class RolloutConfig(Section):
         "its group trains once all its samples are done. 0 = off (every sample finishes within its step).",
     )
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+
+    @property
+    def kept_per_token(self) -> int:
+        """Kept ids recorded per sampled token (0: sampling-mask replay is off)."""
+        truncated = self.top_p < 1.0 or self.top_k > 0
+        return self.sampling_mask_max_kept if truncated and self.sampling_mask_replay is not False else 0
+
+    @model_validator(mode="after")
+    def _check_sampling_mask(self) -> RolloutConfig:
+        if self.sampling_mask_replay and not (self.top_p < 1.0 or self.top_k > 0):
+            raise ValueError(
+                "rollout.sampling_mask_replay=true replays a top-k / top-p truncation, but sampling is not truncated "
+                "(top_p=1, top_k=0): set rollout.top_p < 1 or rollout.top_k > 0, or leave sampling_mask_replay unset"
+            )
+        if self.kept_per_token and self.top_k > self.sampling_mask_max_kept:
+            raise ValueError(
+                f"rollout.top_k={self.top_k} keeps more tokens than sampling-mask replay records "
+                f"(rollout.sampling_mask_max_kept={self.sampling_mask_max_kept}): raise sampling_mask_max_kept or "
+                "set sampling_mask_replay=false"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_budgets(self) -> RolloutConfig:

@@ -33,6 +33,7 @@ from torch import nn
 from rollouts.attention import _GQA, _MLA
 from rollouts.mlp import _FusedMoE, _GatedMLP
 from rollouts.projections import _projection, _rms_norm
+from rollouts.routing import RoutingRecorder
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama", "mistral", "qwen2", "qwen3")
 
@@ -40,7 +41,7 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama", "mistral", "qwen2", "qwen3")
 class Decoder:
     """Prefill and decode for one HF causal LM over `slots` cache slots of up to `max_len` positions each."""
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, slots: int, max_len: int, record_routing: bool = False) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -68,6 +69,9 @@ class Decoder:
             for layer in self.layers
         ]
         self.slots, self.max_len, self.device = slots, max_len, device
+        fused = [m for m in self.mlps if isinstance(m, _FusedMoE)]
+        self.routes = RoutingRecorder(model, fused) if record_routing else None
+        """With `record_routing`: reads the experts each MoE layer chose in the latest prefill, decode or extend."""
         # cos/sin of every position, computed once by the model's own rotary module (the values it computes per call)
         cos, sin = self.body.rotary_emb(
             torch.zeros(1, device=device, dtype=dtype), torch.arange(max_len, device=device)[None]

@@ -34,49 +34,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from rollouts.decoder import SUPPORTED_MODEL_TYPES, Decoder
-from rollouts.sampling import SamplingParams, _LoopDetector, _sample
+from rollouts.requests import Generation, Request, StopReason, _Item, _Queue
+from rollouts.sampling import SamplingParams, _LoopDetector, sample_kept
+from rollouts.wave import WaveBatcher
 
-StopReason = Literal["stop", "length", "repeat"]
+__all__ = ["Batcher", "Engine", "Generation", "Request", "SamplingParams", "StopReason", "WaveBatcher"]
+
 GATHER_BELOW = 0.75
 """A decode step runs only the occupied slots (gathered) once fewer than this share of slots 0..width-1 are."""
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    """Sampled ids, including the stop token when `finished`."""
-    logprobs: list[float]
-    """Logprob of each sampled id under logits / temperature."""
-    stop_reason: StopReason = "stop"
-
-    @property
-    def finished(self) -> bool:
-        """Ended with the stop token."""
-        return self.stop_reason == "stop"
-
-
-@dataclass
-class Request:
-    prompt: list[int]
-    max_new_tokens: int
-    seed: int = 0
-    """Sampling stream of this request (token t uses hash(seed, t))."""
-    turn_prefix: list[int] = field(default_factory=list)
-    """Tokens this turn already generated (the tail of `prompt`, when a paused rollout resumes), so the loop
-    detector sees the same history as in an uninterrupted generation."""
-    session: Hashable | None = None
-    """The conversation (episode) this request continues: its next request may reuse this one's cache slot."""
-
-
-_Item = tuple[Request, Callable[[Generation], None]]
-"""A submitted request and the callback its result goes to."""
 
 
 class Engine:
@@ -89,6 +59,7 @@ class Engine:
         repeat_max_period: int = 16,
         max_num_seqs: int = 256,
         prefix_reuse: bool = True,
+        record_routing: bool = False,
     ) -> None:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
@@ -98,12 +69,26 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.prefix_reuse = prefix_reuse
         self.continuous = model.config.model_type in SUPPORTED_MODEL_TYPES
+        self.record_routing = record_routing
+        """Record each position's routed experts (routing replay); needs the slot decoder and a DeepSeek-V3 MoE."""
+        if record_routing and not self.continuous:
+            raise ValueError(
+                f"routing replay: the rollout engine runs {model.config.model_type!r} models through their HF forward, "
+                f"which records no routing; it records it for {', '.join(SUPPORTED_MODEL_TYPES)} MoE models"
+            )
         self._decoder: Decoder | None = None
 
-    def finished(self, ids: list[int], logprobs: list[float], looped: bool) -> Generation:
+    def finished(
+        self,
+        ids: list[int],
+        logprobs: list[float],
+        looped: bool,
+        routing: torch.Tensor | None = None,
+        kept: torch.Tensor | None = None,
+    ) -> Generation:
         """A sequence's result: it stopped at the stop token, else at the loop detector, else at its budget."""
         reason: StopReason = "stop" if ids and ids[-1] == self.stop_token_id else ("repeat" if looped else "length")
-        return Generation(ids, logprobs, reason)
+        return Generation(ids, logprobs, reason, routing, kept)
 
     def decoder(self, slots: int, max_len: int) -> Decoder:
         """The slot decoder, its cache reused while big enough (allocated once per worker in practice)."""
@@ -111,7 +96,10 @@ class Engine:
         if current is None or current.slots < slots or current.max_len < max_len:
             self._decoder = None  # free the old cache before allocating the new one
             self._decoder = Decoder(
-                self.model, max(slots, current.slots if current else 0), max(max_len, current.max_len if current else 0)
+                self.model,
+                max(slots, current.slots if current else 0),
+                max(max_len, current.max_len if current else 0),
+                self.record_routing,
             )
         return self._decoder
 
@@ -152,27 +140,6 @@ class Engine:
         return results  # type: ignore[return-value]
 
 
-class _Queue:
-    """Request intake shared by both batchers: bad requests are refused naming the problem, empty budgets done at
-    once."""
-
-    max_len: int | None = None
-    waiting: Any
-
-    def submit(self, request: Request, on_done: Callable[[Generation], None]) -> None:
-        if not request.prompt:
-            raise ValueError("empty prompt")
-        if self.max_len is not None and len(request.prompt) + request.max_new_tokens > self.max_len:
-            raise ValueError(
-                f"request of {len(request.prompt)} prompt + {request.max_new_tokens} new tokens exceeds the batch's "
-                f"{self.max_len}-token sequences"
-            )
-        if request.max_new_tokens <= 0:
-            on_done(Generation([], [], "length"))
-            return
-        self.waiting.append((request, on_done))
-
-
 class Batcher(_Queue):
     """Continuous batching over the decoder's slots; see the module docstring."""
 
@@ -194,6 +161,15 @@ class Batcher(_Queue):
         self.looped = torch.zeros(slots, dtype=torch.bool, device=dev)
         self.out_ids = torch.zeros(slots, max_len, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(slots, max_len, dtype=torch.float32, device=dev)
+        # sampling-mask replay: each draw's kept ids; routing replay: each position's experts (`rollouts.routing`)
+        kept = min(sampling.record_kept, decoder.model.config.vocab_size)
+        self.out_kept = torch.full((slots, max_len, kept), -1, dtype=torch.int32, device=dev) if kept else None
+        routes = decoder.routes
+        self.out_routing = (
+            torch.zeros(slots, max_len, routes.num_layers, routes.top_k, dtype=routes.dtype, device=dev)
+            if routes is not None
+            else None
+        )
         self.loops = (
             _LoopDetector(engine.repeat_window, engine.repeat_max_period, slots, dev) if engine.repeat_window else None
         )
@@ -252,7 +228,12 @@ class Batcher(_Queue):
             unique.setdefault(tuple(request.prompt), []).append(slot)
         prompts = list(unique)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        logits = self.decoder.prefill(self._padded(prompts).to(self.device), lengths, [unique[p] for p in prompts])
+        ids = self._padded(prompts).to(self.device)
+        logits = self.decoder.prefill(ids, lengths, [unique[p] for p in prompts])
+        if self.out_routing is not None:
+            routing = self.decoder.routes.read().view(*ids.shape, *self.out_routing.shape[2:])
+            for i, p in enumerate(prompts):
+                self.out_routing[unique[p], : ids.shape[1]] = routing[i]
         by_slot = dict(placed)
         order = [(s, by_slot[s]) for p in prompts for s in unique[p]]
         return order, [logits[torch.tensor([i for i, p in enumerate(prompts) for _ in unique[p]], device=self.device)]]
@@ -262,12 +243,15 @@ class Batcher(_Queue):
         tails = [item[0].prompt[keep:] for _, keep, item in bucket]
         starts = torch.tensor([keep for _, keep, _ in bucket], device=self.device)
         lengths = torch.tensor([len(t) for t in tails], device=self.device)
-        return self.decoder.extend(
-            self._padded(tails).to(self.device),
-            starts,
-            lengths,
-            torch.tensor([slot for slot, _, _ in bucket], device=self.device),
+        ids = self._padded(tails).to(self.device)
+        logits = self.decoder.extend(
+            ids, starts, lengths, torch.tensor([slot for slot, _, _ in bucket], device=self.device)
         )
+        if self.out_routing is not None:
+            routing = self.decoder.routes.read().view(*ids.shape, *self.out_routing.shape[2:])
+            for i, (slot, keep, _) in enumerate(bucket):
+                self.out_routing[slot, keep : keep + len(tails[i])] = routing[i, : len(tails[i])]
+        return logits
 
     def _start(self, placed: list[tuple[int, _Item]], logits: torch.Tensor) -> None:
         """Slots of `placed` (slot, request) start their requests; `logits` (one row each) give their first tokens."""
@@ -318,8 +302,11 @@ class Batcher(_Queue):
         """Sample the next token of slots `rows` from `logits`, store it, update the slots' flags. A finished
         slot's write lands just past its end (its count no longer moves), where nothing reads it."""
         count, done = self.count[rows], self.done[rows]
-        tok, logp = _sample(logits, self.sampling, self.seeds[rows], count)
+        tok, logp, kept = sample_kept(logits, self.sampling, self.seeds[rows], count)
         at = count.clamp(max=self.max_len - 1)
+        if self.out_kept is not None and kept is not None:
+            index = torch.arange(self.slots, device=self.device)[rows]
+            self.out_kept[index, at] = kept
         for buffer, values in ((self.out_ids, tok), (self.out_lp, logp)):
             if isinstance(rows, slice):
                 buffer[rows].scatter_(1, at[:, None], values[:, None])
@@ -343,6 +330,9 @@ class Batcher(_Queue):
         span = min(max(self.host_pos[s] for s in occupied) + 1, self.max_len)
         positions = self.pos[rows].clamp(max=self.max_len - 1)
         logits = self.decoder.decode(self.tok[rows], positions, span, None if isinstance(rows, slice) else rows)
+        if self.out_routing is not None:  # the token fed at each slot's position (an idle slot's lands past its cache)
+            index = torch.arange(self.slots, device=self.device)[rows]
+            self.out_routing[index, positions] = self.decoder.routes.read()
         self.pos[rows] = self.pos[rows] + (~self.done[rows]).long()
         self._record(rows, logits)
         for s in occupied:
@@ -363,83 +353,10 @@ class Batcher(_Queue):
             if self.slot_session[s] is not None and self.engine.prefix_reuse:
                 # the cache holds every position before the last sampled token (that one was never fed back)
                 self.cached[s] = request.prompt + tokens[:-1]
-            on_done(self.engine.finished(tokens, lps[k, : counts[k]].tolist(), looped[k]))
-
-
-class WaveBatcher(_Queue):
-    """The `Batcher` API for models the slot decoder does not cover: each `step()` runs every waiting request to
-    its end through the model's own HF forward (left-padded batch, `DynamicCache`), sampling as `Batcher` does."""
-
-    def __init__(self, engine: Engine, sampling: SamplingParams) -> None:
-        self.engine, self.sampling = engine, sampling
-        self.waiting: list[_Item] = []
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting)
-
-    @torch.inference_mode()
-    def step(self) -> None:
-        wave, self.waiting = self.waiting, []
-        if not wave:
-            return
-        engine, model = self.engine, self.engine.model
-        requests = [r for r, _ in wave]
-        batch, width = len(requests), max(len(r.prompt) for r in requests)
-        device = model.device
-        input_ids = torch.full((batch, width), engine.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((batch, width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            input_ids[i, width - len(r.prompt) :] = torch.tensor(r.prompt, dtype=torch.long)
-            attention[i, width - len(r.prompt) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        budget = torch.tensor([r.max_new_tokens for r in requests], device=device)
-        seeds = torch.tensor([r.seed for r in requests], device=device)
-        rows = torch.arange(batch, device=device)
-        loops = None
-        if engine.repeat_window:
-            loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, batch, device)
-            loops.reset(rows, [r.turn_prefix for r in requests])
-        cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        next_pos = positions[:, -1] + 1
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
-        looping = torch.zeros_like(done)
-        count = torch.zeros_like(budget)
-        tokens, logps = [], []
-        for t in range(int(budget.max().item())):
-            tok, logp = _sample(out.logits[:, -1].float(), self.sampling, seeds, count)
-            tok = torch.where(done, engine.pad_token_id, tok)
-            tokens.append(tok)
-            logps.append(logp)
-            live = ~done
-            count = count + live.long()
-            if loops is not None:
-                looping = looping | (live & loops.push(rows, tok))
-            done = done | (tok == engine.stop_token_id) | (count >= budget) | looping
-            if bool(done.all()):
-                break
-            attention = torch.cat([attention, live.long()[:, None]], dim=-1)
-            out = model(
-                input_ids=tok[:, None],
-                attention_mask=attention,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            next_pos = next_pos + 1
-        ids, lps = torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()
-        counts, looped = count.tolist(), looping.tolist()
-        for i, (_, on_done) in enumerate(wave):
-            on_done(engine.finished(ids[i, : counts[i]].tolist(), lps[i, : counts[i]].tolist(), looped[i]))
+            computed = len(request.prompt) + counts[k] - 1  # positions fed to the model: all but the last token
+            routing = self.out_routing[s, :computed].to("cpu", copy=True) if self.out_routing is not None else None
+            kept = self.out_kept[s, : counts[k]].to("cpu", copy=True) if self.out_kept is not None else None
+            on_done(self.engine.finished(tokens, lps[k, : counts[k]].tolist(), looped[k], routing, kept))
 
 
 def _by_length(items: list, length: Callable[[Any], int]) -> list[list]:

@@ -85,6 +85,7 @@ class _FusedMoE:
         x = x.reshape(-1, shape[-1])
         scores = self.router(x.float()).sigmoid()
         chosen = torch.topk(scores + self.gate.e_score_correction_bias, self.top_k, dim=-1, sorted=False)[1]
+        self.chosen = chosen  # [tokens, top_k]: what routing replay records (`rollouts.routing`)
         weights = scores.gather(1, chosen)
         if self.gate.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -102,6 +102,16 @@ class Trajectory:
     """Oldest version of the weights that generated a policy token of this trajectory (see `segments`)."""
     status: TrajectoryStatus
     """How the episode ended."""
+    routing: torch.Tensor | None = None  # [num_routed, num_moe_layers, top_k] uint8 (int16 beyond 256 experts)
+    """Routing replay (`algorithm.routing_replay`): the experts each MoE layer routed positions 0..num_routed-1 to in
+    the rollout engine, sorted per layer (`rollouts.replay`); the positions after them (the last token, trailing
+    tool tokens) were never computed and score no token. None: not recorded."""
+    sampling_mask: torch.Tensor | None = None  # [num_tokens, k] int32
+    """Sampling-mask replay (`rollout.sampling_mask_replay`): the ids each sampled token's top-k / top-p draw kept,
+    -1 padding (all -1 on tokens that were not sampled). None: not recorded."""
+    earlier: list[TokenSequence] = field(default_factory=list)
+    """The episode's sequences before its last context rewrite, oldest first (empty without `env.context`); the
+    fields above are its last sequence. All of them train with the episode's reward and advantage."""
     earlier: list[TokenSequence] = field(default_factory=list)
     """The episode's sequences before its last context rewrite, oldest first (empty without `env.context`); the
     fields above are its last sequence. All of them train with the episode's reward and advantage."""

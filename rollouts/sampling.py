@@ -1,9 +1,10 @@
 """On-device sampling and stop detection for the rollout engine (`rollouts/engine.py`).
 
 The engine's batchers call these once per decode step, on the device and without a host round trip:
-`_sample` draws each row's next token (temperature, top-k, top-p; greedy: argmax) and its logprob under
-logits / temperature, the number the learner recomputes; `_LoopDetector` flags a sequence whose last tokens
-repeat one short unit, so a looping generation stops early (`repeat`) instead of burning its whole budget.
+`sample_kept` draws each row's next token (temperature, top-k, top-p; greedy: argmax), its logprob under the
+distribution it was drawn from and, for sampling-mask replay, the ids that distribution keeps; `_LoopDetector`
+flags a sequence whose last tokens repeat one short unit, so a looping generation stops early (`repeat`) instead of
+burning its whole budget.
 
 Sampling is counter-based (`uniform`): token t of a request uses a hash of (request seed, t), so a sample's
 tokens do not depend on which other requests shared its batch, or when it was admitted.
@@ -22,10 +23,14 @@ class SamplingParams:
     greedy: bool = False
     top_p: float = 1.0
     top_k: int = 0
+    record_kept: int = 0
+    """Record the ids each draw keeps, at most this many per token (0 = off): sampling-mask replay's record."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError(f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got {self}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.record_kept < 0:
+            raise ValueError(
+                f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0, record_kept >= 0; got {self}"
+            )
 
 
 # splitmix64 constants as signed int64 (torch integer arithmetic wraps around)
@@ -52,27 +57,50 @@ def uniform(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
 def _sample(
     logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, counters: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its logprob under logits / temperature (greedy: argmax). top-k / top-p restrict
-    which tokens can be drawn; the recorded logprob stays the full tempered distribution's, the one the learner
-    recomputes (as vLLM's default raw logprobs)."""
+    """Next token per row and its logprob (`sample_kept` without the kept sets)."""
+    tok, logp, _ = sample_kept(logits, sampling, seeds, counters)
+    return tok, logp
+
+
+def truncates(sampling: SamplingParams) -> bool:
+    """Whether top-k / top-p restrict the draw (greedy draws no sample: nothing to replay)."""
+    return not sampling.greedy and (sampling.top_p < 1.0 or sampling.top_k > 0)
+
+
+def sample_kept(
+    logits: torch.Tensor, sampling: SamplingParams, seeds: torch.Tensor, counters: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Next token per row, its logprob under the distribution it was drawn from, and with `sampling.record_kept`
+    the ids of the tokens that distribution keeps ([rows, record_kept] int32, -1 padding; None otherwise).
+
+    The logprob is of logits / temperature; with top-k / top-p, renormalized over the tokens they keep (vLLM's
+    `processed_logprobs`): the behaviour policy's, which importance ratios need. The learner rebuilds the same
+    distribution from the kept ids (sampling-mask replay, `rl.trainer.sampling_mask`); it recomputes the full
+    one when none are recorded, which differs from this logprob by the kept mass's log."""
     scaled = logits.float() / sampling.temperature
-    logp = torch.log_softmax(scaled, dim=-1)
     if sampling.greedy:
         tok = logits.argmax(-1)
-    else:
-        allowed = scaled
-        if sampling.top_k and sampling.top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
-            allowed = allowed.masked_fill(allowed < kth, float("-inf"))
-        if sampling.top_p < 1.0:
-            ordered, order = torch.sort(allowed, dim=-1, descending=True)
-            probs = torch.softmax(ordered, dim=-1)
-            drop = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before a token already reaches top_p
-            allowed = allowed.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-        cdf = torch.softmax(allowed, dim=-1).double().cumsum(-1)
-        u = uniform(seeds, counters)[:, None] * cdf[:, -1:]
-        tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=scaled.shape[-1] - 1)
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
+        return tok, torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None])[:, 0], None
+    allowed = scaled
+    if sampling.top_k and sampling.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, sampling.top_k, dim=-1).values[:, -1:]
+        allowed = allowed.masked_fill(allowed < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(allowed, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before a token already reaches top_p
+        allowed = allowed.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    cdf = torch.softmax(allowed, dim=-1).double().cumsum(-1)
+    u = uniform(seeds, counters)[:, None] * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=scaled.shape[-1] - 1)
+    logp = torch.log_softmax(allowed, dim=-1)
+    ids, kept = None, sampling.record_kept
+    if kept:
+        # the kept tokens are the leading ones of the order by logit (top-k and top-p keep a prefix of it); a row
+        # keeps at most `kept` (the sampler's top-k bound when mask replay is on, so this loses nothing)
+        values, ids = torch.topk(allowed, min(kept, scaled.shape[-1]), dim=-1)
+        ids = ids.to(torch.int32).masked_fill(values == float("-inf"), -1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0], ids
 
 
 class _LoopDetector:

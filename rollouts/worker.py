@@ -59,6 +59,8 @@ class WorkerSpec:
     """Where a policy shipped through Ray is unpacked on a node that lacks the driver's disk (None: the default)."""
     lora: LoraConfig | None = None
     """`trainer.lora`: the weights it adapts arrive as adapters, added to this worker's frozen base."""
+    record_routing: bool = False
+    """`algorithm.routing_replay` is on: the engine records each position's routed experts (`rollouts.routing`)."""
 
 
 class RolloutWorker(BroadcastMember):
@@ -89,6 +91,7 @@ class RolloutWorker(BroadcastMember):
             r.repeat_max_period,
             r.max_num_seqs,
             r.prefix_reuse,
+            record_routing=cfg.record_routing,
         )
         self.agents: AgentRunner | None = None
         agent = env_class(cfg.env.name)

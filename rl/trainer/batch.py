@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rewards.records import ScoredTrajectory
+from rl.trainer.replay import replay_tensors
 
 
 @dataclass
@@ -31,6 +32,12 @@ class TrainBatch:
     trace: torch.Tensor | None = None  # [batch] int64
     """Sequences whose per-token learner values the update records (`rl.trainer.trace`): a sequence's index among
     the samples the run keeps, -1 for the others; None: none recorded."""
+    sampling_mask: torch.Tensor | None = None  # [batch, seq, k] int32
+    """Sampling-mask replay: the ids each sampled token's draw kept, -1 padding and off sampled tokens (the learner
+    renormalizes over them: `rl.trainer.replay`); None: not recorded."""
+    routing: torch.Tensor | None = None  # [batch, seq, moe layers, top_k] int16
+    """Routing replay: the rollout's experts per position and MoE layer, -1 where it computed none; None: not
+    recorded."""
 
     @property
     def num_sequences(self) -> int:
@@ -110,7 +117,7 @@ class TrainBatch:
             [min((v for *_, v in t.segments), default=scored[i].trajectory.policy_version) for i, t in rows],
             dtype=torch.long,
         )
-        return TrainBatch(
+        out = TrainBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             loss_mask=loss_mask,
@@ -120,3 +127,8 @@ class TrainBatch:
             episode=episode if batch != len(scored) else None,
             temperature=temperature,
         )
+        episodes = getattr(out, "episode", None)  # the row -> trajectory map, when trajectories span several rows
+        last = {i: row for row, i in enumerate(episodes.tolist())} if episodes is not None else {}
+        own = [last.get(i, i) for i in range(len(scored))]  # each trajectory's own tokens: its last sequence's row
+        out.routing, out.sampling_mask = replay_tensors(scored, own, (input_ids.shape[0], input_ids.shape[1]))
+        return out

@@ -96,6 +96,13 @@ class AlgorithmConfig(Section):
     rollout_correction_cap: float = Field(
         2.0, gt=1, description="tis: weights truncated at this; mis: weights outside [1/cap, cap] masked."
     )
+    routing_replay: Literal["off", "record", "replay"] = Field(
+        "off",
+        description="MoE routing replay (R3, arXiv 2510.11370): record = the rollout engine records each position's "
+        "routed experts and the learner reports `routing_agreement` (its routers' own top-k vs the rollout's); "
+        "replay = the learner's forward also uses the rollout's experts (gates from its own router logits, so "
+        "the router still learns). Needs a DeepSeek-V3-style MoE policy (docs/algorithms.md).",
+    )
 
     @model_validator(mode="after")
     def _check_band(self) -> AlgorithmConfig:

@@ -39,14 +39,23 @@ class Prompts:
     """[rows] prompt lengths, >= 1."""
 
     @staticmethod
-    def of(input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor) -> Prompts:
+    def of(
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        where: torch.Tensor,
+        routing: torch.Tensor | None = None,
+    ) -> Prompts:
+        """With `routing` (routing replay), rows share a prompt only if the rollout routed it the same way too."""
         scored = _scorable(where, attention_mask)
         first = scored.float().argmax(1)
         lengths = torch.where(scored.any(1), first, attention_mask.sum(1)).clamp(min=1)
-        seen: dict[tuple[int, ...], int] = {}
+        seen: dict[tuple, int] = {}
         ids = [
-            seen.setdefault(tuple(row[:n].tolist()), len(seen))
-            for row, n in zip(input_ids, lengths.tolist(), strict=True)
+            seen.setdefault(
+                (tuple(row[:n].tolist()), routing[r, :n].cpu().numpy().tobytes() if routing is not None else b""),
+                len(seen),
+            )
+            for r, (row, n) in enumerate(zip(input_ids, lengths.tolist(), strict=True))
         ]
         return Prompts(ids, lengths)
 
@@ -108,10 +117,12 @@ def scoring_states(
     attention_mask: torch.Tensor,
     where: torch.Tensor,
     prompts: Prompts | None = None,
+    routing: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The last hidden states that score the tokens at `where` ([n, hidden]: the state at position i - 1 scores
     token i) and those tokens' (rows, positions). Position 0 is never scored. With `prompts`, each distinct
-    prompt is forwarded once and the continuations on its KV cache."""
+    prompt is forwarded once and the continuations on its KV cache. With `routing` ([b, t, layers, top_k], routing
+    replay), each forward gets the slice of it aligned with its own tokens (`rl.trainer.replay.RoutingReplay`)."""
     scored = _scorable(where, attention_mask)
     if prompts is None:
         out = forward(
@@ -119,6 +130,7 @@ def scoring_states(
             attention_mask=attention_mask,
             output_hidden_states=True,
             logits_to_keep=_no_logits(input_ids),
+            **({"routing": routing} if routing is not None else {}),
         )
         rows, cols = scored[:, 1:].nonzero(as_tuple=True)
         return out.hidden_states[-1][rows, cols], (rows, cols + 1)
@@ -131,15 +143,19 @@ def scoring_states(
         input_ids.new_zeros(len(first_row), width),
         attention_mask.new_zeros(len(first_row), width),
     )
+    prompt_routing = routing.new_full((len(first_row), width, *routing.shape[2:]), -1) if routing is not None else None
     for g, row in first_row.items():
         n = int(starts[row])
         prompt_ids[g, :n], prompt_mask[g, :n] = input_ids[row, :n], 1
+        if prompt_routing is not None:
+            prompt_routing[g, :n] = routing[row, :n]
     head = forward(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
         use_cache=True,
         output_hidden_states=True,
         logits_to_keep=_no_logits(input_ids),
+        **({"routing": prompt_routing} if prompt_routing is not None else {}),
     )
     last_prompt_state = head.hidden_states[-1][
         group, starts - 1
@@ -151,7 +167,12 @@ def scoring_states(
     else:
         cols = torch.arange(span, device=input_ids.device)
         cont_mask = (cols[None] < cont_len[:, None]).to(attention_mask.dtype)
-        cont_ids = input_ids.gather(1, (starts[:, None] + cols[None]).clamp(max=input_ids.shape[1] - 1)) * cont_mask
+        at = (starts[:, None] + cols[None]).clamp(max=input_ids.shape[1] - 1)
+        cont_ids = input_ids.gather(1, at) * cont_mask
+        extra = {}
+        if routing is not None:  # each continuation position's routing; padding routes as the model does
+            cont_routing = routing[torch.arange(len(at), device=at.device)[:, None], at]
+            extra["routing"] = cont_routing.masked_fill(~cont_mask.bool()[:, :, None, None], -1)
         cache = head.past_key_values
         cache.batch_select_indices(group)  # row r attends to its prompt's keys and values (indexing: gradients add up)
         tail = forward(
@@ -161,6 +182,7 @@ def scoring_states(
             past_key_values=cache,
             output_hidden_states=True,
             logits_to_keep=_no_logits(input_ids),
+            **extra,
         )
         states = torch.cat(
             [last_prompt_state[:, None], tail.hidden_states[-1][:, :-1]], 1

@@ -50,6 +50,7 @@ from rl.trainer.losses import (
 )
 from rl.trainer.optim import build_optimizer
 from rl.trainer.ptx import PtxData
+from rl.trainer.replay import RoutingReplay, agreement, replay_inputs, replayed_routing, routed, token_logprobs
 from rl.trainer.sharding import SHARDS_DIR, ShardedMember, plain_norm
 from rl.trainer.state import load_state, save_state
 from rl.trainer.trace import TokenTrace, TraceRecorder
@@ -80,6 +81,7 @@ class Learner(WeightSource, ShardedMember):
         self.optimizer = build_optimizer(self.model, cfg.trainer)
         # the reference policy for the KL penalty: a frozen copy of the starting weights (only when used)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.algorithm.kl_coef > 0 else None
+        self.routing = RoutingReplay.of(self.model, cfg.algorithm.routing_replay)  # the policy's routers alone
         self.ptx = (
             PtxData(cfg.algorithm, self.tokenizer, cfg.seed, cfg.max_tokens_per_sample)
             if cfg.algorithm.ptx_coef > 0
@@ -156,6 +158,8 @@ class Learner(WeightSource, ShardedMember):
         entropy_grad: bool = False,
         temperature: float | None = None,
         where: torch.Tensor | None = None,
+        kept: torch.Tensor | None = None,
+        routing: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprob of every token given its prefix ([b, t], position 0 is 0) and the entropy there ([b, t];
         differentiable with `entropy_grad`, for the entropy bonus).
@@ -165,22 +169,27 @@ class Learner(WeightSource, ShardedMember):
 
         With `where` ([b, t] bool), only those tokens are scored (the others are 0), through the forward's savings
         (rl/trainer/forward.py): the head and the softmax over the vocabulary run on them alone (the loss needs only the
-        policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once.
+        policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once. `kept` ([b, t, k])
+        and `routing` ([b, t, layers, top_k]): the rollout's kept ids and routing, replayed (rl/trainer/replay.py).
         """
         temperature = temperature or self.cfg.temperature
-        forward = self._forward(fake_quant)
+        forward = self._forward(fake_quant) if self.routing is None else self.routing.wrap(self._forward(fake_quant))
         if where is None or not self._head_on_hidden:
-            logp, entropy = _token_logprobs(
-                forward(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1],
+            logp, entropy = token_logprobs(
+                forward(input_ids=input_ids, attention_mask=attention_mask, **routed(routing)).logits[:, :-1],
                 input_ids[:, 1:],
                 temperature,
+                kept[:, 1:] if kept is not None else None,
             )
             zero = torch.zeros_like(logp[:, :1])
             logp, entropy = torch.cat([zero, logp], 1), torch.cat([zero, entropy], 1)
         else:
-            prompts = Prompts.of(input_ids, attention_mask, where) if self._share_prompt else None
-            states, at = scoring_states(forward, input_ids, attention_mask, where, prompts)
-            values, ent_values = _token_logprobs(self.model.get_output_embeddings()(states), input_ids[at], temperature)
+            prompts = Prompts.of(input_ids, attention_mask, where, routing) if self._share_prompt else None
+            states, at = scoring_states(forward, input_ids, attention_mask, where, prompts, routing)
+            head = self.model.get_output_embeddings()
+            values, ent_values = token_logprobs(
+                head(states), input_ids[at], temperature, kept[at] if kept is not None else None
+            )
             logp = values.new_zeros(input_ids.shape).index_put(at, values)
             entropy = ent_values.new_zeros(input_ids.shape).index_put(at, ent_values)
         return logp, entropy if entropy_grad else entropy.detach()
@@ -257,7 +266,7 @@ class Learner(WeightSource, ShardedMember):
     ) -> torch.Tensor:
         """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
         assert self.reference is not None
-        logp, _ = _token_logprobs(
+        logp, _ = token_logprobs(
             self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1],
             input_ids[:, 1:],
             temperature,
@@ -308,7 +317,9 @@ class Learner(WeightSource, ShardedMember):
         attribute = measure and self.version % cfg.quant.attribution_every == 0
         sums = UpdateSums()
         recorder = TraceRecorder(batch.trace) if batch.trace is not None else None
-        prompts = Prompts.of(batch.input_ids, batch.attention_mask, batch.loss_mask > 0) if self._share_prompt else None
+        routing = replayed_routing(batch, self.routing)  # [b, t, layers, top_k] to replay or compare, or None
+        where_all = batch.loss_mask > 0
+        prompts = Prompts.of(batch.input_ids, batch.attention_mask, where_all, routing) if self._share_prompt else None
         micro_batches = self._micro_batches(batch, prompts, backward, score_all)
         if not totals.backward and micro_batches:
             # no sequence of the whole batch has a gradient: one backward still runs, so the step is the one the full
@@ -332,13 +343,15 @@ class Learner(WeightSource, ShardedMember):
                 )
                 algo = cfg.algorithm
                 where = mask > 0
+                replay = replay_inputs(batch, routing, sl, width, where)  # where, kept ids, routing
                 positions = forwarded_positions(attn, prompts.rows(sl) if prompts is not None else None)
                 sums.forwarded += positions
                 sums.backward += positions if needs_grad else 0.0
                 with torch.set_grad_enabled(needs_grad):  # a sequence without gradient is only scored, for the metrics
                     logp, entropy = self.sequence_logprobs(
-                        ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, where=where
+                        ids, attn, fake_quant, entropy_grad=algo.entropy_coef > 0, temperature=temperature, **replay
                     )
+                    sums.add_routing(*agreement(self.routing))
                     train_mask = mask
                     if algo.token_mask is not None:  # K2.5: no gradient where the token left the trust band
                         train_mask = token_band_mask(logp, old, mask, algo.token_mask)
@@ -385,9 +398,8 @@ class Learner(WeightSource, ShardedMember):
                         token_masked = train_mask if algo.token_mask is not None else None
                         recorder.record(sl, logp, token_masked, weights, out.clipped)
                     if attribute:  # the same batch through the other learner mode: the quantization part of the gap
-                        other, _ = self.sequence_logprobs(
-                            ids, attn, not fake_quant, temperature=temperature, where=where
-                        )
+                        other, _ = self.sequence_logprobs(ids, attn, not fake_quant, temperature=temperature, **replay)
+                        agreement(self.routing)  # dropped: routing_agreement is of the update's forward alone
                         sums.quant += token_mean((logp.detach() - other).abs(), mask, num_tokens).item()
                     stale = (lag[sl] > 0).float()[:, None] * mask
                     fresh = mask - stale
@@ -473,13 +485,3 @@ class Learner(WeightSource, ShardedMember):
             self.sharded.load_optimizer(Path(path) / SHARDS_DIR, self.optimizer)
             self.sharded.gather()
         return self.version
-
-
-def _token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprob of each target [...], entropy of the distribution it was drawn from [...]) from `logits` [..., V]
-    at `temperature`."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)

@@ -70,6 +70,15 @@ class UpdateSums:
     """Positions the forward ran (padding included, a shared prompt once) (`train_forward_ratio`)."""
     backward: float = 0.0
     """Of those, the positions of micro-batches that ran a backward (`train_backward_fraction`)."""
+    routing_matches: float = 0.0
+    """(token, MoE layer) pairs whose learner router chose the rollout's top-k set (`routing_agreement`)."""
+    routing_compared: float = 0.0
+    """(token, MoE layer) pairs with rollout routing to compare (`algorithm.routing_replay` record / replay)."""
+
+    def add_routing(self, matches: float, compared: float) -> None:
+        """Count a forward's routing agreement (`rl.trainer.replay.RoutingReplay.take`)."""
+        self.routing_matches += matches
+        self.routing_compared += compared
 
 
 @dataclass(frozen=True)
@@ -121,4 +130,6 @@ def update_metrics(
         metrics["fake_quant"] = float(parts.fake_quant)
     if parts.attribution:
         metrics["mismatch_quant_abs_logp"] = sums.quant * metric_scale
+    if sums.routing_compared:  # of the learner router's own choice, also when the rollout's is replayed
+        metrics["routing_agreement"] = sums.routing_matches / sums.routing_compared
     return metrics
