@@ -147,4 +147,6 @@ def test_sharding_settings_that_cannot_train_fail_at_config_time(make_cfg) -> No
         preflight(make_cfg(*SHARDED, "trainer.lora.rank=4", "trainer.optimizer=muon"), resources=False)
     assert [p.key for p in err.value.problems] == ["trainer.sharding", "trainer.sharding"]
     assert "trainer.lora trains small adapters" in str(err.value) and "trainer.optimizer=muon" in str(err.value)
+    with pytest.raises(PreflightError, match=r"routing_replay=record is not built for sharded learners"):
+        preflight(make_cfg(*SHARDED, "algorithm.routing_replay=record"), resources=False)
     preflight(make_cfg(*SHARDED), resources=False)  # full-parameter AdamW shards

@@ -14,7 +14,7 @@ the YAML points at, and what no single section can see:
 - resources: each actor's bundle fits some node, and all of them the machine or cluster (`rl.launch.placement`);
 - algorithm preconditions: a group baseline needs 2+ samples per prompt, token budgets must fit
   `rollout.max_tokens_per_sample` (and it the model's positions), a setting of another variant is not set;
-  sharded learners (`trainer.sharding: fsdp`) train neither LoRA nor Muon.
+  sharded learners (`trainer.sharding: fsdp`) train neither LoRA nor Muon, nor replay routing.
 
 `tiderl submit` adds what only the cluster can say (`rl.launch.jobs`: its nodes, its interpreter). What can only
 fail later (a node dying) fails as before, clearly, at run time.
@@ -401,6 +401,15 @@ def _sharding(cfg: JobConfig) -> list[Problem]:
                 t.sharding,
                 "trainer.optimizer=muon orthogonalizes each whole weight matrix, and sharded learners hold row "
                 "shards of them: use trainer.optimizer=adamw, or trainer.sharding=replicate",
+            )
+        )
+    if cfg.algorithm.routing_replay != "off":
+        problems.append(
+            Problem(
+                "trainer.sharding",
+                t.sharding,
+                f"algorithm.routing_replay={cfg.algorithm.routing_replay} is not built for sharded learners (their "
+                "idle micro-batches carry no rollout routing): use trainer.sharding=replicate, or routing_replay=off",
             )
         )
     return problems
