@@ -71,7 +71,7 @@ def worker(tool_policy_dir, make_cfg):
 def test_a_verifiers_tool_env_runs_through_the_endpoint(worker):
     """verifiers' loop drives the episode (its tool calls executed by verifiers, its rubric scoring): everything it
     saw is in the tokens the endpoint recorded, and the reward is its rubric's verdict on the sampled reply."""
-    outputs = ENVS.get(f"{RECORDING}:run").__call__.__globals__["OUTPUTS"]
+    outputs = ENVS.get(f"{RECORDING}:OUTPUTS")
     trajectories = worker.generate_step(prompt_rows("train", 4), [0, 1, 2, 3], 2, 0)
     assert len(trajectories) == 8 and all(t.error is None for t in trajectories)
     decode = worker.renderer.decode
