@@ -86,9 +86,10 @@ def fitted_policy(args: argparse.Namespace) -> Path:
     cfg = load_config(None, [*overrides, "logging.progress=false"])
     model, tokenizer = load_policy(prepare_policy(cfg, log=print), cfg.model)
     renderer = Renderer(tokenizer)
-    rollout, env = configs(args, hops=40)
+    rollout, env = configs(args, hops=args.fit_hops)
     loop = AgentLoop(Teacher(renderer), renderer, LongHorizonEnv, rollout, env)  # type: ignore[arg-type]
-    rows = [to_prompt_row(i, r) for i, r in enumerate(make_rows(24, seed=1, split="fit", hops=40))]
+    fit_rows = make_rows(args.fit_chains, seed=1, split="fit", hops=args.fit_hops)
+    rows = [to_prompt_row(i, r) for i, r in enumerate(fit_rows)]
     sequences = [
         (s.token_ids.tolist(), s.loss_mask.tolist())
         for t in loop.run(rows, 1, 0, greedy=True, generator=torch.Generator())
@@ -96,7 +97,7 @@ def fitted_policy(args: argparse.Namespace) -> Path:
     ]
     digits = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
     ws = WarmStartConfig(
-        steps=args.fit_steps, target_copy_accuracy=0.98, check_every=50, anneal_steps=30, batch_size=8, lr=4e-3
+        steps=args.fit_steps, target_copy_accuracy=0.98, check_every=50, anneal_steps=30, batch_size=8, lr=args.fit_lr
     )
     model.train()
     report = supervised_warm_start(model, sequences, sequences[:16], digits, ws, tokenizer.pad_token_id, 0, False)
@@ -117,6 +118,9 @@ def main() -> None:
     parser.add_argument("--keep-last", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--fit-chains", type=int, default=24, help="chains the scripted policy runs for the fit")
+    parser.add_argument("--fit-hops", type=int, default=40)
+    parser.add_argument("--fit-lr", type=float, default=4e-3)
     parser.add_argument("--policy-dir", default="/tmp/tiderl-long-horizon-policy")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

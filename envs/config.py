@@ -41,9 +41,9 @@ class SandboxConfig(Section):
 
 class ContextConfig(Section):
     """Context management on long horizons (K2 Thinking's on its long tool runs): once an episode's context passes
-    `budget_tokens`, older tool results are hidden behind `placeholder`, and when that is not enough the oldest
-    exchanges (an assistant turn and its results) are dropped. Each rewrite starts a new training sequence of the
-    episode (`rollouts.context`); nothing is re-tokenized."""
+    `budget_tokens`, older tool results are hidden behind `placeholder`, and when that is not enough every exchange
+    (an assistant turn and its results) but the last `keep_last` is dropped. Each rewrite starts a new training
+    sequence of the episode (`rollouts.context`); nothing is re-tokenized."""
 
     budget_tokens: int = Field(
         0,
@@ -62,8 +62,9 @@ class ContextConfig(Section):
     )
     drop_turns: bool = Field(
         True,
-        description="When hiding older tool results does not bring the context under the budget, drop the oldest "
-        "exchanges too (the context then stays within the budget + one turn); false = hide results only.",
+        description="When hiding older tool results does not bring the context under the budget, drop every step "
+        "but the last `keep_last` too (the context then stays within the budget + one turn); false = hide results "
+        "only.",
     )
 
 

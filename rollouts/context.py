@@ -6,9 +6,12 @@ limit. The agent loop does the same after a tool step whose context is longer th
 
 1. the tool results of every step but the last `keep_last` become `placeholder` (the template's own rendering of
    the same tool messages with that content);
-2. if that is not enough and `drop_turns` is on, the oldest steps (an assistant turn and its results) are dropped
-   until the context fits, and the opening prompt is rendered again with `placeholder` as a user message after it
+2. if that is not enough and `drop_turns` is on, every step but the last `keep_last` (an assistant turn and its
+   results) is dropped, and the opening prompt is rendered again with `placeholder` as a user message after it
    (the prompt was rendered by the template in the first place: nothing the policy sampled is re-tokenized).
+   All of them at once, not just enough to fit: the context then has room to grow for many steps before the next
+   rewrite, where dropping one step at a time would rewrite (split the sequence, and prefill everything after the
+   prompt again) on every later step.
 
 The new context is spliced from token ids: the prompt, each kept assistant turn exactly as sampled, each kept or
 hidden observation as rendered. The sequence so far is closed as it was (its tokens, rollout logprobs and loss
@@ -79,10 +82,7 @@ def rewrite(ids: list[int], state: ContextState, cfg: ContextConfig, renderer: R
     if total > cfg.budget_tokens and cfg.drop_turns and n_old:
         if state.dropped == 0:  # the first drop: the opening prompt gains the placeholder as a user message
             prompt = renderer.prompt_ids([*state.opening, {"role": "user", "content": cfg.placeholder}], state.tools)
-            total += len(prompt) - state.prompt_end
-        while drop < n_old and total > cfg.budget_tokens:
-            total -= len(turns[drop]) + len(observations[drop])
-            drop += 1
+        drop = n_old
     if not newly_hidden and not drop:
         return None  # nothing left to hide or drop: the context stays as it is
     out = list(prompt)

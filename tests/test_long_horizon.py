@@ -117,7 +117,8 @@ def test_200_calls_with_hidden_results_and_dropped_turns_split_token_faithfully(
     assert traj.row.ground_truth == treasure and len(policy.record) == 201
     # the conversation the environment saw is whole; the sequences are what the policy saw
     assert sum(m["role"] == "tool" for m in traj.messages) == 200
-    assert traj.sample.context_rewrites == len(traj.earlier) >= 10
+    # a rewrite after most calls at this budget (prompt + 2 steps is ~415 of its 600 tokens), but not after every one
+    assert traj.sample.context_rewrites == len(traj.earlier) and 100 <= len(traj.earlier) < 200
     check_faithful(traj, policy)
     # the context never exceeds the budget + one turn: every request starts within the budget
     longest_turn = max(len(r[1]) for r in policy.record)
