@@ -89,6 +89,7 @@ def test_sharded_update_equals_the_single_learner_and_holds_half_per_rank(tiny_p
         placement.remove()
 
 
+@pytest.mark.slow  # two more pairs of learner actors (52 s on the loaded 2-core machine): over the default budget
 @pytest.mark.usefixtures("ray_local")
 def test_a_sharded_checkpoint_resumes_exactly(tmp_path: Path, tiny_policy_dir, make_cfg, batches) -> None:
     """Two updates, a checkpoint (each rank's optimizer shards in one directory), a third update; a new pair of
