@@ -62,7 +62,9 @@ def test_group_scored_environments_are_refused():
 def worker(tool_policy_dir, make_cfg):
     from rollouts.worker import RolloutWorker
 
-    cfg = make_cfg(f"env.name={RECORDING}:run", "reward.functions=[]", "env.max_turns=4")
+    cfg = make_cfg(
+        f"env.name={RECORDING}:run", "reward.functions=[]", "env.max_turns=4", "rollout.max_new_tokens_per_turn=40"
+    )
     w = RolloutWorker(str(tool_policy_dir), cfg.worker_spec(), 0)
     yield w
     w.agents.endpoint.stop()
