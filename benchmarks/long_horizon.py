@@ -123,9 +123,10 @@ def main() -> None:
     parser.add_argument("--fit-lr", type=float, default=4e-3)
     parser.add_argument("--policy-dir", default="/tmp/tiderl-long-horizon-policy")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling at T=1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_policy(fitted_policy(args), load_config(None, []).model)
+    model, tokenizer = load_policy(fitted_policy(args), load_config(None, ["model={}"]).model)
     renderer = Renderer(tokenizer)
     rollout, env = configs(args, args.hops)
     engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, 0, 16, 256, True)
@@ -171,7 +172,7 @@ def main() -> None:
     episodes = loop.new_episodes(rows, 1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start, cpu_start = time.perf_counter(), time.process_time()
-    loop.run_episodes(episodes, 0, greedy=False, generator=torch.Generator().manual_seed(0))
+    loop.run_episodes(episodes, 0, greedy=args.greedy, generator=torch.Generator().manual_seed(0))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     trajs = [loop.trajectory(ep) for ep in episodes]
