@@ -171,6 +171,9 @@ def test_preflight_checks_agent_functions(make_cfg, tmp_path):
     assert any("is not an async function" not in str(p) and "run(client, row)" in str(p) for p in arity)
     paused = check_references(make_cfg(f"env.name={AGENT}", "rollout.partial_rollout_budget=8"))
     assert [p.key for p in paused] == ["rollout.partial_rollout_budget"]
+    replayed = check_references(make_cfg(f"env.name={AGENT}", "reward.functions=[]", "algorithm.routing_replay=replay"))
+    assert [p.key for p in replayed] == ["algorithm.routing_replay"]
+    assert check_references(make_cfg(f"env.name={AGENT}", "reward.functions=[]", "algorithm.routing_replay=off")) == []
 
 
 def test_a_job_trains_on_an_agents_episodes(make_cfg, tmp_path):
@@ -184,6 +187,7 @@ def test_a_job_trains_on_an_agents_episodes(make_cfg, tmp_path):
         "cluster.backend=in_process",
         "eval.enabled=false",
         "trainer.steps=2",
+        "algorithm.routing_replay=record",  # as the default job: the endpoint's episodes carry no routing to measure
     )
     train(cfg, tmp_path / "run")
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -169,11 +169,13 @@ def test_routing_replay_fails_loudly_where_it_cannot_apply(tiny_policy_dir, make
         RoutingReplay(mixtral, "record")
     with pytest.raises(ValueError, match="runs 'mixtral' models through their HF forward"):
         Engine(mixtral, 0, 1, record_routing=True)
-    cfg = make_cfg("algorithm.routing_replay=record")
-    plain = make_cfg()  # rollouts that recorded no routing
+    plain = make_cfg()  # rollouts that recorded no routing (as an agent's, served by the OpenAI endpoint)
     batch = _batch(RolloutWorker(str(tiny_policy_dir), plain.worker_spec(), 0), plain, prompts=1)
-    with pytest.raises(ValueError, match="routing_replay=record, but the batch carries no rollout routing"):
-        Learner(str(tiny_policy_dir), cfg.learner_spec()).train_step(batch)
+    with pytest.raises(ValueError, match="routing_replay=replay, but the batch carries no rollout routing"):
+        Learner(str(tiny_policy_dir), make_cfg("algorithm.routing_replay=replay").learner_spec()).train_step(batch)
+    recorded = Learner(str(tiny_policy_dir), make_cfg("algorithm.routing_replay=record").learner_spec())
+    metrics = recorded.train_step(batch)  # record only measures: nothing to measure, nothing reported
+    assert "routing_agreement" not in metrics and metrics["train_tokens"] > 0
 
 
 @pytest.mark.slow

@@ -269,6 +269,15 @@ def _agent_checks(cfg: JobConfig, fn: Any) -> list[Problem]:
                 "steps): set it to 0",
             )
         )
+    if cfg.algorithm.routing_replay == "replay":
+        problems.append(
+            Problem(
+                "algorithm.routing_replay",
+                "replay",
+                "the OpenAI endpoint does not record the rollout's routing, so an agent's episodes cannot replay it: "
+                "use algorithm.routing_replay=off (or record, which measures the episodes that carry routing)",
+            )
+        )
     if cfg.reward.models and cfg.reward.models_async:
         problems.append(
             Problem(

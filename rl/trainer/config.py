@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from envs.config import Section
 from rollouts.config import LoraConfig, ModelConfig, QuantConfig
@@ -103,6 +103,12 @@ class AlgorithmConfig(Section):
         "replay = the learner's forward also uses the rollout's experts (gates from its own router logits, so "
         "the router still learns). Needs a DeepSeek-V3-style MoE policy (docs/algorithms.md).",
     )
+
+    @field_validator("routing_replay", mode="before")
+    @classmethod
+    def _off_is_not_false(cls, value: object) -> object:
+        """YAML 1.1 reads a bare `off` (`algorithm.routing_replay=off`, `routing_replay: off`) as false."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check_band(self) -> AlgorithmConfig:

@@ -121,8 +121,13 @@ def agreement(replay: RoutingReplay | None) -> tuple[float, float]:
 
 
 def replayed_routing(batch: TrainBatch, replay: RoutingReplay | None) -> torch.Tensor | None:
-    """The batch's routing when the learner replays or records it; an error when it should but the batch has none."""
+    """The batch's routing when the learner replays or records it; an error when it replays and the batch has none.
+
+    `record` only measures: a batch without routing (an agent's episodes, served by the OpenAI endpoint, carry none)
+    trains as it would with routing replay off and adds nothing to `routing_agreement`."""
     if replay is None:
+        return None
+    if batch.routing is None and replay.mode == "record":
         return None
     if batch.routing is None:
         raise ValueError(
