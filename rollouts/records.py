@@ -112,9 +112,6 @@ class Trajectory:
     earlier: list[TokenSequence] = field(default_factory=list)
     """The episode's sequences before its last context rewrite, oldest first (empty without `env.context`); the
     fields above are its last sequence. All of them train with the episode's reward and advantage."""
-    earlier: list[TokenSequence] = field(default_factory=list)
-    """The episode's sequences before its last context rewrite, oldest first (empty without `env.context`); the
-    fields above are its last sequence. All of them train with the episode's reward and advantage."""
     model_score_refs: dict[str, tuple[Any, int]] = field(default_factory=dict)
     """Reward model name -> (Ray ObjectRef of a batch's scores, this sample's position in it), when the worker
     sent the episode for scoring as soon as its group finished (`reward.models_async`)."""

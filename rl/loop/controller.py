@@ -85,7 +85,6 @@ def rl_step(job: Job, step: int) -> dict[str, Any]:
             sync_metrics = actors.sync_weights(cfg, int(train_metrics["policy_version"]))
         metrics = {**rollout_metrics(batch.scored), **train_metrics, **kl_metrics, **sync_metrics}
         metrics["temperature"] = temperature
-
     else:  # every sample failed (each counted and logged by the scorer), or every group is still paused
         metrics = {"skipped_step": 1.0}
     with timer("samples"):
