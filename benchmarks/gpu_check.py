@@ -221,26 +221,11 @@ def int4_matvec(device, sizes: dict) -> dict:
 def build_decode_model(device, sizes: dict):
     """A random K2-style MoE in bf16 on `device`, configured as benchmarks/int4_decode.py builds its presets."""
     import torch
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from int4_decode import k2_config
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = DeepseekV3Config(
-        **sizes["decode"],
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=0,
-        qk_rope_head_dim=64,
-        qk_nope_head_dim=64,
-        v_head_dim=64,
-        max_position_embeddings=4096,
-        num_mtp_layers=0,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
+    config = k2_config(sizes["decode"])
     with torch.device(device):  # built in fp32 and cast, as int4_decode.py does: every buffer becomes bf16 too
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(torch.bfloat16).eval()
 

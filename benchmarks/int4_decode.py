@@ -50,10 +50,10 @@ PRESETS = {
 }
 
 
-def build_model(preset: str, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = DeepseekV3Config(
-        **PRESETS[preset],
+def k2_config(sizes: dict) -> DeepseekV3Config:
+    """A K2-style MoE config (2 of the routed experts per token plus a shared one, MLA) of the given sizes."""
+    return DeepseekV3Config(
+        **sizes,
         num_experts_per_tok=2,
         n_shared_experts=1,
         n_group=1,
@@ -69,7 +69,11 @@ def build_model(preset: str, seed: int) -> torch.nn.Module:
         eos_token_id=1,
         bos_token_id=None,
     )
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def build_model(preset: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(k2_config(PRESETS[preset]), dtype=torch.float32).eval()
 
 
 def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
