@@ -40,7 +40,7 @@ def job(run_dir: Path) -> None:
         print(
             f"{r['step']:>4} {r['sync_delta']:>5.0f} {r['sync_bytes']:>10.0f} {r['sync_full_bytes']:>10.0f} "
             f"{r['sync_bytes'] / r['sync_full_bytes']:>6.3f} {r.get('sync_int4_groups_changed', float('nan')):>7.3f} "
-            f"{r.get('sync_int4_codes_changed', float('nan')):>7.4f} {r.get('sync_encode_s', 0.0) * 1e3:>6.1f}ms"
+            f"{r.get('sync_int4_codes_changed', float('nan')):>7.4f} {r.get('time_sync_encode_s', 0.0) * 1e3:>6.1f}ms"
         )
     sent, full = sum(r["sync_bytes"] for r in rows), sum(r["sync_full_bytes"] for r in rows)
     deltas = [r for r in rows if r["sync_delta"]]
@@ -48,7 +48,7 @@ def job(run_dir: Path) -> None:
     print(
         f"{len(rows)} pushes ({len(deltas)} deltas): {sent / 1e6:.2f} MB sent against {full / 1e6:.2f} MB of full "
         f"pushes = {sent / full:.3f}x; per delta: INT4 groups changed {mean('sync_int4_groups_changed'):.3f}, codes "
-        f"{mean('sync_int4_codes_changed'):.4f}, encode {mean('sync_encode_s') * 1e3:.1f} ms"
+        f"{mean('sync_int4_codes_changed'):.4f}, encode {mean('time_sync_encode_s') * 1e3:.1f} ms"
     )
 
 

@@ -239,7 +239,7 @@ class PushInfo:
             "sync_delta": float(self.base_id is not None),
         }
         if self.base_id is not None:
-            out["sync_encode_s"] = self.encode_s
+            out["time_sync_encode_s"] = self.encode_s
             if self.int4_groups:
                 out["sync_int4_groups_changed"] = self.int4_groups_changed / self.int4_groups
                 out["sync_int4_codes_changed"] = self.int4_codes_changed / self.int4_codes

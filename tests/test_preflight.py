@@ -53,7 +53,7 @@ def test_unknown_names_of_every_kind(tmp_path: Path) -> None:
         "algorithm.loss=ppo_clipp",
     )
     assert "env.name = 'calculatr': unknown environment; did you mean 'calculator'?" in err
-    assert "known: calculator, python, search, single_turn" in err
+    assert "known: calculator, long_horizon, python, search, single_turn" in err
     assert "reward.functions[0].name = 'mathh': unknown reward function; did you mean 'math'?" in err
     assert "algorithm.advantage = 'grpoo': unknown advantage estimator; did you mean 'grpo'?" in err
     assert "algorithm.loss = 'ppo_clipp': unknown policy loss; did you mean 'ppo_clip'?" in err
