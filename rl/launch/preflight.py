@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from envs.agent import agent_signature_problem, is_agent_function
+from envs.agent import is_agent_function
 from envs.registry import BUILT_IN_ENVS, ENVS, Registry, RegistryError
 from rewards.registry import BUILT_IN_REWARDS, REWARDS
 from rl.config import ConfigError, JobConfig
@@ -210,7 +210,9 @@ def _resolve(
 def _env_signature(cfg: JobConfig, cls: Any) -> list[Problem]:
     name = cfg.env.name
     if is_agent_function(cls) or inspect.isfunction(cls):  # a plain function can only be meant as an agent
-        return _agent_checks(cfg, cls)
+        from rl.launch.preflight_agents import agent_checks
+
+        return agent_checks(cfg, cls)
     missing = [m for m in ("reset", "step", "close") if not callable(getattr(cls, m, None))]
     if missing:
         return [
@@ -237,57 +239,6 @@ def _env_signature(cfg: JobConfig, cls: Any) -> list[Problem]:
     except ValueError:  # no signature to read (a builtin): tried at run time
         pass
     return []
-
-
-def _agent_checks(cfg: JobConfig, fn: Any) -> list[Problem]:
-    """An agent function (`env.name=agent.py:run`, envs/agent.py): its signature, the `openai` package it is handed
-    a client of, and the settings an agent episode cannot honour."""
-    name = cfg.env.name
-    problems = []
-    why = agent_signature_problem(fn)
-    if why is not None:
-        problems.append(Problem("env.name", name, f"{_name(fn)} {why}"))
-    if importlib.util.find_spec("openai") is None:
-        problems.append(
-            Problem(
-                "env.name",
-                name,
-                "an agent function is handed an openai.AsyncOpenAI client, and the openai package is not installed: "
-                "pip install -e '.[agents]'",
-            )
-        )
-    if cfg.env.kwargs:
-        problems.append(
-            Problem("env.kwargs", cfg.env.kwargs, "an agent function takes no constructor arguments: drop env.kwargs")
-        )
-    if cfg.rollout.partial_rollout_budget:
-        problems.append(
-            Problem(
-                "rollout.partial_rollout_budget",
-                cfg.rollout.partial_rollout_budget,
-                "an agent episode runs to its end within its step (an agent cannot be paused between two "
-                "steps): set it to 0",
-            )
-        )
-    if cfg.algorithm.routing_replay == "replay":
-        problems.append(
-            Problem(
-                "algorithm.routing_replay",
-                "replay",
-                "the OpenAI endpoint does not record the rollout's routing, so an agent's episodes cannot replay it: "
-                "use algorithm.routing_replay=off (or record, which measures the episodes that carry routing)",
-            )
-        )
-    if cfg.reward.models and cfg.reward.models_async:
-        problems.append(
-            Problem(
-                "reward.models_async",
-                True,
-                "agent episodes are sent to reward models after the step's rollouts, not from the worker: set "
-                "reward.models_async=false",
-            )
-        )
-    return problems
 
 
 def _reward_signature(key: str, name: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> list[Problem]:
