@@ -1,22 +1,22 @@
 """Long-horizon episodes on the rollout engine: 200+ sequential tool calls with context management (run by hand).
 
-    python benchmarks/long_horizon.py [--episodes 4] [--hops 200] [--budget 768] [--fit-steps 300]
+    python benchmarks/long_horizon.py [--episodes 4] [--set env.context.budget_tokens=768 ...]
 
-The built-in tiny policy (default sizes, no calculator warm start) is first fitted, supervised, on sequences a
-scripted policy produces in the same environment under the same `env.context` policy (so it has seen rewritten
-contexts: placeholders, dropped steps), and cached in `--policy-dir`. Then `--episodes` chains of `--hops` doors
-run concurrently through the real engine (continuous batching, prefix reuse) and the agent loop, and it prints:
-tokens/s (generated, and processed: prefill + cache extensions + decode), peak memory (process RSS, the KV cache
-it allocates), how the sequences grow, and what the cache slots did: turns continued in their slot from the whole
-previous context, turns continued after a rewrite from the common prefix (how much was kept and recomputed), and
-fresh prefills (a slot reset). It also checks that every training sequence holds exactly the tokens the engine
-saw and sampled. Figures: docs/agentic.md, "Long horizons".
+The policy is the one `tiderl train configs/long_horizon.yaml` starts from (with `--set` overrides): the built-in
+tiny policy warm-started on the sequences the task's scripted teacher produces in the same environment under the
+same `env.context` policy (so it has seen rewritten contexts: placeholders, dropped steps), built and cached by the
+job's own warm start. Then `--episodes` chains of the config's doors run concurrently through the real engine
+(continuous batching, prefix reuse) and the agent loop, and it prints: tokens/s (generated, and processed: prefill
++ cache extensions + decode), peak memory (process RSS, the KV cache it allocates), how the sequences grow, and
+what the cache slots did: turns continued in their slot from the whole previous context, turns continued after a
+rewrite from the common prefix (how much was kept and recomputed), and fresh prefills (a slot reset). It also
+checks that every training sequence holds exactly the tokens the engine saw and sampled. Figures: docs/agentic.md,
+"Long horizons".
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import resource
 import statistics
 import time
@@ -24,111 +24,38 @@ from pathlib import Path
 
 import torch
 
-from envs.config import ContextConfig, EnvConfig
-from envs.long_horizon import LongHorizonEnv
-from rl.config import WarmStartConfig, load_config
+from envs.registry import make_env
+from rl.config import load_config
 from rl.loop.data import to_prompt_row
-from rl.policy.warmstart import prepare_policy, supervised_warm_start
+from rl.policy.warmstart import prepare_policy
 from rl.tasks.long_horizon import make_rows
 from rollouts.agent_loop import AgentLoop
-from rollouts.config import RolloutConfig
 from rollouts.decoder import Decoder
-from rollouts.engine import Batcher, Engine, Generation
-from rollouts.model import load_policy, save_policy
+from rollouts.engine import Batcher, Engine
+from rollouts.model import load_policy
 from rollouts.renderer import Renderer
 
-
-class Teacher:
-    """A scripted policy behind the engine's batcher API: opens the door of the last key in its context, answers
-    once the treasure shows. Its sequences are the fitted policy's training data."""
-
-    def __init__(self, renderer: Renderer) -> None:
-        self.renderer, self.waiting = renderer, []
-
-    def batcher(self, sampling, slots, max_len):
-        return self
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting)
-
-    def submit(self, request, on_done) -> None:
-        self.waiting.append((request, on_done))
-
-    def step(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        for request, on_done in waiting:
-            seen = self.renderer.decode(request.prompt[-400:])
-            treasure = re.findall(r"treasure is (\d+)", seen)
-            key = re.findall(r"(?:Next key:|first key is) (\d{4})", seen)
-            text = (
-                f"The treasure is {treasure[-1]}."
-                if treasure
-                else f'<tool_call>{{"name": "open", "arguments": {{"key": "{key[-1]}"}}}}</tool_call>'
-            )
-            ids = self.renderer.encode(text) + [self.renderer.eos_token_id]
-            on_done(Generation(ids, [-0.1] * len(ids)))
-
-
-def configs(args: argparse.Namespace, hops: int) -> tuple[RolloutConfig, EnvConfig]:
-    context = ContextConfig(budget_tokens=args.budget, keep_last=args.keep_last)
-    env = EnvConfig(name="long_horizon", max_turns=hops + 10, max_tool_calls=hops + 10, context=context)
-    rollout = RolloutConfig(max_new_tokens_per_turn=40, max_tokens_per_sample=args.max_len, temperature=1.0)
-    return rollout, env
-
-
-def fitted_policy(args: argparse.Namespace) -> Path:
-    """The tiny policy fitted on the teacher's sequences (cached in `args.policy_dir`)."""
-    out = Path(args.policy_dir)
-    if (out / "config.json").is_file():
-        return out
-    overrides = ["warm_start.enabled=false", f"model.tiny.max_position_embeddings={args.max_len}"]
-    cfg = load_config(None, [*overrides, "logging.progress=false"])
-    model, tokenizer = load_policy(prepare_policy(cfg, log=print), cfg.model)
-    renderer = Renderer(tokenizer)
-    rollout, env = configs(args, hops=args.fit_hops)
-    loop = AgentLoop(Teacher(renderer), renderer, LongHorizonEnv, rollout, env)  # type: ignore[arg-type]
-    fit_rows = make_rows(args.fit_chains, seed=1, split="fit", hops=args.fit_hops)
-    rows = [to_prompt_row(i, r) for i, r in enumerate(fit_rows)]
-    sequences = [
-        (s.token_ids.tolist(), s.loss_mask.tolist())
-        for t in loop.run(rows, 1, 0, greedy=True, generator=torch.Generator())
-        for s in t.sequences()
-    ]
-    digits = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
-    ws = WarmStartConfig(
-        steps=args.fit_steps, target_copy_accuracy=0.98, check_every=50, anneal_steps=30, batch_size=8, lr=args.fit_lr
-    )
-    model.train()
-    report = supervised_warm_start(model, sequences, sequences[:16], digits, ws, tokenizer.pad_token_id, 0, False)
-    print(
-        f"fitted on {len(sequences)} teacher sequences (longest {max(len(ids) for ids, _ in sequences)}): "
-        f"{report['steps']:.0f} steps, {report['seconds']:.0f} s, "
-        f"key-copy accuracy {report['copy_accuracy']:.3f}"
-    )
-    save_policy(model, tokenizer, out)
-    return out
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "long_horizon.yaml"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=4)
     parser.add_argument("--hops", type=int, default=200)
-    parser.add_argument("--budget", type=int, default=768)
-    parser.add_argument("--keep-last", type=int, default=2)
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--fit-steps", type=int, default=300)
-    parser.add_argument("--fit-chains", type=int, default=24, help="chains the scripted policy runs for the fit")
-    parser.add_argument("--fit-hops", type=int, default=40)
-    parser.add_argument("--fit-lr", type=float, default=4e-3)
-    parser.add_argument("--policy-dir", default="/tmp/tiderl-long-horizon-policy")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="config overrides (key=value) of configs/long_horizon.yaml"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling at T=1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_policy(fitted_policy(args), load_config(None, ["model={}"]).model)
+    cfg = load_config(CONFIG, args.set)
+    model, tokenizer = load_policy(prepare_policy(cfg), cfg.model)
     renderer = Renderer(tokenizer)
-    rollout, env = configs(args, args.hops)
+    rollout, env = (
+        cfg.rollout,
+        cfg.env.model_copy(update={"max_turns": args.hops + 10, "max_tool_calls": args.hops + 10}),
+    )
     engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, 0, 16, 256, True)
 
     fed = {"prefill": 0, "extend": 0, "decode": 0}
@@ -167,7 +94,7 @@ def main() -> None:
     Decoder.prefill, Decoder.extend, Decoder.decode = counting_prefill, counting_extend, counting_decode
     Batcher._reusable, Batcher.submit = classify, recording_submit
 
-    loop = AgentLoop(engine, renderer, LongHorizonEnv, rollout, env)
+    loop = AgentLoop(engine, renderer, lambda: make_env(env), rollout, env)
     rows = [to_prompt_row(i, r) for i, r in enumerate(make_rows(args.episodes, seed=7, split="bench", hops=args.hops))]
     episodes = loop.new_episodes(rows, 1)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -190,7 +117,7 @@ def main() -> None:
     calls = [t.num_tool_calls for t in trajs]
     lengths = [len(s.token_ids) for t in trajs for s in t.sequences()]
     kinds = {k: [e for e in slot_events if e[0] == k] for k in ("continued", "rewritten", "fresh")}
-    print(f"episodes {args.episodes} x {args.hops} doors, budget {args.budget}, keep_last {args.keep_last}")
+    print(f"episodes {args.episodes} x {args.hops} doors, env.context {env.context.model_dump()}")
     print(
         f"tool calls per episode {calls} (errors {[t.num_tool_errors for t in trajs]}), doors opened "
         f"{[ep.env.opened for ep in episodes]}, status {[t.status.value for t in trajs]}, "

@@ -6,7 +6,6 @@ sequence the episode's advantage. A short real job runs the environment end to e
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from rewards.records import ScoredTrajectory
 from rl.config import load_config
 from rl.loop.controller import train
 from rl.loop.data import to_prompt_row
-from rl.tasks.long_horizon import make_rows
+from rl.tasks.long_horizon import make_rows, teacher
 from rl.trainer.batch import TrainBatch
 from rollouts.agent_loop import AgentLoop
 from rollouts.config import RolloutConfig
@@ -29,46 +28,10 @@ from rollouts.engine import Generation, Request
 from rollouts.model import load_policy
 from rollouts.records import Trajectory, TrajectoryStatus
 from rollouts.renderer import Renderer
+from rollouts.scripted import ScriptedPolicy
 
 PLACEHOLDER = "[hidden]"
 BUDGET = 600
-
-
-class ChainPolicy:
-    """A scripted policy behind the engine's batcher API: it reads its context (the request's prompt), opens the door
-    of the last key it sees and answers once the treasure shows. Like an engine, it keeps a record of every request:
-    the prompt it saw, the ids it sampled and their logprobs (distinct random values, so a misplaced one shows)."""
-
-    def __init__(self, renderer: Renderer, seed: int = 0) -> None:
-        self.renderer = renderer
-        self.record: list[tuple[list[int], list[int], list[float]]] = []
-        self.waiting: list[tuple[Request, object]] = []
-        self.rng = random.Random(seed)
-
-    def batcher(self, sampling, slots, max_len):
-        return self
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting)
-
-    def submit(self, request: Request, on_done) -> None:
-        self.waiting.append((request, on_done))
-
-    def step(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        for request, on_done in waiting:
-            seen = self.renderer.decode(request.prompt[-400:])  # the last turn and result
-            treasure = re.findall(r"treasure is (\d+)", seen)
-            if treasure:
-                text = f"The treasure is {treasure[-1]}."
-            else:
-                key = re.findall(r"(?:Next key:|first key is) (\d{4})", seen)[-1]
-                text = f'<tool_call>{{"name": "open", "arguments": {{"key": "{key}"}}}}</tool_call>'
-            ids = self.renderer.encode(text) + [self.renderer.eos_token_id]
-            logprobs = [-0.01 - self.rng.random() for _ in ids]
-            self.record.append((list(request.prompt), ids, logprobs))
-            on_done(Generation(ids, logprobs))
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +39,8 @@ def renderer(tiny_policy_dir, make_cfg) -> Renderer:
     return Renderer(load_policy(tiny_policy_dir, make_cfg().model)[1])
 
 
-def run_chain(renderer: Renderer, context: ContextConfig, hops: int = 200) -> tuple[Trajectory, ChainPolicy]:
-    policy = ChainPolicy(renderer)
+def run_chain(renderer: Renderer, context: ContextConfig, hops: int = 200) -> tuple[Trajectory, ScriptedPolicy]:
+    policy = ScriptedPolicy(renderer, teacher)  # random logprobs: a misplaced one shows
     env = EnvConfig(name="long_horizon", max_turns=hops + 1, max_tool_calls=hops, context=context)
     rollout = RolloutConfig(max_new_tokens_per_turn=40, max_tokens_per_sample=100_000)
     loop = AgentLoop(policy, renderer, LongHorizonEnv, rollout, env)  # type: ignore[arg-type]
@@ -87,12 +50,12 @@ def run_chain(renderer: Renderer, context: ContextConfig, hops: int = 200) -> tu
 
 
 @pytest.fixture(scope="module")
-def chain(renderer) -> tuple[Trajectory, ChainPolicy]:
+def chain(renderer) -> tuple[Trajectory, ScriptedPolicy]:
     """A 200-door episode under a 600-token budget, keeping the last 2 steps."""
     return run_chain(renderer, ContextConfig(budget_tokens=BUDGET, keep_last=2, placeholder=PLACEHOLDER))
 
 
-def check_faithful(traj: Trajectory, policy: ChainPolicy) -> None:
+def check_faithful(traj: Trajectory, policy: ScriptedPolicy) -> None:
     """Every request the policy answered is a prefix of one sequence followed by exactly the ids it sampled, with
     their logprobs, on the loss mask; and the loss masks of all sequences cover exactly those ids."""
     sequences = traj.sequences()
@@ -226,3 +189,35 @@ def test_the_engine_continues_a_rewritten_context_in_its_slot_from_the_common_pr
     assert fed == [(common, len(rewritten) - common)]  # with reuse: one extension from the common prefix
     assert outs[True].token_ids == outs[False].token_ids
     assert outs[True].logprobs == pytest.approx(outs[False].logprobs, abs=1e-4)
+
+
+def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(cache_dir: Path) -> None:
+    """A task with a teacher warms the built-in policy up on the sequences the teacher's episodes hold in the agent
+    loop under the job's `env.context`: rewritten contexts (placeholders, dropped steps), each within the budget,
+    the loss masks covering exactly the teacher's 200 calls and its answer; the cache key follows the env."""
+    from rl.policy.build import build_tiny_policy
+    from rl.policy.warmstart import _FitData, policy_key
+
+    overrides = [f"warm_start.cache_dir={cache_dir}", *TINY_OVERRIDES, "warm_start.num_demos=1"]
+    config = Path(__file__).parents[1] / "configs" / "long_horizon.yaml"
+    cfg = load_config(config, [*overrides, "rollout.max_new_tokens_per_turn=40"])
+    data = _FitData(cfg)
+    corpus = data.corpus()
+    assert len(corpus) == 1 and corpus[0].count('"name": "open"') == 201  # the tool spec and 200 calls
+    _, tokenizer = build_tiny_policy(cfg.model.tiny, corpus, 0)
+    train_seqs, held_out = data.sequences(Renderer(tokenizer))
+    renderer = Renderer(tokenizer)
+    placeholder = renderer.encode(cfg.env.context.placeholder)
+    assert len(train_seqs) > 10 and len(held_out) == 16
+    assert all(len(ids) <= cfg.env.context.budget_tokens + 64 for ids, _ in train_seqs)
+    rewritten = [ids for ids, _ in train_seqs[1:]]
+    assert all(any(ids[i : i + len(placeholder)] == placeholder for i in range(len(ids))) for ids in rewritten)
+    sampled = "".join(renderer.decode([t for t, m in zip(ids, mask, strict=True) if m]) for ids, mask in train_seqs)
+    row = make_rows(1, cfg.seed, "warmstart")[0]
+    keys, treasure = make_chain(row["extra_info"]["chain_seed"], 200)
+    assert re.findall(r'"key": "(\d{4})"', sampled) == keys and sampled.endswith(f"The treasure is {treasure}.")
+    assert held_out[0][0] != train_seqs[0][0]  # a disjoint split's chain
+    tighter = load_config(config, [*overrides, "env.context.budget_tokens=600"])
+    assert policy_key(tighter) != policy_key(cfg)
+    calculator = load_config(None, ["model={}", *overrides])
+    assert policy_key(calculator) == policy_key(calculator.model_copy(update={"env": tighter.env}))

@@ -5,8 +5,13 @@ the solutions call the tool; the rest guess. It runs until the policy copies num
 call needs), then anneals. The resulting policy is imperfect on purpose: it mostly guesses, so its greedy
 accuracy is near zero, yet when it samples a tool call it usually succeeds, which is the signal RL amplifies.
 The result is an ordinary HF directory cached under a hash of everything that shaped it, so only the first job
-pays for it. (The built-in policy is warmed up on the calculator task whatever `data` says; bring a model with
-`model.path` for other tasks.)
+pays for it.
+
+A task with a `teacher` (a rule that solves it: `long_horizon`) is warmed up on its own episodes instead: the
+teacher plays the policy in the real agent loop under the job's `env` config (`rollouts.scripted`), and the
+policy fits the training sequences those episodes hold — with `env.context`, the rewritten contexts (hidden
+results, dropped steps) it will meet in its own rollouts. Other tasks use the calculator warm start whatever
+`data` says; bring a model with `model.path` for them.
 """
 
 from __future__ import annotations
@@ -26,11 +31,17 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from envs.calculator import CALC_TOOL
+from envs.registry import make_env
 from rl.config import JobConfig, WarmStartConfig
+from rl.loop.data import to_prompt_row
 from rl.policy.build import build_tiny_policy
 from rl.tasks import calculator
+from rl.tasks.registry import Task, get_task
+from rollouts.agent_loop import AgentLoop
 from rollouts.model import CHAT_TEMPLATE, save_policy
+from rollouts.records import TrajectoryStatus
 from rollouts.renderer import Renderer
+from rollouts.scripted import ScriptedPolicy
 from rollouts.shipping import cache_dir
 
 CACHE_FORMAT = 2  # bump when the recipe below changes in a way the config hash cannot see
@@ -44,6 +55,9 @@ def policy_key(cfg: JobConfig) -> str:
         "task": cfg.data.task,
         "seed": cfg.seed,
     }
+    if _teacher_task(cfg) is not None:  # its episodes, and so its sequences, depend on the env and turn budget
+        shape["env"] = cfg.env.model_dump()
+        shape["turn_tokens"] = [cfg.rollout.max_new_tokens_per_turn, cfg.rollout.max_tokens_per_sample]
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -87,6 +101,15 @@ def _missed(report: dict, ws: WarmStartConfig) -> str:
     )
 
 
+def _teacher_task(cfg: JobConfig) -> Task | None:
+    """The job's task when it warms the built-in policy up on its own episodes (it has a `teacher` and the job
+    runs its environment), else None: the calculator warm start."""
+    if cfg.data.task is None or cfg.data.task == "calculator":
+        return None
+    task = get_task(cfg.data.task)
+    return task if task.teacher is not None and task.env == cfg.env.name else None
+
+
 def _demonstrations(
     cfg: JobConfig, n: int, rng: random.Random, split: str = "warmstart"
 ) -> list[tuple[list[dict], list[dict]]]:
@@ -101,6 +124,56 @@ def _demonstrations(
     ]
 
 
+_Sequence = tuple[list[int], list[float]]
+"""Token ids and loss mask of one training sequence."""
+
+
+class _FitData:
+    """What a warm start fits: the tokenizer's corpus, then (given the tokenizer) training and held-out sequences."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg, self.task = cfg, _teacher_task(cfg)
+        if self.task is None:
+            self.demos = _demonstrations(cfg, cfg.warm_start.num_demos, random.Random(cfg.seed))
+            self.tools = [CALC_TOOL]
+
+    def corpus(self) -> list[str]:
+        if self.task is None:
+            return _template_texts(self.demos[:2000], self.tools)
+        assert self.task.demonstration is not None, f"task {self.task.name!r} has a teacher but no demonstration"
+        rows = self.task.make_rows(min(self.cfg.warm_start.num_demos, 8), self.cfg.seed, "warmstart")
+        tools = make_env(self.cfg.env).tool_specs()
+        return _template_texts([(r["prompt"], self.task.demonstration(r)) for r in rows], tools)
+
+    def sequences(self, renderer: Renderer) -> tuple[list[_Sequence], list[_Sequence]]:
+        """Training sequences and held-out ones from a disjoint split (64 tool-using demonstrations, or 16
+        sequences of the teacher's episodes: they are up to `rollout.max_tokens_per_sample` long)."""
+        if self.task is None:
+            checks = _demonstrations(self.cfg, 256, random.Random(self.cfg.seed + 1), split="warmstart-check")
+            train = [_demo_tokens(renderer, p, t, self.tools) for p, t in self.demos]
+            return train, [_demo_tokens(renderer, p, t, self.tools) for p, t in checks if len(t) > 1][:64]
+        n = self.cfg.warm_start.num_demos
+        held_out = self._episodes(renderer, max(1, n // 8), "warmstart-check")[:16]
+        return self._episodes(renderer, n, "warmstart"), held_out
+
+    def _episodes(self, renderer: Renderer, n: int, split: str) -> list[_Sequence]:
+        """The training sequences of `n` episodes the task's teacher plays in the agent loop."""
+        assert self.task is not None and self.task.teacher is not None
+        cfg = self.cfg
+        policy = ScriptedPolicy(renderer, self.task.teacher, logprob=0.0)
+        loop = AgentLoop(policy, renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)  # type: ignore[arg-type]
+        rows = [to_prompt_row(i, r) for i, r in enumerate(self.task.make_rows(n, cfg.seed, split))]
+        trajectories = loop.run(rows, 1, 0, greedy=True, generator=torch.Generator())
+        unfinished = [t.status.value for t in trajectories if t.status is not TrajectoryStatus.FINISHED]
+        if unfinished:
+            raise RuntimeError(
+                f"warm start: {len(unfinished)} of {len(rows)} teacher episodes of task {self.task.name!r} did not "
+                f"complete ({sorted(set(unfinished))}): raise env.max_turns / env.max_tool_calls or "
+                "rollout.max_tokens_per_sample so that a solved episode fits"
+            )
+        return [(s.token_ids.tolist(), s.loss_mask.tolist()) for t in trajectories for s in t.sequences()]
+
+
 def build_default_policy(cfg: JobConfig, out: Path, log=print) -> dict | None:
     """Write the built-in policy into `out`; returns the warm start's report (None when it is disabled).
 
@@ -111,15 +184,12 @@ def build_default_policy(cfg: JobConfig, out: Path, log=print) -> dict | None:
     best try with a warning rather than silently.
     """
     ws = cfg.warm_start
-    rng = random.Random(cfg.seed)
-    demos = _demonstrations(cfg, ws.num_demos, rng)
-    model, tokenizer = build_tiny_policy(cfg.model.tiny, _template_texts(demos[:2000]), cfg.seed)
+    data = _FitData(cfg)
+    model, tokenizer = build_tiny_policy(cfg.model.tiny, data.corpus(), cfg.seed)
     renderer = Renderer(tokenizer)
-    sequences = [_demo_tokens(renderer, prompt, turns) for prompt, turns in demos]
     report = None
     if ws.enabled:
-        checks = _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check")
-        held_out = [_demo_tokens(renderer, p, t) for p, t in checks if len(t) > 1][:64]  # tool-using ones
+        sequences, held_out = data.sequences(renderer)
         digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
         tries: list[dict] = []
         best: tuple[int, torch.nn.Module, dict] | None = None
@@ -160,16 +230,16 @@ def build_default_policy(cfg: JobConfig, out: Path, log=print) -> dict | None:
     return report
 
 
-def _template_texts(demos: list[tuple[list[dict], list[dict]]]) -> list[str]:
+def _template_texts(demos: list[tuple[list[dict], list[dict]]], tools: list[dict]) -> list[str]:
     """Whole conversations rendered with the chat template: the tokenizer's training corpus."""
     conversations = [prompt + turns for prompt, turns in demos]
-    texts, _ = render_jinja_template(conversations, tools=[CALC_TOOL], chat_template=CHAT_TEMPLATE)
+    texts, _ = render_jinja_template(conversations, tools=tools, chat_template=CHAT_TEMPLATE)
     return texts
 
 
-def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict]) -> tuple[list[int], list[float]]:
+def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict], tools: list[dict]) -> _Sequence:
     """Token ids and loss mask of one demonstration, built piece by piece exactly as rollouts build them."""
-    ids = renderer.prompt_ids(prompt, [CALC_TOOL])
+    ids = renderer.prompt_ids(prompt, tools)
     mask = [0.0] * len(ids)
     for message in turns:
         piece = (

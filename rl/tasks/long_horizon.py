@@ -5,9 +5,11 @@ and report the treasure behind the last; scored by `contains_answer`. 200 doors 
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
-from envs.long_horizon import DEFAULT_HOPS, make_chain
+from envs.base import PromptRow
+from envs.long_horizon import DEFAULT_HOPS, LongHorizonEnv, make_chain
 from rl.tasks.registry import Task, register_task
 
 DATA_SOURCE = "tiderl/long_horizon"
@@ -44,18 +46,31 @@ def make_rows(n: int, seed: int, split: str, hops: int = DEFAULT_HOPS) -> list[d
     return rows
 
 
-def demonstration(keys: list[str], treasure: str) -> list[dict[str, Any]]:
-    """The assistant's side of a solved chain, as chat messages (rooms as the environment describes them are not
-    needed: the assistant only copies each result's key)."""
+def demonstration(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The assistant's side of a row's solved chain with the environment's own results, as chat messages (the
+    built-in policy's tokenizer corpus: its warm-start sequences come from `teacher` in the agent loop)."""
+    info = row["extra_info"]
+    env = LongHorizonEnv(hops=info["hops"])
+    env.start(PromptRow(info["index"], row["prompt"], row["data_source"], row["reward_model"]["ground_truth"], info))
     turns: list[dict[str, Any]] = []
-    for k, key in enumerate(keys):
+    for key in env.keys:
         call = {"type": "function", "function": {"name": "open", "arguments": {"key": key}}}
         turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        last = k + 1 == len(keys)
-        result = f"The treasure is {treasure}." if last else f"Next key: {keys[k + 1]}"
-        turns.append({"role": "tool", "name": "open", "content": f"Door {k + 1} opens. {result}"})
-    turns.append({"role": "assistant", "content": f"The treasure is {treasure}."})
+        turns.append({"role": "tool", "name": "open", "content": env.open(key)})
+    turns.append({"role": "assistant", "content": f"The treasure is {env.treasure}."})
     return turns
+
+
+def teacher(context: str) -> str:
+    """The chain's solution as a rule, given the end of the context: open the door of the last key shown (the
+    prompt's first key, then each result's next key), and report the treasure once it shows."""
+    treasure = re.findall(r"treasure is (\d+)", context)
+    if treasure:
+        return f"The treasure is {treasure[-1]}."
+    keys = re.findall(r"(?:Next key:|first key is) (\d{4})", context)
+    if not keys:
+        raise ValueError("long_horizon teacher: no key in the context's end (is env.context.keep_last 0?)")
+    return f'<tool_call>{{"name": "open", "arguments": {{"key": "{keys[-1]}"}}}}</tool_call>'
 
 
 TASK = register_task(
@@ -65,5 +80,6 @@ TASK = register_task(
         env="long_horizon",
         reward="contains_answer",
         demonstration=demonstration,
+        teacher=teacher,
     )
 )
