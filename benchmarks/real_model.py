@@ -39,7 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2_word_problems.yaml"
 MODES = {
-    "fp": ["quant.enabled=false", "int4_recovery.steps=0"],
+    "fp": [
+        "quant.enabled=false",
+        "quant.modules=routed_experts",
+        "int4_recovery.steps=0",
+    ],  # the default modules: preflight refuses a quant setting that cannot apply
     "qat": [],
     "qat_norec": ["int4_recovery.steps=0"],
     "ptq": ["quant.mode=ptq", "int4_recovery.steps=0"],

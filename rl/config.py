@@ -43,6 +43,13 @@ class WarmStartConfig(Section):
         le=1.0,
         description="Share of demonstrations that call the tool; the rest answer unaided (imperfect on purpose).",
     )
+    teacher_mistakes: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="A task with a teacher: share of its tool calls made with one digit changed, never trained on "
+        "(the environment answers them with an error): the policy learns the correction the teacher makes next.",
+    )
     steps: int = Field(
         1200, ge=1, description="Most optimizer steps (the warm start stops earlier once the policy copies numbers)."
     )

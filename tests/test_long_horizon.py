@@ -191,32 +191,31 @@ def test_the_engine_continues_a_rewritten_context_in_its_slot_from_the_common_pr
     assert outs[True].logprobs == pytest.approx(outs[False].logprobs, abs=1e-4)
 
 
-def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(cache_dir: Path) -> None:
+def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(renderer, cache_dir: Path) -> None:
     """A task with a teacher warms the built-in policy up on the sequences the teacher's episodes hold in the agent
     loop under the job's `env.context`: rewritten contexts (placeholders, dropped steps), each within the budget,
-    the loss masks covering exactly the teacher's 200 calls and its answer; the cache key follows the env."""
-    from rl.policy.build import build_tiny_policy
-    from rl.policy.warmstart import _FitData, policy_key
+    the loss masks covering exactly the teacher's 200 right calls and its answer (its deliberate slips are seen,
+    not trained on); the cache key follows the env."""
+    from rl.policy.warmstart import policy_key, teacher_sequences
+    from rl.tasks.registry import get_task
 
-    overrides = [f"warm_start.cache_dir={cache_dir}", *TINY_OVERRIDES, "warm_start.num_demos=1"]
+    overrides = [f"warm_start.cache_dir={cache_dir}", *TINY_OVERRIDES]
     config = Path(__file__).parents[1] / "configs" / "long_horizon.yaml"
     cfg = load_config(config, [*overrides, "rollout.max_new_tokens_per_turn=40"])
-    data = _FitData(cfg)
-    corpus = data.corpus()
-    assert len(corpus) == 1 and corpus[0].count('"name": "open"') == 201  # the tool spec and 200 calls
-    _, tokenizer = build_tiny_policy(cfg.model.tiny, corpus, 0)
-    train_seqs, held_out = data.sequences(Renderer(tokenizer))
-    renderer = Renderer(tokenizer)
+    task = get_task("long_horizon")
+    sequences = teacher_sequences(cfg, task, renderer, 1, "warmstart")
     placeholder = renderer.encode(cfg.env.context.placeholder)
-    assert len(train_seqs) > 10 and len(held_out) == 16
-    assert all(len(ids) <= cfg.env.context.budget_tokens + 64 for ids, _ in train_seqs)
-    rewritten = [ids for ids, _ in train_seqs[1:]]
+    assert len(sequences) > 10
+    assert all(len(ids) <= cfg.env.context.budget_tokens + 150 for ids, _ in sequences)  # + one tool step
+    rewritten = [ids for ids, _ in sequences[1:]]
     assert all(any(ids[i : i + len(placeholder)] == placeholder for i in range(len(ids))) for ids in rewritten)
-    sampled = "".join(renderer.decode([t for t, m in zip(ids, mask, strict=True) if m]) for ids, mask in train_seqs)
+    sampled = "".join(renderer.decode([t for t, m in zip(ids, mask, strict=True) if m]) for ids, mask in sequences)
     row = make_rows(1, cfg.seed, "warmstart")[0]
     keys, treasure = make_chain(row["extra_info"]["chain_seed"], 200)
     assert re.findall(r'"key": "(\d{4})"', sampled) == keys and sampled.endswith(f"The treasure is {treasure}.")
-    assert held_out[0][0] != train_seqs[0][0]  # a disjoint split's chain
+    slips = {m for ids, _ in sequences for m in re.findall(r"Error: key '(\d+)'", renderer.decode(ids))}
+    assert slips and not slips & set(keys)  # the teacher's slips (5%) are in the contexts, never on the loss mask
+    assert teacher_sequences(cfg, task, renderer, 1, "warmstart-check")[0][0] != sequences[0][0]  # another chain
     tighter = load_config(config, [*overrides, "env.context.budget_tokens=600"])
     assert policy_key(tighter) != policy_key(cfg)
     calculator = load_config(None, ["model={}", *overrides])

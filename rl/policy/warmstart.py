@@ -7,11 +7,11 @@ accuracy is near zero, yet when it samples a tool call it usually succeeds, whic
 The result is an ordinary HF directory cached under a hash of everything that shaped it, so only the first job
 pays for it.
 
-A task with a `teacher` (a rule that solves it: `long_horizon`) is warmed up on its own episodes instead: the
-teacher plays the policy in the real agent loop under the job's `env` config (`rollouts.scripted`), and the
-policy fits the training sequences those episodes hold — with `env.context`, the rewritten contexts (hidden
-results, dropped steps) it will meet in its own rollouts. Other tasks use the calculator warm start whatever
-`data` says; bring a model with `model.path` for them.
+A task with a `teacher` (a rule that solves it: `long_horizon`) is warmed up on its own episodes next, from the
+calculator policy: the teacher plays the policy in the real agent loop under the job's `env` config
+(`rollouts.scripted`), and the policy fits the training sequences those episodes hold — with `env.context`, the
+rewritten contexts (hidden results, dropped steps) it will meet in its own rollouts. Other tasks use the
+calculator warm start whatever `data` says; bring a model with `model.path` for them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from envs.calculator import CALC_TOOL
+from envs.config import EnvConfig
 from envs.registry import make_env
 from rl.config import JobConfig, WarmStartConfig
 from rl.loop.data import to_prompt_row
@@ -38,7 +39,7 @@ from rl.policy.build import build_tiny_policy
 from rl.tasks import calculator
 from rl.tasks.registry import Task, get_task
 from rollouts.agent_loop import AgentLoop
-from rollouts.model import CHAT_TEMPLATE, save_policy
+from rollouts.model import CHAT_TEMPLATE, load_policy, save_policy
 from rollouts.records import TrajectoryStatus
 from rollouts.renderer import Renderer
 from rollouts.scripted import ScriptedPolicy
@@ -51,12 +52,13 @@ def policy_key(cfg: JobConfig) -> str:
     shape = {
         "format": CACHE_FORMAT,
         "tiny": cfg.model.tiny.model_dump(),
-        "warm_start": cfg.warm_start.model_dump(exclude={"cache_dir"}),
+        "warm_start": cfg.warm_start.model_dump(exclude={"cache_dir", "teacher_mistakes"}),
         "task": cfg.data.task,
         "seed": cfg.seed,
     }
     if _teacher_task(cfg) is not None:  # its episodes, and so its sequences, depend on the env and turn budget
         shape["env"] = cfg.env.model_dump()
+        shape["teacher_mistakes"] = cfg.warm_start.teacher_mistakes
         shape["turn_tokens"] = [cfg.rollout.max_new_tokens_per_turn, cfg.rollout.max_tokens_per_sample]
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -110,6 +112,108 @@ def _teacher_task(cfg: JobConfig) -> Task | None:
     return task if task.teacher is not None and task.env == cfg.env.name else None
 
 
+def _warm_start_on_teacher(cfg: JobConfig, task: Task, out: Path, log) -> dict:
+    """Fit the sequences of `warm_start.num_demos` episodes the task's teacher plays, starting from the calculator
+    warm start's policy (same sizes and seed, built and cached first).
+
+    Why start there: every call of a task like `long_horizon` copies a number from the last tool result, the skill
+    the calculator warm start already teaches on short sequences. From a fresh initialization the copy has to be
+    found in ~800-token contexts that hold several look-alike numbers (the previous call's key, older keys): on
+    this machine 220 steps of 8 such sequences left the digits the policy writes at 0.11 accuracy. The calculator
+    policy's tokenizer is kept (it tokenizes these texts too; trained on calculator text, it only spends more
+    tokens on room descriptions).
+    """
+    base_cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"task": "calculator"}),
+            "env": EnvConfig(name="calculator"),
+            "warm_start": WarmStartConfig(cache_dir=cfg.warm_start.cache_dir),
+        }
+    )
+    base = prepare_policy(base_cfg, log)
+    model, tokenizer = load_policy(base, cfg.model)
+    renderer = Renderer(tokenizer)
+    n = cfg.warm_start.num_demos
+    log(f"warm start on task {task.name!r}: its teacher plays {n} episodes in the agent loop (env {cfg.env.name!r})")
+    sequences = teacher_sequences(cfg, task, renderer, n, "warmstart")
+    held_out = teacher_sequences(cfg, task, renderer, max(1, n // 8), "warmstart-check")[:16]
+    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
+    model.train()
+    result = supervised_warm_start(
+        model, sequences, held_out, digit_ids, cfg.warm_start, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress
+    )
+    save_policy(model, tokenizer, out)
+    report = {
+        **result,
+        "attempt": 1,
+        "attempts": [{"seed": cfg.seed, **result}],
+        "total_steps": result["steps"],
+        "base": str(base),
+        "episodes": n,
+        "sequences": len(sequences),
+        "sequence_tokens": sum(len(ids) for ids, _ in sequences),
+    }
+    (out / "warm_start.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def teacher_sequences(cfg: JobConfig, task: Task, renderer: Renderer, n: int, split: str) -> list[_Sequence]:
+    """Token ids and loss masks of the training sequences of `n` episodes `task.teacher` plays in the agent loop
+    under the job's `env` and `rollout` settings: what rollouts of a policy that solves the task would hold.
+
+    A share `warm_start.teacher_mistakes` of the teacher's tool calls is made with one digit changed (the policy's
+    own likeliest slip, and a context the teacher alone never produces), never right after an error: two slips in
+    a row can hide the last good result from the context. No turn the environment answered with an
+    error is trained on, so the policy learns only what follows one: the teacher's correction. Without them a
+    policy fitted on flawless episodes, after its first slip, has never seen an error and keeps making them.
+    """
+    assert task.teacher is not None
+    teacher, rng = task.teacher, random.Random(f"{cfg.seed}-{split}-mistakes")
+
+    def respond(context: str) -> str:
+        text = teacher(context)
+        digits = [m.start() for m in re.finditer(r"\d", text)]
+        just_failed = "Error:" in context[-160:]  # the result right before this turn (never two slips in a row)
+        if "<tool_call>" in text and digits and not just_failed and rng.random() < cfg.warm_start.teacher_mistakes:
+            at = rng.choice(digits)
+            text = text[:at] + str((int(text[at]) + rng.randint(1, 9)) % 10) + text[at + 1 :]
+        return text
+
+    policy = ScriptedPolicy(renderer, respond, logprob=0.0)
+    loop = AgentLoop(policy, renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)  # type: ignore[arg-type]
+    rows = [to_prompt_row(i, r) for i, r in enumerate(task.make_rows(n, cfg.seed, split))]
+    trajectories = loop.run(rows, 1, 0, greedy=True, generator=torch.Generator())
+    unfinished = [t.status.value for t in trajectories if t.status is not TrajectoryStatus.FINISHED]
+    if unfinished:
+        raise RuntimeError(
+            f"warm start: {len(unfinished)} of {len(rows)} teacher episodes of task {task.name!r} did not finish "
+            f"({sorted(set(unfinished))}): raise env.max_turns / env.max_tool_calls or the rollout's token limits "
+            "so that a solved episode fits"
+        )
+    sequences = [(s.token_ids.tolist(), s.loss_mask.tolist()) for t in trajectories for s in t.sequences()]
+    return [(ids, _without_failed_turns(renderer, ids, mask)) for ids, mask in sequences]
+
+
+def _without_failed_turns(renderer: Renderer, ids: list[int], mask: list[float]) -> list[float]:
+    """`mask` with every policy turn zeroed whose observation (the masked tokens up to the next turn) is an error."""
+    mask = list(mask)
+    turns: list[list[int]] = []  # [start, end) of each run of policy tokens
+    for i, m in enumerate(mask):
+        if m and (not turns or turns[-1][1] != i):
+            turns.append([i, i + 1])
+        elif m:
+            turns[-1][1] = i + 1
+    for k, (start, end) in enumerate(turns):
+        following = ids[end : turns[k + 1][0] if k + 1 < len(turns) else len(ids)]
+        if "Error:" in renderer.decode(following):
+            mask[start:end] = [0.0] * (end - start)
+    return mask
+
+
+_Sequence = tuple[list[int], list[float]]
+"""Token ids and loss mask of one training sequence."""
+
+
 def _demonstrations(
     cfg: JobConfig, n: int, rng: random.Random, split: str = "warmstart"
 ) -> list[tuple[list[dict], list[dict]]]:
@@ -124,56 +228,6 @@ def _demonstrations(
     ]
 
 
-_Sequence = tuple[list[int], list[float]]
-"""Token ids and loss mask of one training sequence."""
-
-
-class _FitData:
-    """What a warm start fits: the tokenizer's corpus, then (given the tokenizer) training and held-out sequences."""
-
-    def __init__(self, cfg: JobConfig) -> None:
-        self.cfg, self.task = cfg, _teacher_task(cfg)
-        if self.task is None:
-            self.demos = _demonstrations(cfg, cfg.warm_start.num_demos, random.Random(cfg.seed))
-            self.tools = [CALC_TOOL]
-
-    def corpus(self) -> list[str]:
-        if self.task is None:
-            return _template_texts(self.demos[:2000], self.tools)
-        assert self.task.demonstration is not None, f"task {self.task.name!r} has a teacher but no demonstration"
-        rows = self.task.make_rows(min(self.cfg.warm_start.num_demos, 8), self.cfg.seed, "warmstart")
-        tools = make_env(self.cfg.env).tool_specs()
-        return _template_texts([(r["prompt"], self.task.demonstration(r)) for r in rows], tools)
-
-    def sequences(self, renderer: Renderer) -> tuple[list[_Sequence], list[_Sequence]]:
-        """Training sequences and held-out ones from a disjoint split (64 tool-using demonstrations, or 16
-        sequences of the teacher's episodes: they are up to `rollout.max_tokens_per_sample` long)."""
-        if self.task is None:
-            checks = _demonstrations(self.cfg, 256, random.Random(self.cfg.seed + 1), split="warmstart-check")
-            train = [_demo_tokens(renderer, p, t, self.tools) for p, t in self.demos]
-            return train, [_demo_tokens(renderer, p, t, self.tools) for p, t in checks if len(t) > 1][:64]
-        n = self.cfg.warm_start.num_demos
-        held_out = self._episodes(renderer, max(1, n // 8), "warmstart-check")[:16]
-        return self._episodes(renderer, n, "warmstart"), held_out
-
-    def _episodes(self, renderer: Renderer, n: int, split: str) -> list[_Sequence]:
-        """The training sequences of `n` episodes the task's teacher plays in the agent loop."""
-        assert self.task is not None and self.task.teacher is not None
-        cfg = self.cfg
-        policy = ScriptedPolicy(renderer, self.task.teacher, logprob=0.0)
-        loop = AgentLoop(policy, renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)  # type: ignore[arg-type]
-        rows = [to_prompt_row(i, r) for i, r in enumerate(self.task.make_rows(n, cfg.seed, split))]
-        trajectories = loop.run(rows, 1, 0, greedy=True, generator=torch.Generator())
-        unfinished = [t.status.value for t in trajectories if t.status is not TrajectoryStatus.FINISHED]
-        if unfinished:
-            raise RuntimeError(
-                f"warm start: {len(unfinished)} of {len(rows)} teacher episodes of task {self.task.name!r} did not "
-                f"complete ({sorted(set(unfinished))}): raise env.max_turns / env.max_tool_calls or "
-                "rollout.max_tokens_per_sample so that a solved episode fits"
-            )
-        return [(s.token_ids.tolist(), s.loss_mask.tolist()) for t in trajectories for s in t.sequences()]
-
-
 def build_default_policy(cfg: JobConfig, out: Path, log=print) -> dict | None:
     """Write the built-in policy into `out`; returns the warm start's report (None when it is disabled).
 
@@ -183,13 +237,19 @@ def build_default_policy(cfg: JobConfig, out: Path, log=print) -> dict | None:
     `warm_start.attempts` tries; each try is in the report, and a warm start that never reaches the bar ships its
     best try with a warning rather than silently.
     """
+    task = _teacher_task(cfg)
+    if task is not None and cfg.warm_start.enabled:
+        return _warm_start_on_teacher(cfg, task, out, log)
     ws = cfg.warm_start
-    data = _FitData(cfg)
-    model, tokenizer = build_tiny_policy(cfg.model.tiny, data.corpus(), cfg.seed)
+    rng = random.Random(cfg.seed)
+    demos = _demonstrations(cfg, ws.num_demos, rng)
+    model, tokenizer = build_tiny_policy(cfg.model.tiny, _template_texts(demos[:2000]), cfg.seed)
     renderer = Renderer(tokenizer)
+    sequences = [_demo_tokens(renderer, prompt, turns) for prompt, turns in demos]
     report = None
     if ws.enabled:
-        sequences, held_out = data.sequences(renderer)
+        checks = _demonstrations(cfg, 256, random.Random(cfg.seed + 1), split="warmstart-check")
+        held_out = [_demo_tokens(renderer, p, t) for p, t in checks if len(t) > 1][:64]  # tool-using ones
         digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
         tries: list[dict] = []
         best: tuple[int, torch.nn.Module, dict] | None = None
@@ -230,16 +290,16 @@ def build_default_policy(cfg: JobConfig, out: Path, log=print) -> dict | None:
     return report
 
 
-def _template_texts(demos: list[tuple[list[dict], list[dict]]], tools: list[dict]) -> list[str]:
+def _template_texts(demos: list[tuple[list[dict], list[dict]]]) -> list[str]:
     """Whole conversations rendered with the chat template: the tokenizer's training corpus."""
     conversations = [prompt + turns for prompt, turns in demos]
-    texts, _ = render_jinja_template(conversations, tools=tools, chat_template=CHAT_TEMPLATE)
+    texts, _ = render_jinja_template(conversations, tools=[CALC_TOOL], chat_template=CHAT_TEMPLATE)
     return texts
 
 
-def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict], tools: list[dict]) -> _Sequence:
+def _demo_tokens(renderer: Renderer, prompt: list[dict], turns: list[dict]) -> tuple[list[int], list[float]]:
     """Token ids and loss mask of one demonstration, built piece by piece exactly as rollouts build them."""
-    ids = renderer.prompt_ids(prompt, tools)
+    ids = renderer.prompt_ids(prompt, [CALC_TOOL])
     mask = [0.0] * len(ids)
     for message in turns:
         piece = (

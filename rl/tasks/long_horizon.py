@@ -8,8 +8,7 @@ import random
 import re
 from typing import Any
 
-from envs.base import PromptRow
-from envs.long_horizon import DEFAULT_HOPS, LongHorizonEnv, make_chain
+from envs.long_horizon import DEFAULT_HOPS, make_chain
 from rl.tasks.registry import Task, register_task
 
 DATA_SOURCE = "tiderl/long_horizon"
@@ -46,21 +45,6 @@ def make_rows(n: int, seed: int, split: str, hops: int = DEFAULT_HOPS) -> list[d
     return rows
 
 
-def demonstration(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """The assistant's side of a row's solved chain with the environment's own results, as chat messages (the
-    built-in policy's tokenizer corpus: its warm-start sequences come from `teacher` in the agent loop)."""
-    info = row["extra_info"]
-    env = LongHorizonEnv(hops=info["hops"])
-    env.start(PromptRow(info["index"], row["prompt"], row["data_source"], row["reward_model"]["ground_truth"], info))
-    turns: list[dict[str, Any]] = []
-    for key in env.keys:
-        call = {"type": "function", "function": {"name": "open", "arguments": {"key": key}}}
-        turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        turns.append({"role": "tool", "name": "open", "content": env.open(key)})
-    turns.append({"role": "assistant", "content": f"The treasure is {env.treasure}."})
-    return turns
-
-
 def teacher(context: str) -> str:
     """The chain's solution as a rule, given the end of the context: open the door of the last key shown (the
     prompt's first key, then each result's next key), and report the treasure once it shows."""
@@ -79,7 +63,6 @@ TASK = register_task(
         make_rows=make_rows,
         env="long_horizon",
         reward="contains_answer",
-        demonstration=demonstration,
         teacher=teacher,
     )
 )

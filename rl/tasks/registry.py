@@ -35,9 +35,9 @@ class Task:
     """Assistant turns that solve a row, for a supervised warm start (the built-in policy's)."""
     teacher: Callable[[str], str] | None = None
     """The solution as a rule: the decoded end of a context -> the policy's next message (tool calls in the
-    built-in template's `<tool_call>` format). With one, the built-in policy's warm start fits the sequences this
-    rule produces in the real agent loop under the job's `env` config (`rollouts.scripted`), context rewrites
-    included, instead of `demonstration`'s whole conversations."""
+    built-in template's `<tool_call>` format). With one, the built-in policy's warm start goes on from the
+    calculator policy to fit the sequences this rule produces in the real agent loop under the job's `env` config
+    (`rollouts.scripted`, `rl.policy.warmstart`), context rewrites included."""
     gold: Callable[[dict[str, Any]], str] | None = None
     """A response to a row that its reward scores 1.0 (the task contract test's gold answer); None: the ground truth
     in `\\boxed{}`."""
