@@ -52,10 +52,8 @@ def main() -> None:
     cfg = load_config(CONFIG, args.set)
     model, tokenizer = load_policy(prepare_policy(cfg), cfg.model)
     renderer = Renderer(tokenizer)
-    rollout, env = (
-        cfg.rollout,
-        cfg.env.model_copy(update={"max_turns": args.hops + 10, "max_tool_calls": args.hops + 10}),
-    )
+    rollout = cfg.rollout
+    env = cfg.env.model_copy(update={"max_turns": args.hops + 10, "max_tool_calls": args.hops + 10})
     engine = Engine(model, renderer.pad_token_id, renderer.eos_token_id, 0, 16, 256, True)
 
     fed = {"prefill": 0, "extend": 0, "decode": 0}

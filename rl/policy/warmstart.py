@@ -103,6 +103,10 @@ def _missed(report: dict, ws: WarmStartConfig) -> str:
     )
 
 
+_Sequence = tuple[list[int], list[float]]
+"""Token ids and loss mask of one training sequence."""
+
+
 def _teacher_task(cfg: JobConfig) -> Task | None:
     """The job's task when it warms the built-in policy up on its own episodes (it has a `teacher` and the job
     runs its environment), else None: the calculator warm start."""
@@ -195,7 +199,9 @@ def teacher_sequences(cfg: JobConfig, task: Task, renderer: Renderer, n: int, sp
 
 
 def _without_failed_turns(renderer: Renderer, ids: list[int], mask: list[float]) -> list[float]:
-    """`mask` with every policy turn zeroed whose observation (the masked tokens up to the next turn) is an error."""
+    """`mask` with every policy turn zeroed whose observation (the masked tokens up to the next turn) is an error
+    (every failed tool call and malformed call is an observation starting "Error:", envs.tools and
+    rollouts.tool_parsers)."""
     mask = list(mask)
     turns: list[list[int]] = []  # [start, end) of each run of policy tokens
     for i, m in enumerate(mask):
@@ -208,10 +214,6 @@ def _without_failed_turns(renderer: Renderer, ids: list[int], mask: list[float])
         if "Error:" in renderer.decode(following):
             mask[start:end] = [0.0] * (end - start)
     return mask
-
-
-_Sequence = tuple[list[int], list[float]]
-"""Token ids and loss mask of one training sequence."""
 
 
 def _demonstrations(
