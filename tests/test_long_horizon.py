@@ -91,7 +91,7 @@ def test_200_calls_with_hidden_results_and_dropped_turns_split_token_faithfully(
     # per the policy: in the last context the opening prompt, the placeholder for dropped turns, the older kept
     # results hidden and the last `keep` verbatim
     last = renderer.decode(traj.token_ids.tolist())
-    assert last.count(PLACEHOLDER) >= 1 and "The first key is" in last
+    assert last.count(PLACEHOLDER) >= 1 and "doors. Next key:" in last
     shown = re.findall(r"Door (\d+) opens", last)
     assert shown == ["199", "200"]  # the result before the answer, and the treasure
     assert traj.policy_version == 3 and all(v == 3 for s in traj.sequences() for *_, v in s.segments)
@@ -196,14 +196,14 @@ def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(rendere
     loop under the job's `env.context`: rewritten contexts (placeholders, dropped steps), each within the budget,
     the loss masks covering exactly the teacher's 200 right calls and its answer (its deliberate slips are seen,
     not trained on); the cache key follows the env."""
-    from rl.policy.warmstart import policy_key, teacher_sequences
+    from rl.policy.warmstart import _opening_and_closing_weighted, policy_key, teacher_sequences
     from rl.tasks.registry import get_task
 
     overrides = [f"warm_start.cache_dir={cache_dir}", *TINY_OVERRIDES]
     config = Path(__file__).parents[1] / "configs" / "long_horizon.yaml"
     cfg = load_config(config, [*overrides, "rollout.max_new_tokens_per_turn=40"])
     task = get_task("long_horizon")
-    sequences = teacher_sequences(cfg, task, renderer, 1, "warmstart")
+    (sequences,) = teacher_sequences(cfg, task, renderer, 1, "warmstart")
     placeholder = renderer.encode(cfg.env.context.placeholder)
     assert len(sequences) > 10
     assert all(len(ids) <= cfg.env.context.budget_tokens + 150 for ids, _ in sequences)  # + one tool step
@@ -215,7 +215,11 @@ def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(rendere
     assert re.findall(r'"key": "(\d{4})"', sampled) == keys and sampled.endswith(f"The treasure is {treasure}.")
     slips = {m for ids, _ in sequences for m in re.findall(r"Error: key '(\d+)'", renderer.decode(ids))}
     assert slips and not slips & set(keys)  # the teacher's slips (5%) are in the contexts, never on the loss mask
-    assert teacher_sequences(cfg, task, renderer, 1, "warmstart-check")[0][0] != sequences[0][0]  # another chain
+    assert teacher_sequences(cfg, task, renderer, 1, "warmstart-check")[0][0][0] != sequences[0][0]  # another chain
+    fitted, weights = _opening_and_closing_weighted([sequences, sequences[:4]])
+    assert len(fitted) == len(sequences) + 4
+    assert weights[0] == weights[len(sequences) - 1] == len(sequences) / 4 and weights[1] == 1.0
+    assert weights[len(sequences) :] == [1.0, 1.0, 1.0, 1.0]  # a short episode: no weight below 1
     tighter = load_config(config, [*overrides, "env.context.budget_tokens=600"])
     assert policy_key(tighter) != policy_key(cfg)
     calculator = load_config(None, ["model={}", *overrides])

@@ -46,6 +46,7 @@ from rollouts.scripted import ScriptedPolicy
 from rollouts.shipping import cache_dir
 
 CACHE_FORMAT = 2  # bump when the recipe below changes in a way the config hash cannot see
+TEACHER_FORMAT = 2  # the same for the teacher warm start only (the calculator policies stay cached)
 
 
 def policy_key(cfg: JobConfig) -> str:
@@ -60,6 +61,7 @@ def policy_key(cfg: JobConfig) -> str:
         shape["env"] = cfg.env.model_dump()
         shape["teacher_mistakes"] = cfg.warm_start.teacher_mistakes
         shape["turn_tokens"] = [cfg.rollout.max_new_tokens_per_turn, cfg.rollout.max_tokens_per_sample]
+        shape["teacher_format"] = TEACHER_FORMAT
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -139,12 +141,24 @@ def _warm_start_on_teacher(cfg: JobConfig, task: Task, out: Path, log) -> dict:
     renderer = Renderer(tokenizer)
     n = cfg.warm_start.num_demos
     log(f"warm start on task {task.name!r}: its teacher plays {n} episodes in the agent loop (env {cfg.env.name!r})")
-    sequences = teacher_sequences(cfg, task, renderer, n, "warmstart")
-    held_out = teacher_sequences(cfg, task, renderer, max(1, n // 8), "warmstart-check")[:16]
+    episodes = teacher_sequences(cfg, task, renderer, n, "warmstart")
+    sequences, weights = _opening_and_closing_weighted(episodes)
+    # held out: the opening, a middle and the closing sequence of 8 other episodes, as the fit weighs them
+    held_out = [
+        e[k] for e in teacher_sequences(cfg, task, renderer, 8, "warmstart-check") for k in {0, len(e) // 2, -1}
+    ]
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
     model.train()
     result = supervised_warm_start(
-        model, sequences, held_out, digit_ids, cfg.warm_start, tokenizer.pad_token_id, cfg.seed, cfg.logging.progress
+        model,
+        sequences,
+        held_out,
+        digit_ids,
+        cfg.warm_start,
+        tokenizer.pad_token_id,
+        cfg.seed,
+        cfg.logging.progress,
+        weights=weights,
     )
     save_policy(model, tokenizer, out)
     report = {
@@ -161,9 +175,28 @@ def _warm_start_on_teacher(cfg: JobConfig, task: Task, out: Path, log) -> dict:
     return report
 
 
-def teacher_sequences(cfg: JobConfig, task: Task, renderer: Renderer, n: int, split: str) -> list[_Sequence]:
+def _opening_and_closing_weighted(episodes: list[list[_Sequence]]) -> tuple[list[_Sequence], list[float]]:
+    """Every episode's sequences with sampling weights under which its opening sequence (the first call, copied
+    from the prompt) and its closing one (the answer) are each drawn as often as a quarter of its sequences.
+
+    Why: with context management a 200-call episode is ~100 sequences, each training one or two calls, and only
+    one holds the first call and one the answer. Drawn uniformly, 500 steps of 8 drew each about 35 times in all
+    and the policy never learned them: it opened 200 doors and then kept calling `open` instead of answering.
+    """
+    sequences: list[_Sequence] = []
+    weights: list[float] = []
+    for episode in episodes:
+        w = [1.0] * len(episode)
+        w[0] = w[-1] = max(1.0, len(episode) / 4)
+        sequences += episode
+        weights += w
+    return sequences, weights
+
+
+def teacher_sequences(cfg: JobConfig, task: Task, renderer: Renderer, n: int, split: str) -> list[list[_Sequence]]:
     """Token ids and loss masks of the training sequences of `n` episodes `task.teacher` plays in the agent loop
-    under the job's `env` and `rollout` settings: what rollouts of a policy that solves the task would hold.
+    under the job's `env` and `rollout` settings, per episode: what rollouts of a policy that solves the task would
+    hold.
 
     A share `warm_start.teacher_mistakes` of the teacher's tool calls is made with one digit changed (the policy's
     own likeliest slip, and a context the teacher alone never produces), never right after an error: two slips in
@@ -194,8 +227,13 @@ def teacher_sequences(cfg: JobConfig, task: Task, renderer: Renderer, n: int, sp
             f"({sorted(set(unfinished))}): raise env.max_turns / env.max_tool_calls or the rollout's token limits "
             "so that a solved episode fits"
         )
-    sequences = [(s.token_ids.tolist(), s.loss_mask.tolist()) for t in trajectories for s in t.sequences()]
-    return [(ids, _without_failed_turns(renderer, ids, mask)) for ids, mask in sequences]
+    return [
+        [
+            (s.token_ids.tolist(), _without_failed_turns(renderer, s.token_ids.tolist(), s.loss_mask.tolist()))
+            for s in t.sequences()
+        ]
+        for t in trajectories
+    ]
 
 
 def _without_failed_turns(renderer: Renderer, ids: list[int], mask: list[float]) -> list[float]:
@@ -351,6 +389,7 @@ def supervised_warm_start(
     pad_id: int,
     seed: int,
     progress_bar: bool = True,
+    weights: list[float] | None = None,
 ) -> dict[str, float]:
     """Masked next-token cross-entropy on the assistant tokens until the policy copies numbers, then anneal.
 
@@ -358,7 +397,7 @@ def supervised_warm_start(
     demonstrations reaches `ws.target_copy_accuracy` (checked every `ws.check_every` steps), then decays
     linearly to zero over `ws.anneal_steps`. Copying is a skill a small transformer acquires suddenly and at a
     step that varies with the seed and the machine, so a fixed schedule either wastes time or stops short;
-    `ws.steps` caps the whole run.
+    `ws.steps` caps the whole run. Batches are drawn uniformly, or in proportion to `weights` (one per sequence).
     """
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -386,9 +425,12 @@ def supervised_warm_start(
             )
             for group in optimizer.param_groups:
                 group["lr"] = ws.lr * scale
-            ids, attn, mask = _batch(
-                sequences, torch.randint(len(sequences), (ws.batch_size,), generator=gen).tolist(), pad_id
+            pick = (
+                torch.randint(len(sequences), (ws.batch_size,), generator=gen)
+                if weights is None
+                else torch.multinomial(torch.tensor(weights), ws.batch_size, replacement=True, generator=gen)
             )
+            ids, attn, mask = _batch(sequences, pick.tolist(), pad_id)
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()  # [b, t-1, vocab]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # [b, t-1]
             loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()

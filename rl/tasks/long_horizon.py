@@ -29,7 +29,10 @@ def make_rows(n: int, seed: int, split: str, hops: int = DEFAULT_HOPS) -> list[d
             {
                 "prompt": [
                     {"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": f"There are {hops} doors. The first key is {keys[0]}."},
+                    # the first key in the words every result gives the next one: the copy the policy learns on
+                    # 199 results is the one the first door needs (a built-in policy fitted on "The first key is
+                    # 1516." miscopied it as "7166" in every greedy episode, then never opened door 1)
+                    {"role": "user", "content": f"There are {hops} doors. Next key: {keys[0]}"},
                 ],
                 "data_source": DATA_SOURCE,
                 "reward_model": {"style": "rule", "ground_truth": treasure},
@@ -47,11 +50,11 @@ def make_rows(n: int, seed: int, split: str, hops: int = DEFAULT_HOPS) -> list[d
 
 def teacher(context: str) -> str:
     """The chain's solution as a rule, given the end of the context: open the door of the last key shown (the
-    prompt's first key, then each result's next key), and report the treasure once it shows."""
+    prompt's, then each result's), and report the treasure once it shows."""
     treasure = re.findall(r"treasure is (\d+)", context)
     if treasure:
         return f"The treasure is {treasure[-1]}."
-    keys = re.findall(r"(?:Next key:|first key is) (\d{4})", context)
+    keys = re.findall(r"Next key: (\d{4})", context)
     if not keys:
         raise ValueError("long_horizon teacher: no key in the context's end (is env.context.keep_last 0?)")
     return f'<tool_call>{{"name": "open", "arguments": {{"key": "{keys[-1]}"}}}}</tool_call>'
