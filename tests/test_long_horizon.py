@@ -203,7 +203,14 @@ def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(rendere
     config = Path(__file__).parents[1] / "configs" / "long_horizon.yaml"
     cfg = load_config(config, [*overrides, "rollout.max_new_tokens_per_turn=40"])
     task = get_task("long_horizon")
-    (sequences,) = teacher_sequences(cfg, task, renderer, 1, "warmstart")
+    sequences, *short = teacher_sequences(cfg, task, renderer, 1, "warmstart")
+    assert len(short) == 5 and all(
+        re.search(
+            r"The treasure is (\d{6})\.<\|im_end\|>\n<\|im_start\|>assistant\nThe treasure is \1\.",
+            renderer.decode(e[-1][0]),
+        )
+        for e in short
+    )  # a short chain: one sequence, the answer at its end
     placeholder = renderer.encode(cfg.env.context.placeholder)
     assert len(sequences) > 10
     assert all(len(ids) <= cfg.env.context.budget_tokens + 150 for ids, _ in sequences)  # + one tool step
@@ -216,10 +223,14 @@ def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(rendere
     slips = {m for ids, _ in sequences for m in re.findall(r"Error: key '(\d+)'", renderer.decode(ids))}
     assert slips and not slips & set(keys)  # the teacher's slips (5%) are in the contexts, never on the loss mask
     assert teacher_sequences(cfg, task, renderer, 1, "warmstart-check")[0][0][0] != sequences[0][0]  # another chain
-    fitted, weights = _opening_and_closing_weighted([sequences, sequences[:4]])
-    assert len(fitted) == len(sequences) + 4
-    assert weights[0] == weights[len(sequences) - 1] == len(sequences) / 4 and weights[1] == 1.0
-    assert weights[len(sequences) :] == [1.0, 1.0, 1.0, 1.0]  # a short episode: no weight below 1
+    fitted, weights = _opening_and_closing_weighted([sequences, sequences[:1], sequences[:1]])
+    assert len(fitted) == len(sequences) + 2
+    # 4 ends (2 of the long episode, the short ones' single sequences) drawn as often as its other sequences
+    end = (len(sequences) - 2) / 4
+    assert weights == [end, *[1.0] * (len(sequences) - 2), end, end, end]
+    rows = get_task("long_horizon").teacher_rows(2, cfg.seed, "warmstart")
+    hops = [row["extra_info"]["hops"] for row in rows]
+    assert hops[:2] == [200, 200] and len(hops) == 12 and all(1 <= h <= 16 for h in hops[2:]) and len(set(hops)) > 2
     tighter = load_config(config, [*overrides, "env.context.budget_tokens=600"])
     assert policy_key(tighter) != policy_key(cfg)
     calculator = load_config(None, ["model={}", *overrides])

@@ -46,7 +46,7 @@ from rollouts.scripted import ScriptedPolicy
 from rollouts.shipping import cache_dir
 
 CACHE_FORMAT = 2  # bump when the recipe below changes in a way the config hash cannot see
-TEACHER_FORMAT = 2  # the same for the teacher warm start only (the calculator policies stay cached)
+TEACHER_FORMAT = 3  # the same for the teacher warm start only (the calculator policies stay cached)
 
 
 def policy_key(cfg: JobConfig) -> str:
@@ -143,10 +143,9 @@ def _warm_start_on_teacher(cfg: JobConfig, task: Task, out: Path, log) -> dict:
     log(f"warm start on task {task.name!r}: its teacher plays {n} episodes in the agent loop (env {cfg.env.name!r})")
     episodes = teacher_sequences(cfg, task, renderer, n, "warmstart")
     sequences, weights = _opening_and_closing_weighted(episodes)
-    # held out: the opening, a middle and the closing sequence of 8 other episodes, as the fit weighs them
-    held_out = [
-        e[k] for e in teacher_sequences(cfg, task, renderer, 8, "warmstart-check") for k in {0, len(e) // 2, -1}
-    ]
+    # held out: the opening, a middle and the closing sequence of other episodes (4 long ones and their short ones)
+    checks = teacher_sequences(cfg, task, renderer, 4, "warmstart-check")
+    held_out = [e[k] for e in checks for k in sorted({0, len(e) // 2, len(e) - 1})]
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in "0123456789"])
     model.train()
     result = supervised_warm_start(
@@ -176,20 +175,19 @@ def _warm_start_on_teacher(cfg: JobConfig, task: Task, out: Path, log) -> dict:
 
 
 def _opening_and_closing_weighted(episodes: list[list[_Sequence]]) -> tuple[list[_Sequence], list[float]]:
-    """Every episode's sequences with sampling weights under which its opening sequence (the first call, copied
-    from the prompt) and its closing one (the answer) are each drawn as often as a quarter of its sequences.
+    """Every episode's sequences with sampling weights under which half the draws are an opening or a closing
+    sequence (an episode's first, with the call copied from the prompt, or its last, with the answer), uniformly
+    among them, and the other half the rest.
 
-    Why: with context management a 200-call episode is ~100 sequences, each training one or two calls, and only
+    Why: with context management a 200-call episode is ~110 sequences, each training one or two calls, and only
     one holds the first call and one the answer. Drawn uniformly, 500 steps of 8 drew each about 35 times in all
-    and the policy never learned them: it opened 200 doors and then kept calling `open` instead of answering.
+    and the policy never learnt them: it miscopied the first key in every greedy episode.
     """
-    sequences: list[_Sequence] = []
-    weights: list[float] = []
-    for episode in episodes:
-        w = [1.0] * len(episode)
-        w[0] = w[-1] = max(1.0, len(episode) / 4)
-        sequences += episode
-        weights += w
+    ends = {(e, k) for e, episode in enumerate(episodes) for k in {0, len(episode) - 1}}
+    middles = sum(len(episode) for episode in episodes) - len(ends)
+    end_weight = max(1.0, middles / len(ends)) if ends else 1.0
+    sequences = [s for episode in episodes for s in episode]
+    weights = [end_weight if (e, k) in ends else 1.0 for e, episode in enumerate(episodes) for k in range(len(episode))]
     return sequences, weights
 
 
@@ -218,7 +216,8 @@ def teacher_sequences(cfg: JobConfig, task: Task, renderer: Renderer, n: int, sp
 
     policy = ScriptedPolicy(renderer, respond, logprob=0.0)
     loop = AgentLoop(policy, renderer, lambda: make_env(cfg.env), cfg.rollout, cfg.env)  # type: ignore[arg-type]
-    rows = [to_prompt_row(i, r) for i, r in enumerate(task.make_rows(n, cfg.seed, split))]
+    make_rows = task.teacher_rows or task.make_rows
+    rows = [to_prompt_row(i, r) for i, r in enumerate(make_rows(n, cfg.seed, split))]
     trajectories = loop.run(rows, 1, 0, greedy=True, generator=torch.Generator())
     unfinished = [t.status.value for t in trajectories if t.status is not TrajectoryStatus.FINISHED]
     if unfinished:

@@ -48,6 +48,27 @@ def make_rows(n: int, seed: int, split: str, hops: int = DEFAULT_HOPS) -> list[d
     return rows
 
 
+SHORT_CHAINS_PER_CHAIN = 5
+SHORT_HOPS = (1, 16)
+
+
+def teacher_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    """The warm start's chains: `n` of 200 doors and, for each, `SHORT_CHAINS_PER_CHAIN` of 1 to 16 doors.
+
+    Why the short ones: a 200-door episode is ~110 training sequences (context management), and only its first
+    holds the call copied from the prompt and only its last the answer copied from the last result. Fitted on
+    96 such episodes the built-in policy opened all 200 doors of held-out chains without an error and then
+    reported a wrong treasure in every one (it had seen 96 treasures, and learnt them rather than the copy). A
+    short chain fits in one sequence that holds both, with a key and a treasure of its own.
+    """
+    rng = random.Random(f"{split}-{seed}-short")
+    short = [
+        make_rows(1, rng.randrange(1 << 30), f"{split}-short", hops=rng.randint(*SHORT_HOPS))[0]
+        for _ in range(n * SHORT_CHAINS_PER_CHAIN)
+    ]
+    return make_rows(n, seed, split) + short
+
+
 def teacher(context: str) -> str:
     """The chain's solution as a rule, given the end of the context: open the door of the last key shown (the
     prompt's, then each result's), and report the treasure once it shows."""
@@ -67,5 +88,6 @@ TASK = register_task(
         env="long_horizon",
         reward="contains_answer",
         teacher=teacher,
+        teacher_rows=teacher_rows,
     )
 )

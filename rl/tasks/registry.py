@@ -38,6 +38,9 @@ class Task:
     built-in template's `<tool_call>` format). With one, the built-in policy's warm start goes on from the
     calculator policy to fit the sequences this rule produces in the real agent loop under the job's `env` config
     (`rollouts.scripted`, `rl.policy.warmstart`), context rewrites included."""
+    teacher_rows: Callable[[int, int, str], Rows] | None = None
+    """`(n, seed, split)` -> the rows the teacher plays in that warm start for `warm_start.num_demos` = n, when
+    they should differ from `make_rows`'s (`long_horizon` adds short chains); None: `make_rows`."""
     gold: Callable[[dict[str, Any]], str] | None = None
     """A response to a row that its reward scores 1.0 (the task contract test's gold answer); None: the ground truth
     in `\\boxed{}`."""
