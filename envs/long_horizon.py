@@ -30,10 +30,10 @@ _WORDS = (
 
 
 def make_chain(seed: int, hops: int) -> tuple[list[str], str]:
-    """The `hops` door keys in order (distinct 4-digit strings) and the treasure (a 6-digit number)."""
+    """The `hops` door keys in order (distinct 4-digit strings) and the treasure (a 4-digit number too)."""
     rng = random.Random(f"long-horizon-{seed}")
     keys = [str(k) for k in rng.sample(range(1000, 10000), hops)]
-    return keys, str(rng.randint(100000, 999999))
+    return keys, str(rng.randint(1000, 9999))
 
 
 @register_env("long_horizon")
@@ -72,5 +72,7 @@ class LongHorizonEnv(ToolEnv):
         self.opened += 1
         room = " ".join(self.rng.choice(_WORDS) for _ in range(self.room_words))
         if self.opened == len(self.keys):
-            return f"Door {self.opened} opens: {room}. The treasure is {self.treasure}."
+            # the number last, as the keys are: the copy a policy learns for keys is the one the answer needs (the
+            # built-in policy fitted on "The treasure is 520513." opened all 200 doors and then miscopied it)
+            return f"Door {self.opened} opens: {room}. Treasure: {self.treasure}"
         return f"Door {self.opened} opens: {room}. Next key: {self.keys[self.opened]}"

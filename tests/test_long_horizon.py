@@ -206,7 +206,7 @@ def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(rendere
     sequences, *short = teacher_sequences(cfg, task, renderer, 1, "warmstart")
     assert len(short) == 5 and all(
         re.search(
-            r"The treasure is (\d{6})\.<\|im_end\|>\n<\|im_start\|>assistant\nThe treasure is \1\.",
+            r"Treasure: (\d{4})<\|im_end\|>\n<\|im_start\|>assistant\nThe treasure is \1\.",
             renderer.decode(e[-1][0]),
         )
         for e in short
@@ -225,8 +225,8 @@ def test_the_warm_start_fits_the_teachers_episodes_as_rollouts_hold_them(rendere
     assert teacher_sequences(cfg, task, renderer, 1, "warmstart-check")[0][0][0] != sequences[0][0]  # another chain
     fitted, weights = _opening_and_closing_weighted([sequences, sequences[:1], sequences[:1]])
     assert len(fitted) == len(sequences) + 2
-    # 4 ends (2 of the long episode, the short ones' single sequences) drawn as often as its other sequences
-    end = (len(sequences) - 2) / 4
+    # 4 ends (2 of the long episode, the short ones' single sequences) drawn half as often as its other sequences
+    end = (len(sequences) - 2) / 8
     assert weights == [end, *[1.0] * (len(sequences) - 2), end, end, end]
     rows = get_task("long_horizon").teacher_rows(2, cfg.seed, "warmstart")
     hops = [row["extra_info"]["hops"] for row in rows]

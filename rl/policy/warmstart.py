@@ -46,7 +46,7 @@ from rollouts.scripted import ScriptedPolicy
 from rollouts.shipping import cache_dir
 
 CACHE_FORMAT = 2  # bump when the recipe below changes in a way the config hash cannot see
-TEACHER_FORMAT = 3  # the same for the teacher warm start only (the calculator policies stay cached)
+TEACHER_FORMAT = 4  # the same for the teacher warm start only (the calculator policies stay cached)
 
 
 def policy_key(cfg: JobConfig) -> str:
@@ -175,9 +175,9 @@ def _warm_start_on_teacher(cfg: JobConfig, task: Task, out: Path, log) -> dict:
 
 
 def _opening_and_closing_weighted(episodes: list[list[_Sequence]]) -> tuple[list[_Sequence], list[float]]:
-    """Every episode's sequences with sampling weights under which half the draws are an opening or a closing
-    sequence (an episode's first, with the call copied from the prompt, or its last, with the answer), uniformly
-    among them, and the other half the rest.
+    """Every episode's sequences with sampling weights under which a third of the draws are an opening or a
+    closing sequence (an episode's first, with the call copied from the prompt, or its last, with the answer),
+    uniformly among them, and the rest its other sequences (a half drew worse middle calls).
 
     Why: with context management a 200-call episode is ~110 sequences, each training one or two calls, and only
     one holds the first call and one the answer. Drawn uniformly, 500 steps of 8 drew each about 35 times in all
@@ -185,7 +185,7 @@ def _opening_and_closing_weighted(episodes: list[list[_Sequence]]) -> tuple[list
     """
     ends = {(e, k) for e, episode in enumerate(episodes) for k in {0, len(episode) - 1}}
     middles = sum(len(episode) for episode in episodes) - len(ends)
-    end_weight = max(1.0, middles / len(ends)) if ends else 1.0
+    end_weight = max(1.0, middles / (2 * len(ends))) if ends else 1.0
     sequences = [s for episode in episodes for s in episode]
     weights = [end_weight if (e, k) in ends else 1.0 for e, episode in enumerate(episodes) for k in range(len(episode))]
     return sequences, weights

@@ -72,7 +72,7 @@ def teacher_rows(n: int, seed: int, split: str) -> list[dict[str, Any]]:
 def teacher(context: str) -> str:
     """The chain's solution as a rule, given the end of the context: open the door of the last key shown (the
     prompt's, then each result's), and report the treasure once it shows."""
-    treasure = re.findall(r"treasure is (\d+)", context)
+    treasure = re.findall(r"Treasure: (\d+)", context)
     if treasure:
         return f"The treasure is {treasure[-1]}."
     keys = re.findall(r"Next key: (\d{4})", context)
