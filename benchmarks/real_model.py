@@ -12,16 +12,18 @@ as its own `tiderl train` process, one after another so that every run has the m
 - `qat`: the config as written: INT4 recovery (the INT4 policy distilled from full precision, cached), then every
   linear layer but `lm_head` INT4 (group 32) in the rollout engine, the learner training through the same fake-quant;
 - `qat_norec`: the same without INT4 recovery (RL from the round-tripped pretrained weights);
-- `ptq`: INT4 rollouts, a full-precision learner (`quant.mode=ptq`): what training without INT4-awareness gives;
+- `ptq`: INT4 rollouts, a full-precision learner (`quant.mode=ptq`), from the same recovered weights as `qat`: what
+  training without INT4-awareness gives, the start being equal;
 - `lora`: LoRA adapters (rank 16, alpha 32, lr 1e-4) trained on the frozen, recovered INT4 base (`trainer.lora`).
 
 Printed: per run, held-out greedy and sampled accuracy before -> after (200 prompts, the rollout engine's policy,
 so INT4 for qat and ptq), the mean training reward of the first and last five steps, the learner-vs-rollout
 mismatch and its quantization part, seconds per step and the whole job's wall clock and peak resident memory;
-then the mean per mode. `--plot` (default `docs/real_model.png`) draws the training reward and the mismatch by
-step, one line per run. `--probe OVERRIDES...` only measures the starting policy as each override set (one
-string of space-separated `key=value`s per set; "" = the config as written) has the rollout engine run it: greedy
-and sampled accuracy on `--prompts` held-out problems, in this process.
+then the mean per mode. `--plot` (default `docs/real_model.png`) draws, one line per run, the training reward by
+step (5-step moving average), the held-out greedy accuracy at each evaluation (before, every `eval.every` steps:
+`--set eval.every=10`, after) and the mismatch by step. `--probe OVERRIDES...` only measures the starting policy
+as each override set (one string of space-separated `key=value`s per set; "" = the config as written) has the
+rollout engine run it: greedy and sampled accuracy on `--prompts` held-out problems, in this process.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MODES = {
     ],  # the default modules: preflight refuses a quant setting that cannot apply
     "qat": [],
     "qat_norec": ["int4_recovery.steps=0"],
-    "ptq": ["quant.mode=ptq", "int4_recovery.steps=0"],
+    "ptq": ["quant.mode=ptq"],  # from the same recovered weights as qat: only the learner's fake-quant differs
     "lora": ["trainer.lora.rank=16", "trainer.lora.alpha=32", "trainer.lr=1e-4"],
 }
 
@@ -149,19 +151,27 @@ def draw(out: Path, names: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (reward, mismatch) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (reward, held_out, mismatch) = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"fp": "tab:blue", "qat": "tab:green", "qat_norec": "tab:olive", "ptq": "tab:red", "lora": "tab:purple"}
     for name in names:
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in rows]
         color = colors.get(name.split("-")[0], "gray")
-        reward.plot(steps, [r.get("reward_mean", float("nan")) for r in rows], label=name, color=color, alpha=0.8)
+        rewards = [r.get("reward_mean", float("nan")) for r in rows]
+        smooth = [statistics.mean(rewards[max(0, i - 4) : i + 1]) for i in range(len(rewards))]
+        reward.plot(steps, smooth, label=name, color=color, alpha=0.8)
+        evals = json.loads((out / name / "eval.json").read_text())
+        points = [(0, evals["before"]["accuracy"])]
+        points += [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+        points += [(steps[-1], evals["after"]["accuracy"])]
+        held_out.plot(*zip(*points, strict=True), color=color, marker="o", alpha=0.8)
         mismatch.plot(steps, [r.get("mismatch_abs_logp", float("nan")) for r in rows], color=color, alpha=0.8)
         quant = [r.get("mismatch_quant_abs_logp") for r in rows]
         if any(q is not None for q in quant):
             points = [(s, q) for s, q in zip(steps, quant, strict=True) if q is not None]
             mismatch.scatter(*zip(*points, strict=True), color=color, marker="x", s=18)
-    reward.set(title="training reward (math-verify) by step", xlabel="RL step", ylabel="mean reward")
+    reward.set(title="training reward (math-verify), 5-step mean", xlabel="RL step", ylabel="mean reward")
+    held_out.set(title="held-out greedy accuracy (200 prompts)", xlabel="RL step", ylabel="accuracy")
     mismatch.set(title="learner vs rollout |Δ logp| (lines); quantization part (x)", xlabel="RL step", yscale="log")
     reward.legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct, word problems, configs/smollm2_word_problems.yaml", fontsize=10)

@@ -80,7 +80,9 @@ class Int4RecoveryConfig(Section):
     weights on the full-precision model's samples of the training prompts (LLM-QAT's data-free distillation), built
     once and cached. For a model whose INT4 round trip loses the accuracy RL needs to start from."""
 
-    steps: int = Field(0, ge=0, description="Distillation steps (0 = off). Needs quant.enabled and quant.mode=qat.")
+    steps: int = Field(
+        0, ge=0, description="Distillation steps (0 = off). Needs quant.enabled; QAT and PTQ share the result."
+    )
     prompts: int = Field(256, ge=1, description="Training prompts the full-precision model samples once each.")
     batch_size: int = Field(16, ge=1, description="Teacher samples per optimizer step.")
     micro_batch_size: int = Field(4, ge=1, description="Samples per forward (bounds full-vocabulary logits memory).")
@@ -298,11 +300,12 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_int4_recovery(self) -> JobConfig:
-        if self.int4_recovery.steps and not (self.quant.enabled and self.quant.mode == "qat"):
+        # Recovery distils the INT4 round trip (through fake-quant) whatever the RL learner does after it, so PTQ
+        # may start from the same recovered weights as QAT: the two then differ only in the learner's fake-quant.
+        if self.int4_recovery.steps and not self.quant.enabled:
             raise ValueError(
-                f"int4_recovery.steps={self.int4_recovery.steps} distils the QAT policy; it needs quant.enabled=true "
-                f"and quant.mode=qat (got enabled={self.quant.enabled}, mode={self.quant.mode}): set "
-                "int4_recovery.steps=0 for this mode"
+                f"int4_recovery.steps={self.int4_recovery.steps} distils the INT4 policy; it needs quant.enabled=true: "
+                "set int4_recovery.steps=0 for a full-precision job"
             )
         return self
 
