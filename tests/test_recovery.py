@@ -10,7 +10,7 @@ import torch
 
 from rl.config import ConfigError
 from rl.loop.data import load_split
-from rl.policy.recovery import _kl_sum, _teacher_samples, recover_int4, recovered_config
+from rl.policy.recovery import _kl_sum, _teacher_samples, recover_int4, recovered_config, recovery_key
 from rollouts.model import load_policy
 from rollouts.quant import QuantSpec, fake_quantize, targeted_parameters
 
@@ -59,3 +59,16 @@ def test_recovery_needs_quantization(make_cfg):
         make_cfg(*RECOVERY, "quant.enabled=false")
     # PTQ starts from the same recovered policy as QAT (the recovery key leaves the mode out)
     assert make_cfg(*RECOVERY, "quant.mode=ptq").int4_recovery.steps == 12
+
+
+def test_bf16_compute_recovers_into_its_own_cache_entry(make_cfg, tool_policy_dir, tmp_path):
+    """`trainer.compute_dtype=bfloat16` distils under autocast too, so its recovered policy is another cache entry;
+    float32 (the default) keeps the key it had before the setting existed."""
+    cfg = make_cfg(f"model.path={tool_policy_dir}", *RECOVERY)
+    rows = load_split(cfg, "train", tmp_path / "data")[:16]
+    keys = {
+        dtype: recovery_key(make_cfg(f"model.path={tool_policy_dir}", *RECOVERY, f"trainer.compute_dtype={dtype}"),
+                            tool_policy_dir, rows)
+        for dtype in ("float32", "bfloat16")
+    }  # fmt: skip
+    assert keys["float32"] == recovery_key(cfg, tool_policy_dir, rows) != keys["bfloat16"]

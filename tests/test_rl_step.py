@@ -60,6 +60,30 @@ def test_learner_step_changes_every_parameter_that_got_a_gradient(tiny_policy_di
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
 
 
+def test_bf16_compute_keeps_fp32_master_weights_and_the_fp32_update(tiny_policy_dir, make_cfg) -> None:
+    """`trainer.compute_dtype=bfloat16`: the forward and backward run under autocast (the learner's logprobs move
+    off the fp32 rollout engine's by bf16 rounding), the weights and gradients stay fp32, and the
+    update points where the fp32 learner's does."""
+    cfg = make_cfg(f"reward.functions=[{{name: '{LENGTH_REWARD}'}}]", "rollout.samples_per_prompt=4")
+    worker = RolloutWorker(str(tiny_policy_dir), cfg.worker_spec(), 0)
+    scored = RewardScorer(cfg.reward).score(worker.generate(calculator_rows(4), 4)).scored
+    rewards = torch.tensor([s.reward for s in scored])
+    advantages = grpo(rewards, torch.tensor([s.trajectory.group_id for s in scored]))
+    batch = TrainBatch.from_scored(scored, advantages, worker.renderer.pad_token_id)
+    deltas, mismatch = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        learner = Learner(str(tiny_policy_dir), make_cfg(f"trainer.compute_dtype={dtype}").learner_spec())
+        before = torch.cat([p.detach().flatten().clone() for p in learner.model.parameters()])
+        mismatch[dtype] = learner.train_step(batch)["mismatch_abs_logp"]
+        params = list(learner.model.parameters())
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32) for p in params)
+        deltas[dtype] = torch.cat([p.detach().flatten() for p in params]) - before
+    assert mismatch["float32"] < 1e-5 < mismatch["bfloat16"] < 5e-2
+    cosine = torch.nn.functional.cosine_similarity(deltas["float32"], deltas["bfloat16"], dim=0)
+    print(f"mismatch {mismatch}, update cosine {cosine:.3f}")
+    assert cosine > 0.8
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

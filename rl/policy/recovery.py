@@ -55,6 +55,8 @@ def recovery_key(cfg: JobConfig, source: Path, rows: list[PromptRow]) -> str:
         "prompts": [row.messages for row in rows],
         "seed": cfg.seed,
     }
+    if cfg.trainer.compute_dtype != "float32":  # keyed only when set, so that fp32 recoveries keep their old keys
+        shape["compute_dtype"] = cfg.trainer.compute_dtype
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -117,6 +119,7 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
     params = dict(student.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=rc.lr, weight_decay=0.0)
     order = random.Random(cfg.seed + 1)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.trainer.compute_dtype == "bfloat16")
     pad = tokenizer.pad_token_id
     kls: list[float] = []
     with Progress(
@@ -137,7 +140,8 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
             # estimator hands the sum to the master weights unchanged, as the QAT learner does.
             swapped = {name: fake_quantize(params[name].detach(), spec).requires_grad_() for name in targets}
             for first in range(0, len(batch), rc.micro_batch_size):
-                kl = _kl_sum(teacher, student, swapped, batch[first : first + rc.micro_batch_size], pad)
+                with autocast:  # trainer.compute_dtype: the learner's mixed precision, here too
+                    kl = _kl_sum(teacher, student, swapped, batch[first : first + rc.micro_batch_size], pad)
                 (kl / tokens).backward()
                 kl_sum += kl.item()
             for name, leaf in swapped.items():

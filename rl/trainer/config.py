@@ -222,6 +222,13 @@ class TrainerConfig(Section):
         0.0, ge=0, description="Ray GPUs per learner actor (the learner then trains on the GPU)."
     )
     learner_threads: int = Field(2, ge=1, description="torch threads inside the learner.")
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="What the learner's forward and backward compute in. bfloat16 runs them under torch.autocast "
+        "(mixed precision, as TRL's bf16=True and verl's FSDP param_dtype): the matmuls in bf16, several times "
+        "faster on GPUs and on CPUs with AMX or AVX-512-BF16, while the master weights, gradients, optimizer state "
+        "and logprobs stay in model.dtype. It adds bf16 rounding to the rollout-vs-learner mismatch.",
+    )
     checkpoint_every: int = Field(10, ge=0, description="Steps between checkpoints (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept.")
     lora: LoraConfig | None = Field(

@@ -172,6 +172,30 @@ class Learner(WeightSource, ShardedMember):
         policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once. `kept` ([b, t, k])
         and `routing` ([b, t, layers, top_k]): the rollout's kept ids and routing, replayed (rl/trainer/replay.py).
         """
+        with self._autocast():
+            return self._sequence_logprobs(
+                input_ids, attention_mask, fake_quant, entropy_grad, temperature, where, kept, routing
+            )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 mixed precision when `trainer.compute_dtype` asks for it: autocast casts each matmul's operands
+        (the fp32 master weights or their fake-quant, the activations) to bf16, and its backward hands fp32
+        gradients to the fp32 leaves; `token_logprobs` takes the logits back to fp32 before the softmax."""
+        if self.cfg.trainer.compute_dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _sequence_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        fake_quant: bool,
+        entropy_grad: bool,
+        temperature: float | None,
+        where: torch.Tensor | None,
+        kept: torch.Tensor | None,
+        routing: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         temperature = temperature or self.cfg.temperature
         forward = self._forward(fake_quant) if self.routing is None else self.routing.wrap(self._forward(fake_quant))
         if where is None or not self._head_on_hidden:
@@ -266,8 +290,10 @@ class Learner(WeightSource, ShardedMember):
     ) -> torch.Tensor:
         """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
         assert self.reference is not None
+        with self._autocast():
+            logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         logp, _ = token_logprobs(
-            self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1],
+            logits,
             input_ids[:, 1:],
             temperature,
         )
