@@ -23,7 +23,8 @@ then the mean per mode. `--plot` (default `docs/real_model.png`) draws, one line
 step (5-step moving average), the held-out greedy accuracy at each evaluation (before, every `eval.every` steps:
 `--set eval.every=10`, after) and the mismatch by step. `--probe OVERRIDES...` only measures the starting policy
 as each override set (one string of space-separated `key=value`s per set; "" = the config as written) has the
-rollout engine run it: greedy and sampled accuracy on `--prompts` held-out problems, in this process.
+rollout engine run it: greedy and sampled accuracy on `--prompts` held-out problems, in this process, and the
+greedy pass's tokens/s.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +86,17 @@ def probe(override_sets: list[str], prompts: int) -> None:
         cfg = load_config(CONFIG, ["int4_recovery.steps=0", *overrides.split()])  # the policy as it is loaded
         worker, scorer = RolloutWorker(os.environ["SMOLLM2_DIR"], cfg.worker_spec(), 0), RewardScorer(cfg.reward)
         rows = [to_prompt_row(i, r) for i, r in enumerate(word_problems.make_rows(prompts, 0, "eval"))]
-        greedy = scorer.score(worker.generate(rows, 1, greedy=True, seed=0)).scored
+        start = time.perf_counter()
+        greedy = worker.generate(rows, 1, greedy=True, seed=0)
+        seconds, tokens = time.perf_counter() - start, sum(t.response_length for t in greedy)
+        greedy = scorer.score(greedy).scored
         sampled = scorer.score(worker.generate(rows, 1, greedy=False, seed=0)).scored
         accuracy = [sum(s.correct for s in scored) / len(rows) for scored in (greedy, sampled)]
-        print(f"{overrides or '(as written)':<40} greedy {accuracy[0]:.3f}  sampled {accuracy[1]:.3f}", flush=True)
+        print(
+            f"{overrides or '(as written)':<40} greedy {accuracy[0]:.3f}  sampled {accuracy[1]:.3f}  "
+            f"greedy generation {tokens / seconds:.0f} tokens/s",
+            flush=True,
+        )
 
 
 def summary(run_dir: Path) -> dict[str, float] | None:
