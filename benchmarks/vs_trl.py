@@ -42,8 +42,8 @@ What differs (printed as well):
   sample; TRL's `tools=` calls one shared instance (the calculator is stateless).
 - tiderl runs on a local Ray instance (the job's rollout workers + 1 learner actor); TRL runs in this process.
 - `--model smollm2`: SmolLM2's chat template cannot render tool calls, which TRL's tool loop needs, so both sides
-  run single-turn (`env.max_turns=1`) on generated arithmetic word problems (written here: no task in `rl.tasks` or
-  `envs/` generates word problems), answered without a tool.
+  run single-turn (`env.max_turns=1`) on generated arithmetic word problems (`rl.tasks.word_problems`' generator,
+  with the prompt asking for "The answer is N."), answered without a tool.
 
 Samples/s = training samples generated / wall time of the training loop. tiderl: from the end of the "before" eval
 to the start of the "after" eval in `rl.loop.controller` (generate, score, update, weight sync, metrics and trajectory
