@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,7 +102,7 @@ def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_tex
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     ray_tmp = tmp_path / "ray-tmp"  # a Ray instance would write its session here (other jobs' Ray may be running)
-    start = time.perf_counter()
+    # no timed assert (a shared machine's load decides the seconds): no Ray session, no run directory
     proc = subprocess.run(
         [sys.executable, "-m", "rl.launch.cli", "train", str(path)],
         capture_output=True,
@@ -111,10 +110,8 @@ def test_cli_rejects_bad_yaml_fast_without_starting_ray(tmp_path: Path, yaml_tex
         cwd=tmp_path,
         env={**os.environ, "RAY_TMPDIR": str(ray_tmp)},
     )
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 2
     assert expected in proc.stderr
-    assert elapsed < 5.0
     assert not ray_tmp.exists()
     assert not (tmp_path / "runs").exists()
 
