@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from envs.base import PromptRow
 from rl.config import JobConfig
+from rl.trainer.forward import compute_autocast
 from rollouts.model import load_policy, save_policy
 from rollouts.quant import QuantSpec, fake_quantize, targeted_parameters
 from rollouts.records import Trajectory
@@ -119,7 +120,6 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
     params = dict(student.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=rc.lr, weight_decay=0.0)
     order = random.Random(cfg.seed + 1)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.trainer.compute_dtype == "bfloat16")
     pad = tokenizer.pad_token_id
     kls: list[float] = []
     with Progress(
@@ -140,7 +140,7 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
             # estimator hands the sum to the master weights unchanged, as the QAT learner does.
             swapped = {name: fake_quantize(params[name].detach(), spec).requires_grad_() for name in targets}
             for first in range(0, len(batch), rc.micro_batch_size):
-                with autocast:  # trainer.compute_dtype: the learner's mixed precision, here too
+                with compute_autocast(cfg.trainer.compute_dtype, torch.device("cpu")):  # the learner's, here too
                     kl = _kl_sum(teacher, student, swapped, batch[first : first + rc.micro_batch_size], pad)
                 (kl / tokens).backward()
                 kl_sum += kl.item()

@@ -19,6 +19,7 @@ when the learner starts, and a model that fails them gets the plain forward.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -296,3 +297,12 @@ class _eval:
 
     def __exit__(self, *exc: object) -> None:
         self.model.train(self.training)
+
+
+def compute_autocast(compute_dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """`trainer.compute_dtype`'s context for a learner forward: bf16 mixed precision under autocast (each matmul's
+    operands, the fp32 master weights or their fake-quant and the activations, cast to bf16; its backward hands fp32
+    gradients to the fp32 leaves; `token_logprobs` takes the logits back to fp32 before the softmax), or nothing."""
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

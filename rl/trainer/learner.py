@@ -31,6 +31,7 @@ from rl.trainer.batch import TrainBatch
 from rl.trainer.config import LearnerSpec
 from rl.trainer.forward import (
     Prompts,
+    compute_autocast,
     forwarded_positions,
     head_on_hidden_states,
     plan,
@@ -172,50 +173,29 @@ class Learner(WeightSource, ShardedMember):
         policy tokens), and with `trainer.share_prompt` rows with the same prompt forward it once. `kept` ([b, t, k])
         and `routing` ([b, t, layers, top_k]): the rollout's kept ids and routing, replayed (rl/trainer/replay.py).
         """
-        with self._autocast():
-            return self._sequence_logprobs(
-                input_ids, attention_mask, fake_quant, entropy_grad, temperature, where, kept, routing
+        with compute_autocast(self.cfg.trainer.compute_dtype, self.device):
+            temperature = temperature or self.cfg.temperature
+            forward = (
+                self._forward(fake_quant) if self.routing is None else self.routing.wrap(self._forward(fake_quant))
             )
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 mixed precision when `trainer.compute_dtype` asks for it: autocast casts each matmul's operands
-        (the fp32 master weights or their fake-quant, the activations) to bf16, and its backward hands fp32
-        gradients to the fp32 leaves; `token_logprobs` takes the logits back to fp32 before the softmax."""
-        if self.cfg.trainer.compute_dtype == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
-    def _sequence_logprobs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        fake_quant: bool,
-        entropy_grad: bool,
-        temperature: float | None,
-        where: torch.Tensor | None,
-        kept: torch.Tensor | None,
-        routing: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        temperature = temperature or self.cfg.temperature
-        forward = self._forward(fake_quant) if self.routing is None else self.routing.wrap(self._forward(fake_quant))
-        if where is None or not self._head_on_hidden:
-            logp, entropy = token_logprobs(
-                forward(input_ids=input_ids, attention_mask=attention_mask, **routed(routing)).logits[:, :-1],
-                input_ids[:, 1:],
-                temperature,
-                kept[:, 1:] if kept is not None else None,
-            )
-            zero = torch.zeros_like(logp[:, :1])
-            logp, entropy = torch.cat([zero, logp], 1), torch.cat([zero, entropy], 1)
-        else:
-            prompts = Prompts.of(input_ids, attention_mask, where, routing) if self._share_prompt else None
-            states, at = scoring_states(forward, input_ids, attention_mask, where, prompts, routing)
-            head = self.model.get_output_embeddings()
-            values, ent_values = token_logprobs(
-                head(states), input_ids[at], temperature, kept[at] if kept is not None else None
-            )
-            logp = values.new_zeros(input_ids.shape).index_put(at, values)
-            entropy = ent_values.new_zeros(input_ids.shape).index_put(at, ent_values)
+            if where is None or not self._head_on_hidden:
+                logp, entropy = token_logprobs(
+                    forward(input_ids=input_ids, attention_mask=attention_mask, **routed(routing)).logits[:, :-1],
+                    input_ids[:, 1:],
+                    temperature,
+                    kept[:, 1:] if kept is not None else None,
+                )
+                zero = torch.zeros_like(logp[:, :1])
+                logp, entropy = torch.cat([zero, logp], 1), torch.cat([zero, entropy], 1)
+            else:
+                prompts = Prompts.of(input_ids, attention_mask, where, routing) if self._share_prompt else None
+                states, at = scoring_states(forward, input_ids, attention_mask, where, prompts, routing)
+                head = self.model.get_output_embeddings()
+                values, ent_values = token_logprobs(
+                    head(states), input_ids[at], temperature, kept[at] if kept is not None else None
+                )
+                logp = values.new_zeros(input_ids.shape).index_put(at, values)
+                entropy = ent_values.new_zeros(input_ids.shape).index_put(at, ent_values)
         return logp, entropy if entropy_grad else entropy.detach()
 
     def _backward_rows(self, batch: TrainBatch) -> torch.Tensor:
@@ -290,7 +270,7 @@ class Learner(WeightSource, ShardedMember):
     ) -> torch.Tensor:
         """Logprobs of the tokens under the frozen reference policy ([b, t], position 0 is 0)."""
         assert self.reference is not None
-        with self._autocast():
+        with compute_autocast(self.cfg.trainer.compute_dtype, self.device):
             logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         logp, _ = token_logprobs(
             logits,
