@@ -21,10 +21,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,7 +82,12 @@ def recover_int4(cfg: JobConfig, source: Path, train_rows: list[PromptRow], log=
     log(f"INT4 recovery: distilling the INT4 policy from full precision on {len(rows)} prompts into {target}")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    report = _recover(cfg, source, rows, tmp)
+    # In a child process: teacher, student, optimizer state and full-vocabulary logits peak at ~8 GB on a 135M model,
+    # and memory freed inside a process mostly stays with it, so in the driver it would be held through the whole RL
+    # job beside the learner and the rollout workers (a bf16 job was killed by Ray's memory monitor at its final
+    # checkpoint so). Spawned, not forked: the driver may hold threads. Its errors re-raise here with their trace.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        report = pool.submit(_recover, cfg, source, rows, tmp).result()
     (tmp / "recovery.json").write_text(json.dumps(report, indent=2))
     log(
         f"INT4 recovery: {rc.steps} steps in {report['seconds']:.0f}s "
