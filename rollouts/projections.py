@@ -5,7 +5,8 @@ A decode step makes dozens of small projections, and at small sizes each call's 
 of it. So projections that read the same input run as one matmul on their stacked weights (`_projection`), on a
 CPU from a transposed, contiguous copy of the weight (`_Matmul`), refreshed when a batch opens; RMSNorm goes
 through torch's fused `rms_norm`. INT4 modules keep their own kernels (`_weight` dequantizes one when a block
-needs its dense values).
+needs its dense values); on a CPU with float32 activations, where from `dense_min_rows` rows on they multiply by
+their dequantized weight anyway, those rows run one stacked matmul too (`_Int4Projection`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from rollouts.int4 import Int4Linear, Int4Matmul
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -59,9 +62,66 @@ def _projection(*modules: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             )
         )
         return _Matmul(torch.cat([m.weight for m in modules]), bias)
+    if _Int4Projection.applies(modules):
+        return _Int4Projection(modules)
     if len(modules) == 1:
         return modules[0]
     return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+
+
+class _Int4Projection:
+    """INT4 projections (all reading the same input) on a CPU with float32 activations: from `dense_min_rows` rows
+    on, one `_Matmul` on their stacked dequantized weights, which is what each module's dense path multiplies by
+    (so the outputs agree to summation order); below it, each module's packed kernel. SmolLM2's decode step with
+    every linear layer INT4 makes 7 INT4 products a layer, 4 stacked (q/k/v and gate/up as one each).
+
+    The stacked weight is built on the first call with enough rows and kept while the modules hold the same packed
+    weights (a weight push gives them new ones), like `Int4Matmul`'s own dense cache, which the modules then never
+    fill: one dense copy of the weights, not two."""
+
+    def __init__(self, modules: tuple[nn.Module, ...]) -> None:
+        self.modules = modules
+        self.dense_min_rows = modules[0].matmul.dense_min_rows
+
+    @staticmethod
+    def applies(modules: tuple[nn.Module, ...]) -> bool:
+        if not all(type(m) is Int4Linear and m.matmul is not None for m in modules):
+            return False
+        matmuls = [m.matmul for m in modules]
+        return all(
+            not mm.weight.packed.is_cuda
+            and mm.activation_dtype == torch.float32
+            and mm.dense_min_rows == matmuls[0].dense_min_rows
+            for mm in matmuls
+        ) and (matmuls[0].dense_min_rows is not None)
+
+    def _stacked(self) -> _Matmul:
+        owner = self.modules[0]
+        matmuls = tuple(m.matmul for m in self.modules)
+        cached: tuple[tuple[Int4Matmul, ...], _Matmul] | None = getattr(owner, "_stacked_dense", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], matmuls, strict=True)):
+            weight = torch.cat([mm.weight.dequantize(torch.float32) for mm in matmuls])
+            biases = [m.bias for m in self.modules]
+            bias = (
+                None
+                if all(b is None for b in biases)
+                else torch.cat(
+                    [
+                        b if b is not None else weight.new_zeros(m.out_features)
+                        for m, b in zip(self.modules, biases, strict=True)
+                    ]
+                )
+            )
+            cached = (matmuls, _Matmul(weight, bias))
+            owner._stacked_dense = cached
+        return cached[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.reshape(-1, x.shape[-1]).shape[0] >= self.dense_min_rows:
+            return self._stacked()(x)
+        if len(self.modules) == 1:
+            return self.modules[0](x)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
 def _weight(module: nn.Module) -> torch.Tensor:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Con
 
 from rollouts.decoder import Decoder
 from rollouts.engine import Engine, Request, SamplingParams
-from rollouts.int4 import convert_to_int4
+from rollouts.int4 import Int4Linear, convert_to_int4
 from rollouts.model import load_policy
 from rollouts.quant import QuantSpec, targeted_parameters
 from rollouts.sampling import _sample, uniform
@@ -57,7 +57,9 @@ def k2(tiny_policy_dir, make_cfg):
     return load_policy(tiny_policy_dir, make_cfg().model)
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v3-int4", "llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "kind", ["deepseek_v3", "deepseek_v3-int4", "llama", "llama-int4", "qwen2", "qwen2-int4", "qwen3"]
+)
 @torch.inference_mode()
 def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
     if kind.startswith("deepseek_v3"):
@@ -71,7 +73,12 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
         vocab = model.config.vocab_size
         prompts = [[t % vocab for t in p] for p in ragged_prompts(5)]
     else:
-        model, prompts = small(kind), ragged_prompts(5)
+        model, prompts = small(kind.removesuffix("-int4")), ragged_prompts(5)
+        if kind.endswith("int4"):  # every linear layer: prefill's rows run stacked dequantized weights (q/k/v and
+            # gate/up as one matmul each), decode's 7 or 2 rows each module's packed kernel (dense_min_rows is 8)
+            cfg = make_cfg("quant.enabled=true", "quant.modules=all_linear")
+            spec = QuantSpec.from_config(cfg.quant)
+            convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, "float32"))
     decoder = Decoder(model, slots=7, max_len=64)
     decoder.refresh()
     # prompts 0 and 1 go to two slots each (a shared prefill); slot 4 stays idle and rides along in decode
@@ -81,6 +88,9 @@ def test_decoder_logits_match_the_hf_forward(kind, k2, make_cfg) -> None:
         ids[i, : len(p)] = torch.tensor(p)
     logits = decoder.prefill(ids, torch.tensor([len(p) for p in prompts]), slots)
     assert torch.allclose(logits, hf_last_logits(model, prompts), atol=1e-4)
+    if kind in ("llama-int4", "qwen2-int4"):  # the prefill ran the stacked weights: q/k/v's and gate/up's cached
+        stacked = [m for m in model.modules() if isinstance(m, Int4Linear) and hasattr(m, "_stacked_dense")]
+        assert len(stacked) == 4 * 2  # per layer: q (owning q/k/v), o, gate (owning gate/up), down
     by_slot = {s: list(prompts[i]) for i, group in enumerate(slots) for s in group}
     order = sorted(by_slot)
     logits = torch.stack([logits[next(i for i, g in enumerate(slots) if s in g)] for s in order])
