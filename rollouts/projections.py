@@ -50,23 +50,20 @@ def _projection(*modules: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     `nn.Linear`s as one `_Matmul` on their stacked weights (a decode step makes dozens of these calls; each call's
     own overhead is a visible share of it), anything else (INT4 modules: their own kernels) through the modules."""
     if all(type(m) is nn.Linear for m in modules):
-        biases = [m.bias for m in modules]
-        bias = (
-            None
-            if all(b is None for b in biases)
-            else torch.cat(
-                [
-                    b if b is not None else m.weight.new_zeros(m.out_features)
-                    for m, b in zip(modules, biases, strict=True)
-                ]
-            )
-        )
-        return _Matmul(torch.cat([m.weight for m in modules]), bias)
+        weight = torch.cat([m.weight for m in modules])
+        return _Matmul(weight, _stacked_bias(modules, weight))
     if _Int4Projection.applies(modules):
         return _Int4Projection(modules)
     if len(modules) == 1:
         return modules[0]
     return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+
+
+def _stacked_bias(modules: tuple[nn.Module, ...], weight: torch.Tensor) -> torch.Tensor | None:
+    """The biases of stacked projections side by side (zeros for one without), or None when none has one."""
+    if all(m.bias is None for m in modules):
+        return None
+    return torch.cat([m.bias if m.bias is not None else weight.new_zeros(m.out_features) for m in modules])
 
 
 class _Int4Projection:
@@ -101,18 +98,7 @@ class _Int4Projection:
         cached: tuple[tuple[Int4Matmul, ...], _Matmul] | None = getattr(owner, "_stacked_dense", None)
         if cached is None or any(a is not b for a, b in zip(cached[0], matmuls, strict=True)):
             weight = torch.cat([mm.weight.dequantize(torch.float32) for mm in matmuls])
-            biases = [m.bias for m in self.modules]
-            bias = (
-                None
-                if all(b is None for b in biases)
-                else torch.cat(
-                    [
-                        b if b is not None else weight.new_zeros(m.out_features)
-                        for m, b in zip(self.modules, biases, strict=True)
-                    ]
-                )
-            )
-            cached = (matmuls, _Matmul(weight, bias))
+            cached = (matmuls, _Matmul(weight, _stacked_bias(self.modules, weight)))
             owner._stacked_dense = cached
         return cached[1]
 
