@@ -84,13 +84,13 @@ class _Int4Projection:
     def applies(modules: tuple[nn.Module, ...]) -> bool:
         if not all(type(m) is Int4Linear and m.matmul is not None for m in modules):
             return False
-        matmuls = [m.matmul for m in modules]
-        return all(
-            not mm.weight.packed.is_cuda
-            and mm.activation_dtype == torch.float32
-            and mm.dense_min_rows == matmuls[0].dense_min_rows
-            for mm in matmuls
-        ) and (matmuls[0].dense_min_rows is not None)
+        rows = modules[0].matmul.dense_min_rows
+        return rows is not None and all(
+            not m.matmul.weight.packed.is_cuda
+            and m.matmul.activation_dtype == torch.float32
+            and m.matmul.dense_min_rows == rows
+            for m in modules
+        )
 
     def _stacked(self) -> _Matmul:
         owner = self.modules[0]
@@ -103,7 +103,7 @@ class _Int4Projection:
         return cached[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.reshape(-1, x.shape[-1]).shape[0] >= self.dense_min_rows:
+        if x.dtype == torch.float32 and x.numel() // x.shape[-1] >= self.dense_min_rows:  # rows
             return self._stacked()(x)
         if len(self.modules) == 1:
             return self.modules[0](x)
