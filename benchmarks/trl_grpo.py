@@ -119,7 +119,9 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
     args = GRPOConfig(
         output_dir=str(out_dir / "trainer"),
         use_cpu=True,
-        bf16=False,
+        # the job's learner precision on both sides: `trainer.compute_dtype=bfloat16` is tiderl's learner under bf16
+        # autocast, and TRL's (accelerate's) bf16 mixed precision is the same autocast around its forward passes
+        bf16=cfg.trainer.compute_dtype == "bfloat16",
         fp16=False,
         gradient_checkpointing=False,
         seed=cfg.seed,
@@ -159,7 +161,7 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    clock = _Clock()
+    clock, stages = _Clock(), _StageClock()
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[trl_reward(cfg)],
@@ -169,17 +171,26 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
         tools=tools,
         callbacks=[clock],
     )
+    stages.wrap(trainer, "_generate", "_generate_and_score_completions")
     trainer.train()
     logs = [e for e in trainer.state.log_history if "reward" in e]
     policy = out_dir / "policy"
     tokenizer.response_template = None
     save_policy(trainer.model, tokenizer, policy)
     loop_s, samples = clock.end - clock.start, float(group * trainer.state.global_step)
+    steps = trainer.state.global_step
+    generate_s = stages.seconds["_generate"] / steps
+    prepare_s = stages.seconds["_generate_and_score_completions"] / steps
     result = {
         "samples": samples,
         "loop_s": loop_s,
-        "s_per_step": loop_s / trainer.state.global_step,
+        "s_per_step": loop_s / steps,
         "samples_per_s": samples / loop_s,
+        # where a step's time goes: generation (transformers' generate), the rest of preparing the batch (rewards,
+        # advantages, and the old log-probs where TRL computes them), and the update (forward, backward, optimizer)
+        "generate_s": generate_s,
+        "score_s": prepare_s - generate_s,
+        "update_s": loop_s / steps - prepare_s,
         "train_reward": [e["reward"] for e in logs],
         "tool_calls_per_sample": [e.get("tools/call_frequency") for e in logs],
         "policy_dir": str(policy),
@@ -188,6 +199,28 @@ def run_trl(cfg: JobConfig, rows: list, out_dir: Path, threads: int) -> dict[str
     del trainer, model
     gc.collect()
     return result
+
+
+class _StageClock:
+    """Total seconds spent in some of a trainer's methods (TRL logs no stage times of its own)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, trainer: Any, *names: str) -> None:
+        for name in names:
+            self.seconds[name] = 0.0
+            setattr(trainer, name, self._timed(name, getattr(trainer, name)))
+
+    def _timed(self, name: str, method: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
 
 
 class _Clock(TrainerCallback):

@@ -188,8 +188,11 @@ def run_tiderl(cfg: JobConfig, run_dir: Path) -> dict[str, Any]:
         "loop_s": loop_s,
         "s_per_step": loop_s / len(rows),
         "samples_per_s": samples / loop_s,
+        # where a step's time goes: generation (with the environment), scoring, the update, the weight push
         "generate_s": mean("time_generate_s"),
+        "score_s": mean("time_score_s"),
         "update_s": mean("time_update_s"),
+        "sync_s": mean("time_sync_s") + mean("time_sync_encode_s"),
         "train_reward": [r.get("reward_mean") for r in rows],
         "tool_calls_per_sample": [r.get("tool_calls_per_sample") for r in rows],
         "before": evals["before"],
@@ -314,6 +317,7 @@ def summarize(runs: list[dict], cfg: JobConfig) -> dict[str, Any]:
     for side in ("tiderl", "trl"):
         r = [run[side] for run in runs]
         out[side] = {k: mean([x[k] for x in r]) for k in ("samples", "loop_s", "s_per_step", "samples_per_s")}
+        out[side]["stages"] = {k: mean([x.get(k, 0.0) for x in r]) for k in STAGES}
         out[side]["greedy"] = mean([x["after"]["accuracy"] for x in r])
         out[side]["sampled"] = mean([x["after"].get("accuracy_sampled", float("nan")) for x in r])
         if side == "trl" and "after_float32" in r[0]:
@@ -333,6 +337,9 @@ def summarize(runs: list[dict], cfg: JobConfig) -> dict[str, Any]:
         "sampled_at_least_trl": t["sampled"] >= best["sampled"],
     }
     return out
+
+
+STAGES = ("generate_s", "score_s", "update_s", "sync_s")
 
 
 def print_report(s: dict[str, Any], cfg: JobConfig, args: argparse.Namespace) -> None:
@@ -362,6 +369,16 @@ def print_report(s: dict[str, Any], cfg: JobConfig, args: argparse.Namespace) ->
         f"| tiderl / TRL | | | {s['ratio_s_per_step']:.2f}x | **{s['ratio_samples_per_s']:.2f}x** | "
         f"{t['greedy'] - b['greedy']:+.3f} | {t['sampled'] - b['sampled']:+.3f} |" + (" |" if fp32 else "")
     )
+    print("\nwhere a step's time goes, seconds (the rest: logging, batching, the trainer's own bookkeeping):")
+    print("| | generation | scoring | update | weight sync | rest | step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, side in (("tiderl", t), ("TRL GRPOTrainer", b)):
+        st = side["stages"]
+        rest = side["s_per_step"] - sum(st.values())
+        print(
+            f"| {name} | {st['generate_s']:.2f} | {st['score_s']:.2f} | {st['update_s']:.2f} | {st['sync_s']:.2f} | "
+            f"{rest:.2f} | {side['s_per_step']:.2f} |"
+        )
     print("\nchecks: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in s["checks"].items()))
     print("differences: " + "; ".join(differences(cfg)))
 

@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from envs.base import PromptRow
 from rl.config import JobConfig
-from rl.trainer.forward import compute_autocast
+from rl.trainer.forward import compute_autocast, head_on_hidden_states, scoring_states
 from rollouts.model import load_policy, save_policy
 from rollouts.quant import QuantSpec, fake_quantize, targeted_parameters
 from rollouts.records import Trajectory
@@ -128,6 +128,7 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
     optimizer = torch.optim.AdamW(params.values(), lr=rc.lr, weight_decay=0.0)
     order = random.Random(cfg.seed + 1)
     pad = tokenizer.pad_token_id
+    head_on_hidden = head_on_hidden_states(teacher)
     kls: list[float] = []
     with Progress(
         TextColumn("INT4 recovery"), BarColumn(), TextColumn("{task.completed}/{task.total} KL {task.fields[kl]}"),
@@ -146,9 +147,11 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
             # full-vocabulary logits in memory at a time) accumulate their gradients there, and the straight-through
             # estimator hands the sum to the master weights unchanged, as the QAT learner does.
             swapped = {name: fake_quantize(params[name].detach(), spec).requires_grad_() for name in targets}
-            for first in range(0, len(batch), rc.micro_batch_size):
+            ordered = sorted(batch, key=lambda t: len(t.token_ids))  # similar lengths together: less padding
+            for first in range(0, len(ordered), rc.micro_batch_size):
+                micro = ordered[first : first + rc.micro_batch_size]
                 with compute_autocast(cfg.trainer.compute_dtype, torch.device("cpu")):  # the learner's, here too
-                    kl = _kl_sum(teacher, student, swapped, batch[first : first + rc.micro_batch_size], pad)
+                    kl = _kl_sum(teacher, student, swapped, micro, pad, head_on_hidden)
                 (kl / tokens).backward()
                 kl_sum += kl.item()
             for name, leaf in swapped.items():
@@ -178,19 +181,32 @@ def _kl_sum(
     swapped: dict[str, torch.Tensor],
     batch: list[Trajectory],
     pad: int,
+    head_on_hidden: bool,
 ) -> torch.Tensor:
-    """Sum over the batch's sampled tokens of KL(teacher || INT4 student), over the whole vocabulary."""
+    """Sum over the batch's sampled tokens of KL(teacher || INT4 student), over the whole vocabulary.
+
+    With `head_on_hidden` (the model's logits are its output embedding of its last hidden state; checked once),
+    the output embedding runs on the sampled tokens' states only, as the RL learner's does: prompts are about half
+    of each sequence here, and the [tokens, vocabulary] logits and their KL are most of a step's memory and
+    elementwise work. Otherwise the whole sequences' logits, masked."""
     length = max(len(t.token_ids) for t in batch)
     ids = torch.full((len(batch), length), pad, dtype=torch.long)
     attention = torch.zeros(len(batch), length, dtype=torch.long)
-    mask = torch.zeros(len(batch), length)
+    where = torch.zeros(len(batch), length)
     for k, t in enumerate(batch):
         n = len(t.token_ids)
-        ids[k, :n], attention[k, :n], mask[k, :n] = t.token_ids, 1, t.loss_mask
+        ids[k, :n], attention[k, :n], where[k, :n] = t.token_ids, 1, t.loss_mask
+    student_forward = lambda **kwargs: functional_call(student, swapped, args=(), kwargs=kwargs, strict=False)  # noqa: E731
+    if head_on_hidden:
+        with torch.no_grad():
+            states, _ = scoring_states(teacher, ids, attention, where)
+            teacher_logp = torch.log_softmax(teacher.get_output_embeddings()(states).float(), dim=-1)
+        states, _ = scoring_states(student_forward, ids, attention, where)
+        student_logp = torch.log_softmax(student.get_output_embeddings()(states).float(), dim=-1)
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
     inputs = {"input_ids": ids, "attention_mask": attention}
     with torch.no_grad():
         teacher_logp = torch.log_softmax(teacher(**inputs).logits[:, :-1].float(), dim=-1)
-    logits = functional_call(student, swapped, args=(), kwargs=inputs, strict=False).logits[:, :-1].float()
-    student_logp = torch.log_softmax(logits, dim=-1)
+    student_logp = torch.log_softmax(student_forward(**inputs).logits[:, :-1].float(), dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # the token at t+1 is predicted at t
-    return (kl * mask[:, 1:]).sum()
+    return (kl * where[:, 1:]).sum()
