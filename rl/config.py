@@ -85,7 +85,13 @@ class Int4RecoveryConfig(Section):
     )
     prompts: int = Field(256, ge=1, description="Training prompts the full-precision model samples once each.")
     batch_size: int = Field(16, ge=1, description="Teacher samples per optimizer step.")
-    micro_batch_size: int = Field(4, ge=1, description="Samples per forward (bounds full-vocabulary logits memory).")
+    micro_batch_size: int = Field(
+        4,
+        ge=1,
+        description="Samples per forward: bounds the activations and the sampled tokens' full-vocabulary logits in "
+        "memory (the whole sequences' logits for a model whose logits are not its output embedding of its last "
+        "hidden state).",
+    )
     lr: float = Field(2e-5, gt=0, description="AdamW learning rate, decayed linearly to zero over `steps`.")
 
 
