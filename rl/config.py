@@ -278,9 +278,12 @@ class JobConfig(Section):
         """The sections a rollout worker reads (it never sees the rest of the job)."""
         from rollouts.worker import WorkerSpec  # torch and the engine load only when a worker is built
 
+        rollout = self.rollout
+        if rollout.matmul_dtype == "auto":  # the engine computes as the learner does
+            rollout = rollout.model_copy(update={"matmul_dtype": self.trainer.compute_dtype})
         return WorkerSpec(
             model=self.model,
-            rollout=self.rollout,
+            rollout=rollout,
             env=self.env,
             quant=self.quant,
             seed=self.seed,

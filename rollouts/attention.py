@@ -49,14 +49,14 @@ class _MLA:
         self.interleaved = bool(config.rope_interleave)
         self.cache = torch.zeros(slots, max_len, self.lora + self.rope, device=device, dtype=dtype)
 
-    def refresh(self) -> None:
-        """The projections as matmuls on the current weights (called when a batch opens): the query and the
-        key/value down-projection, which both read the layer's input, as one (with query LoRA: the LoRA's down
-        projection and the key/value one)."""
+    def refresh(self, dtype: torch.dtype | None = None) -> None:
+        """The projections as matmuls on the current weights (called when a batch opens; `dtype`: their matmul
+        dtype, see `_projection`): the query and the key/value down-projection, which both read the layer's input,
+        as one (with query LoRA: the LoRA's down projection and the key/value one)."""
         a = self.attn
-        self.q_kv = _projection(a.q_proj if a.q_proj is not None else a.q_a_proj, a.kv_a_proj_with_mqa)
-        self.q_b = None if a.q_proj is not None else _projection(a.q_b_proj)
-        self.kv_b, self.out = _projection(a.kv_b_proj), _projection(a.o_proj)
+        self.q_kv = _projection(a.q_proj if a.q_proj is not None else a.q_a_proj, a.kv_a_proj_with_mqa, dtype=dtype)
+        self.q_b = None if a.q_proj is not None else _projection(a.q_b_proj, dtype=dtype)
+        self.kv_b, self.out = _projection(a.kv_b_proj, dtype=dtype), _projection(a.o_proj, dtype=dtype)
         # kv_b's key and value halves per head, for attention in the latent space (absorbed; contiguous, and an INT4
         # kv_b dequantized once per batch rather than every step)
         w = _weight(a.kv_b_proj).view(self.heads, self.nope + self.v_dim, self.lora)
@@ -181,11 +181,12 @@ class _GQA:
         q, k = self.rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v.reshape(n, t, self.kv_heads, self.dim).transpose(1, 2)
 
-    def refresh(self) -> None:
-        """The projections as matmuls on the current weights (called when a batch opens); q, k, v as one."""
+    def refresh(self, dtype: torch.dtype | None = None) -> None:
+        """The projections as matmuls on the current weights (called when a batch opens; `dtype`: their matmul
+        dtype, see `_projection`); q, k, v as one."""
         a = self.attn
-        self.qkv = _projection(a.q_proj, a.k_proj, a.v_proj)
-        self.out = _projection(a.o_proj)
+        self.qkv = _projection(a.q_proj, a.k_proj, a.v_proj, dtype=dtype)
+        self.out = _projection(a.o_proj, dtype=dtype)
 
     def prefill(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dest: torch.Tensor, src: torch.Tensor

@@ -134,6 +134,14 @@ class RolloutConfig(Section):
         "learner's update; samples are then up to N policy versions old (`policy_lag_mean`). 0 = "
         "synchronous.",
     )
+    matmul_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="What the engine's matmuls (projections and the head) run in for a float32 model: bfloat16 "
+        "casts each weight once per weight push and the activations per call, norms, attention and logprobs "
+        "staying float32 (the learner's mixed precision); auto = trainer.compute_dtype, so that the engine "
+        "computes as the learner does. On CPUs with AMX or AVX-512-BF16 and on GPUs bf16 matmuls are several "
+        "times faster; the price is bf16 rounding in the rollout-vs-learner mismatch.",
+    )
     max_num_seqs: int = Field(
         256,
         ge=1,

@@ -41,7 +41,14 @@ SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama", "mistral", "qwen2", "qwen3")
 class Decoder:
     """Prefill and decode for one HF causal LM over `slots` cache slots of up to `max_len` positions each."""
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int, record_routing: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        slots: int,
+        max_len: int,
+        record_routing: bool = False,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -69,6 +76,9 @@ class Decoder:
             for layer in self.layers
         ]
         self.slots, self.max_len, self.device = slots, max_len, device
+        self.matmul_dtype = matmul_dtype
+        """The projections' and the head's matmul dtype when it is not the model's (mixed precision,
+        `rollouts/projections.py`); None = the model's."""
         fused = [m for m in self.mlps if isinstance(m, _FusedMoE)]
         self.routes = RoutingRecorder(model, fused) if record_routing else None
         """With `record_routing`: reads the experts each MoE layer chose in the latest prefill, decode or extend."""
@@ -83,8 +93,8 @@ class Decoder:
         """Pick up weights loaded into the model since the last batch (called when a batch opens)."""
         for part in [*self.attn, *self.mlps]:
             if hasattr(part, "refresh"):
-                part.refresh()
-        self.lm_head = _projection(self.model.lm_head)
+                part.refresh(self.matmul_dtype)
+        self.lm_head = _projection(self.model.lm_head, dtype=self.matmul_dtype)
 
     def _run(self, ids: torch.Tensor, attend) -> torch.Tensor:
         h = self.body.embed_tokens(ids)

@@ -60,6 +60,7 @@ class Engine:
         max_num_seqs: int = 256,
         prefix_reuse: bool = True,
         record_routing: bool = False,
+        matmul_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model.eval()
         self.pad_token_id = pad_token_id
@@ -70,6 +71,10 @@ class Engine:
         self.prefix_reuse = prefix_reuse
         self.continuous = model.config.model_type in SUPPORTED_MODEL_TYPES
         self.record_routing = record_routing
+        self.matmul_dtype = None if matmul_dtype in (None, next(model.parameters()).dtype) else matmul_dtype
+        """Mixed precision (`rollout.matmul_dtype`): the dtype a float32 model's matmuls run in, as the learner's under
+        autocast (the slot decoder's projections, `rollouts/projections.py`; the HF forward under `torch.autocast`);
+        None = the model's own."""
         """Record each position's routed experts (routing replay); needs the slot decoder and a DeepSeek-V3 MoE."""
         if record_routing and not self.continuous:
             raise ValueError(
@@ -100,6 +105,7 @@ class Engine:
                 max(slots, current.slots if current else 0),
                 max(max_len, current.max_len if current else 0),
                 self.record_routing,
+                self.matmul_dtype,
             )
         return self._decoder
 

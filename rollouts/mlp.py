@@ -58,7 +58,8 @@ class _FusedMoE:
             return torch.stack([m.weight.dequantize(torch.float32) for m in packed[name]])
         return getattr(self.experts, name).detach()
 
-    def refresh(self) -> None:
+    def refresh(self, matmul_dtype: torch.dtype | None = None) -> None:
+        """The experts' weights as matmuls (called when a batch opens; `matmul_dtype`: see `_projection`)."""
         gate_up, down = self._expert("gate_up_proj"), self._expert("down_proj")  # [E, 2I, H], [E, H, I]
         e, i = self.num_experts, self.inter
         dtype = self.gate.weight.dtype  # the model's (shared experts may be INT4 modules: `_weight` dequantizes them)
@@ -66,18 +67,19 @@ class _FusedMoE:
             _weight(m).detach().to(dtype) for m in (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj)
         )
         self.router = _Matmul(self.gate.weight.float())
-        self.experts_in = [_Matmul(w) for w in gate_up.to(dtype)]  # per expert (sparse)
-        self.experts_out = [_Matmul(w) for w in down.to(dtype)]
-        self.shared_in = _projection(self.shared.gate_proj, self.shared.up_proj)
-        self.shared_out = _projection(self.shared.down_proj)
+        self.experts_in = [_Matmul(w, dtype=matmul_dtype) for w in gate_up.to(dtype)]  # per expert (sparse)
+        self.experts_out = [_Matmul(w, dtype=matmul_dtype) for w in down.to(dtype)]
+        self.shared_in = _projection(self.shared.gate_proj, self.shared.up_proj, dtype=matmul_dtype)
+        self.shared_out = _projection(self.shared.down_proj, dtype=matmul_dtype)
         gate = torch.cat([gate_up[:, :i].reshape(e * i, -1).to(dtype), shared_gate])
         up = torch.cat([gate_up[:, i:].reshape(e * i, -1).to(dtype), shared_up])
-        self.w_in = _Matmul(torch.cat([gate, up]))  # [2 (E I + I_shared), H]
+        self.w_in = _Matmul(torch.cat([gate, up]), dtype=matmul_dtype)  # [2 (E I + I_shared), H]
         self.w_out = _Matmul(
             torch.cat(
                 [down.permute(1, 0, 2).reshape(down.shape[1], e * i).to(dtype), shared_down],
                 dim=1,
-            )
+            ),
+            dtype=matmul_dtype,
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +140,9 @@ class _GatedMLP:
             else mlp
         )
 
-    def refresh(self) -> None:
-        self.gate_up = _projection(self.mlp.gate_proj, self.mlp.up_proj)
-        self.down = _projection(self.mlp.down_proj)
+    def refresh(self, dtype: torch.dtype | None = None) -> None:
+        self.gate_up = _projection(self.mlp.gate_proj, self.mlp.up_proj, dtype=dtype)
+        self.down = _projection(self.mlp.down_proj, dtype=dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -7,6 +7,13 @@ CPU from a transposed, contiguous copy of the weight (`_Matmul`), refreshed when
 through torch's fused `rms_norm`. INT4 modules keep their own kernels (`_weight` dequantizes one when a block
 needs its dense values); on a CPU with float32 activations, where from `dense_min_rows` rows on they multiply by
 their dequantized weight anyway, those rows run one stacked matmul too (`_Int4Projection`).
+
+Mixed precision (`matmul_dtype`, the engine's `rollout.matmul_dtype`): a float32 model's projections multiply in
+bf16, as the learner's matmuls do under `trainer.compute_dtype: bfloat16` (autocast): the weight's bf16 copy is
+kept (the bf16 rounding of the fp32 weight, or of an INT4 weight's fp32 dequantized values: what autocast casts
+the learner's fake-quant to), the input is cast per call and the product comes back in float32; norms, attention,
+sampling and logprobs stay float32. On a CPU with AMX or AVX-512-BF16 this is 2-4x the fp32 GEMM rate at decode
+sizes (SmolLM2's decode step, batch 32: 4.7 against 7.8 s of `aten::mm` over 64 tokens).
 """
 
 from __future__ import annotations
@@ -34,26 +41,36 @@ class _Matmul:
     from that layout than from the transposed view `F.linear` hands it (one thread, batch 16: 2304x128 71 vs
     103 us, 128x1152 33 vs 68 us). Elsewhere `F.linear` as it is."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         self.cpu, self.bias = weight.device.type == "cpu", None if bias is None else bias.detach()
-        self.weight = weight.detach().t().contiguous() if self.cpu else weight.detach()
+        # mixed precision: multiply in `dtype` (weight rounded once here, input per call), return the input's dtype
+        self.dtype = dtype if dtype is not None and dtype != weight.dtype else None
+        weight = weight.detach() if self.dtype is None else weight.detach().to(self.dtype)
+        self.weight = weight.t().contiguous() if self.cpu else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.cpu:
+        if self.dtype is not None:
+            low = x.to(self.dtype)
+            out = (torch.matmul(low, self.weight) if self.cpu else F.linear(low, self.weight)).to(x.dtype)
+        elif not self.cpu:
             return F.linear(x, self.weight, self.bias)
-        out = torch.matmul(x, self.weight)
+        else:
+            out = torch.matmul(x, self.weight)
         return out if self.bias is None else out.add_(self.bias)
 
 
-def _projection(*modules: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _projection(*modules: nn.Module, dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The projections `modules` (all reading the same input) as one call, outputs side by side: plain
     `nn.Linear`s as one `_Matmul` on their stacked weights (a decode step makes dozens of these calls; each call's
-    own overhead is a visible share of it), anything else (INT4 modules: their own kernels) through the modules."""
+    own overhead is a visible share of it), anything else (INT4 modules: their own kernels) through the modules.
+    `dtype`: multiply in it (mixed precision, see the module docstring)."""
     if all(type(m) is nn.Linear for m in modules):
         weight = torch.cat([m.weight for m in modules])
-        return _Matmul(weight, _stacked_bias(modules, weight))
+        return _Matmul(weight, _stacked_bias(modules, weight), dtype)
     if _Int4Projection.applies(modules):
-        return _Int4Projection(modules)
+        return _Int4Projection(modules, dtype)
     if len(modules) == 1:
         return modules[0]
     return lambda x: torch.cat([m(x) for m in modules], dim=-1)
@@ -76,8 +93,9 @@ class _Int4Projection:
     weights (a weight push gives them new ones), like `Int4Matmul`'s own dense cache, which the modules then never
     fill: one dense copy of the weights, not two."""
 
-    def __init__(self, modules: tuple[nn.Module, ...]) -> None:
+    def __init__(self, modules: tuple[nn.Module, ...], dtype: torch.dtype | None = None) -> None:
         self.modules = modules
+        self.dtype = None if dtype in (None, torch.float32) else dtype  # the dense rows' matmul dtype, else float32
         self.dense_min_rows = modules[0].matmul.dense_min_rows
 
     @staticmethod
@@ -96,9 +114,14 @@ class _Int4Projection:
         owner = self.modules[0]
         matmuls = tuple(m.matmul for m in self.modules)
         cached: tuple[tuple[Int4Matmul, ...], _Matmul] | None = getattr(owner, "_stacked_dense", None)
-        if cached is None or any(a is not b for a, b in zip(cached[0], matmuls, strict=True)):
+        if (
+            cached is None
+            or cached[1].dtype != self.dtype
+            or any(a is not b for a, b in zip(cached[0], matmuls, strict=True))
+        ):
+            owner._stacked_dense = None  # free the old copy before building the new one
             weight = torch.cat([mm.weight.dequantize(torch.float32) for mm in matmuls])
-            cached = (matmuls, _Matmul(weight, _stacked_bias(self.modules, weight)))
+            cached = (matmuls, _Matmul(weight, _stacked_bias(self.modules, weight), self.dtype))
             owner._stacked_dense = cached
         return cached[1]
 

@@ -3,6 +3,7 @@ waves (every waiting request at once, to the end); same sampling, no continuous 
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,14 +52,18 @@ class WaveBatcher(_Queue):
             loops = _LoopDetector(engine.repeat_window, engine.repeat_max_period, batch, device)
             loops.reset(rows, [r.turn_prefix for r in requests])
         cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+        mixed = (  # the matmuls in `engine.matmul_dtype` (mixed precision), as the learner's autocast runs them
+            torch.autocast(device.type, dtype=engine.matmul_dtype) if engine.matmul_dtype else contextlib.nullcontext()
         )
+        with mixed:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         next_pos = positions[:, -1] + 1
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         looping = torch.zeros_like(done)
@@ -78,13 +83,14 @@ class WaveBatcher(_Queue):
             if bool(done.all()):
                 break
             attention = torch.cat([attention, live.long()[:, None]], dim=-1)
-            out = model(
-                input_ids=tok[:, None],
-                attention_mask=attention,
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
+            with mixed:
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=attention,
+                    position_ids=next_pos[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
             next_pos = next_pos + 1
         ids, lps = torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()
         counts, looped = count.tolist(), looping.tolist()

@@ -92,6 +92,7 @@ class RolloutWorker(BroadcastMember):
             r.max_num_seqs,
             r.prefix_reuse,
             record_routing=cfg.record_routing,
+            matmul_dtype=None if r.matmul_dtype == "auto" else getattr(torch, r.matmul_dtype),
         )
         self.agents: AgentRunner | None = None
         agent = env_class(cfg.env.name)

@@ -222,3 +222,47 @@ def test_bad_requests_are_refused_naming_the_problem(k2) -> None:
     done: list = []
     batcher.submit(Request([1, 2], 0), done.append)  # no budget left: done at once, nothing queued
     assert done[0].token_ids == [] and done[0].stop_reason == "length" and not batcher.busy
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-int4"])
+@torch.inference_mode()
+def test_mixed_precision_decoder_multiplies_in_bf16_as_the_learners_autocast(kind, make_cfg) -> None:
+    """`rollout.matmul_dtype=bfloat16` on a float32 model: the projections and the head multiply bf16 copies of
+    the weights (an INT4 weight's: its float32 dequantized values rounded to bf16, what autocast makes of the
+    learner's fake-quant), the rest stays float32. Its logits sit within bf16 rounding of the HF forward under bf16
+    autocast, and measurably off the float32 forward."""
+    model, prompts = small("llama"), ragged_prompts(4)
+    if kind.endswith("int4"):
+        cfg = make_cfg("quant.enabled=true", "quant.modules=all_linear")
+        spec = QuantSpec.from_config(cfg.quant)
+        convert_to_int4(model, spec, targeted_parameters(model, spec), *int4_kernel_settings(cfg.quant, "float32"))
+    decoder = Decoder(model, slots=4, max_len=64, matmul_dtype=torch.bfloat16)
+    decoder.refresh()
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    logits = decoder.prefill(ids, torch.tensor([len(p) for p in prompts]), [[i] for i in range(len(prompts))])
+    assert logits.dtype == torch.float32
+    exact = hf_last_logits(model, prompts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = hf_last_logits(model, prompts)
+    scale = exact.abs().max()
+    off_fp32, off_autocast = (logits - exact).abs().max() / scale, (logits - mixed).abs().max() / scale
+    assert 1e-4 < off_fp32 < 3e-2 and off_autocast < 3e-2
+    if kind.endswith("int4"):  # q/k/v stacked: the bf16 rounding of the INT4 values, as autocast casts them
+        attn = model.model.layers[0].self_attn
+        stacked = attn.q_proj._stacked_dense[1]
+        dense = torch.cat([m.matmul.weight.dequantize(torch.float32) for m in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        assert stacked.weight.dtype == torch.bfloat16 and torch.equal(stacked.weight.t(), dense.bfloat16())
+    tokens = logits.argmax(-1)
+    step = decoder.decode(tokens, torch.tensor([len(p) for p in prompts]), max(map(len, prompts)) + 1)
+    grown = [p + [int(t)] for p, t in zip(prompts, tokens, strict=True)]
+    assert (step - hf_last_logits(model, grown)).abs().max() / scale < 3e-2
+
+
+def test_the_engine_computes_as_the_learner_unless_told_otherwise(make_cfg) -> None:
+    """`rollout.matmul_dtype: auto` resolves to `trainer.compute_dtype` in the workers' spec."""
+    assert make_cfg().worker_spec().rollout.matmul_dtype == "float32"
+    assert make_cfg("trainer.compute_dtype=bfloat16").worker_spec().rollout.matmul_dtype == "bfloat16"
+    spec = make_cfg("trainer.compute_dtype=bfloat16", "rollout.matmul_dtype=float32").worker_spec()
+    assert spec.rollout.matmul_dtype == "float32"

@@ -220,7 +220,7 @@ def test_the_update_does_not_depend_on_the_order_of_the_sequences(tiny_policy_di
 def test_mla_attention_with_padded_values_is_the_same_attention(tiny_policy_dir, make_cfg) -> None:
     """The K2 policy's values (16 wide) padded to its query width (32) so SDPA runs its flash kernel: the same
     logits as SDPA's math path, and the gradients."""
-    from rl.trainer.forward import PADDED_VALUE_SDPA, use_padded_value_attention
+    from rl.trainer.forward import LEARNER_SDPA, use_learner_attention
     from rollouts.model import load_policy
 
     cfg = make_cfg()
@@ -237,13 +237,37 @@ def test_mla_attention_with_padded_values_is_the_same_attention(tiny_policy_dir,
 
     assert model.config._attn_implementation == "sdpa"
     plain, plain_grads = run()
-    assert use_padded_value_attention(model) and model.config._attn_implementation == PADDED_VALUE_SDPA
+    assert use_learner_attention(model) and model.config._attn_implementation == LEARNER_SDPA
     padded, grads = run()
     real = mask.bool()
     torch.testing.assert_close(padded[real], plain[real], rtol=0, atol=1e-5)
     for name, g in plain_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
-    assert not use_padded_value_attention(small("llama"))  # equal head sizes: nothing to pad
+
+
+def test_learner_attention_runs_float32_under_cpu_autocast() -> None:
+    """Under bf16 autocast the learner's SDPA takes the bf16 projections' outputs, runs float32 (torch's CPU
+    flash backward is ~3x slower in bf16) and hands back bf16: its output is the float32 attention of the bf16
+    inputs, rounded once, and the model's logits stay within bf16 rounding of transformers' own `sdpa`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rl.trainer.forward import _sdpa_learner, use_learner_attention
+
+    model = small("llama")
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 9, 16, generator=g).bfloat16() for heads in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = _sdpa_learner(attn, q, k, v, None, is_causal=True, scaling=0.25)
+    exact, _ = sdpa_attention_forward(attn, q.float(), k.float(), v.float(), None, is_causal=True, scaling=0.25)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, exact.bfloat16())
+    ids = torch.randint(0, 97, (2, 12), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits.float()
+        assert use_learner_attention(model)
+        learner = model(input_ids=ids).logits.float()
+    assert (learner - plain).abs().max() < 0.02 * plain.abs().max()
 
 
 def _zero_groups(batch: TrainBatch, groups: list[int], size: int) -> TrainBatch:

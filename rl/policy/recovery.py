@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from envs.base import PromptRow
 from rl.config import JobConfig
-from rl.trainer.forward import compute_autocast, head_on_hidden_states, scoring_states
+from rl.trainer.forward import compute_autocast, head_on_hidden_states, scoring_states, use_learner_attention
 from rollouts.model import load_policy, save_policy
 from rollouts.quant import QuantSpec, fake_quantize, targeted_parameters
 from rollouts.records import Trajectory
@@ -60,6 +60,9 @@ def recovery_key(cfg: JobConfig, source: Path, rows: list[PromptRow]) -> str:
     }
     if cfg.trainer.compute_dtype != "float32":  # keyed only when set, so that fp32 recoveries keep their old keys
         shape["compute_dtype"] = cfg.trainer.compute_dtype
+    engine = cfg.worker_spec().rollout.matmul_dtype  # the teacher's samples come from the engine
+    if engine != "float32":
+        shape["rollout_matmul_dtype"] = engine
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -120,6 +123,7 @@ def _recover(cfg: JobConfig, source: Path, rows: list[PromptRow], out: Path) -> 
     torch.set_num_threads(cfg.trainer.learner_threads)
     torch.manual_seed(cfg.seed)
     teacher, tokenizer = load_policy(source, cfg.model)
+    use_learner_attention(teacher)  # the learner's attention kernels (float32 under bf16 autocast on a CPU)
     student = copy.deepcopy(teacher)  # one load (a GGUF file is dequantized on every load)
     teacher.requires_grad_(False)
     spec = QuantSpec.from_config(cfg.quant)

@@ -192,41 +192,50 @@ def scoring_states(
     return states[rows, positions - starts[rows]], (rows, positions)
 
 
-PADDED_VALUE_SDPA = "sdpa_padded_value"
+LEARNER_SDPA = "sdpa_learner"
 
 
-def _sdpa_padded_value(
+def _sdpa_learner(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs
 ):
-    """SDPA with the value heads zero-padded to the query's head size, the padding dropped from the output: the
-    same attention (padded value columns only add zero columns), through SDPA's flash kernel."""
+    """SDPA as the learner runs it: the same attention as transformers' `sdpa`, with two changes of kernel.
+
+    - Value heads narrower than the query's (MLA) are zero-padded to its head size and the padding dropped from the
+      output (padded value columns only add zero columns), so SDPA takes its flash kernel.
+    - Under CPU autocast (`trainer.compute_dtype: bfloat16`) it runs in float32 on the bf16 projections' outputs
+      and hands back their dtype: torch's CPU flash-attention backward is ~3x slower in bf16 than in float32
+      (SmolLM2's update on the real-model batch: 1.5 against 0.45 s), and the rollout engine's attention is float32
+      too, so this also keeps the two closer."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    width = value.shape[-1]
+    dtype, width = query.dtype, value.shape[-1]
+    upcast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu") and dtype != torch.float32
     if width < query.shape[-1]:
         value = torch.nn.functional.pad(value, (0, query.shape[-1] - width))
-    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return out[..., :width], weights
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        if upcast:
+            query, key, value = query.float(), key.float(), value.float()
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return out[..., :width].to(dtype), weights
 
 
-def use_padded_value_attention(model: torch.nn.Module) -> bool:
-    """Switch an SDPA model whose value heads are narrower than its query/key heads (MLA: DeepSeek V3, Kimi K2,
-    v_head_dim 16 vs 32 in the built-in policy) to `_sdpa_padded_value`; returns whether it did.
+def use_learner_attention(model: torch.nn.Module) -> bool:
+    """Switch an SDPA model to `_sdpa_learner` (MLA's narrower value heads padded; float32 attention under CPU
+    autocast); returns whether it did (a model on another attention implementation keeps it).
 
-    SDPA's flash kernels (CPU and CUDA) need one head size for query, key and value; with MLA's narrower values it
-    falls back to its math path (the attention matrix materialized, plus a scan for fully masked rows), about 5%
-    of the tiny policy's update on a CPU core. Hand-written because transformers pads values only for its
-    flash-attention-2 integration, which needs CUDA and the flash-attn package."""
+    SDPA's flash kernels (CPU and CUDA) need one head size for query, key and value; with MLA's narrower values
+    (DeepSeek V3, Kimi K2: v_head_dim 16 vs 32 in the built-in policy) it falls back to its math path (the
+    attention matrix materialized, plus a scan for fully masked rows), about 5% of the tiny policy's update on a
+    CPU core. Hand-written because transformers pads values only for its flash-attention-2 integration, which
+    needs CUDA and the flash-attn package, and picks no attention dtype apart from the matmuls'."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    config = model.config
-    v_dim, qk_dim = getattr(config, "v_head_dim", None), getattr(config, "qk_head_dim", None)
-    if not v_dim or not qk_dim or v_dim >= qk_dim or getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    AttentionInterface.register(PADDED_VALUE_SDPA, _sdpa_padded_value)
-    AttentionMaskInterface.register(PADDED_VALUE_SDPA, sdpa_mask)
-    model.set_attn_implementation(PADDED_VALUE_SDPA)
+    AttentionInterface.register(LEARNER_SDPA, _sdpa_learner)
+    AttentionMaskInterface.register(LEARNER_SDPA, sdpa_mask)
+    model.set_attn_implementation(LEARNER_SDPA)
     return True
 
 

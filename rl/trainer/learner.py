@@ -37,7 +37,7 @@ from rl.trainer.forward import (
     plan,
     scoring_states,
     shares_prompt_cache,
-    use_padded_value_attention,
+    use_learner_attention,
 )
 from rl.trainer.lora import LoraPolicy
 from rl.trainer.losses import (
@@ -97,7 +97,7 @@ class Learner(WeightSource, ShardedMember):
         )
         # the forward's savings (rl/trainer/forward.py), each checked on this model; a model that fails gets the
         # plain forward
-        use_padded_value_attention(self.model)
+        use_learner_attention(self.model)
         self._head_on_hidden = head_on_hidden_states(self.model)
         self._share_prompt = cfg.trainer.share_prompt and self._head_on_hidden and shares_prompt_cache(self.model)
         if cfg.trainer.share_prompt and not self._share_prompt:
