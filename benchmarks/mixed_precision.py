@@ -5,12 +5,15 @@
 
 The job's starting policy (the GGUF weights; INT4 recovery is not run here) and one step's batch (`prompts_per_step`
 x `samples_per_prompt` of the training prompts, `max_new_tokens_per_turn`). Generation: the rollout engine with
-every linear layer but `lm_head` INT4, its INT4 products on float32 activations (`quant.rollout_activation_dtype
-=float32`, what the config resolves to) and on bfloat16 ones (torch's INT4 kernel), timed on the same prompts.
-Update: two QAT learners, `trainer.compute_dtype=float32` and `bfloat16` (autocast, fp32 master weights), taking
-turns on the fp32 engine's batch each round, so a machine shared with other work slows them alike. Printed: tokens/s
-per generation pass and the median update time over the rounds after the first, with each update's first-round
-rollout-vs-learner mismatch (mean |delta logp|: the float noise floor for fp32, bf16 rounding for bf16).
+every linear layer but `lm_head` INT4, timed on the same prompts three ways: float32 throughout (what the config
+runs), bf16 matmuls (`rollout.matmul_dtype=bfloat16`, what `trainer.compute_dtype=bfloat16` gives the engine:
+the projections and the head on bf16 copies of the weights) and the INT4 kernel on bf16 activations
+(`quant.rollout_activation_dtype=bfloat16`, the rest float32).
+Update: two QAT learners, `trainer.compute_dtype=float32` and `bfloat16` (autocast, fp32 master weights, float32
+attention), taking turns on the fp32 engine's batch each round, so a machine shared with other work slows them
+alike. Printed: tokens/s per generation pass and the median update time over the rounds after the first, with
+each update's first-round rollout-vs-learner mismatch (mean |delta logp|: the float noise floor for fp32, bf16
+rounding for bf16).
 """
 
 from __future__ import annotations
@@ -53,17 +56,22 @@ def main() -> None:
     ]
     n = cfg.rollout.samples_per_prompt
     batches = {}
-    for activation in ("float32", "bfloat16"):
-        wcfg = load_config(CONFIG, [*base, f"quant.rollout_activation_dtype={activation}"])
+    engines = {
+        "float32": [],
+        "bf16 matmuls": ["rollout.matmul_dtype=bfloat16"],
+        "INT4 kernel on bf16 activations": ["quant.rollout_activation_dtype=bfloat16"],
+    }
+    for name, overrides in engines.items():
+        wcfg = load_config(CONFIG, [*base, *overrides])
         worker = RolloutWorker(cfg.model.path, wcfg.worker_spec(), 0)
         worker.generate(rows[:1], 1, seed=0)  # allocations and kernel layouts, untimed
         start = time.perf_counter()
         trajectories = worker.generate(rows, n, seed=0)
         seconds = time.perf_counter() - start
         tokens = sum(t.response_length for t in trajectories)
-        print(f"generation, INT4 on {activation:8s} activations: {tokens} tokens in {seconds:.1f} s "
-              f"({tokens / seconds:.0f} tokens/s)", flush=True)  # fmt: skip
-        batches[activation] = (trajectories, worker.renderer.pad_token_id)
+        rate = tokens / seconds
+        print(f"generation, {name:32s}: {tokens} tokens in {seconds:.1f} s ({rate:.0f} tokens/s)", flush=True)
+        batches[name] = (trajectories, worker.renderer.pad_token_id)
         del worker
 
     trajectories, pad = batches["float32"]
