@@ -266,3 +266,28 @@ def test_the_engine_computes_as_the_learner_unless_told_otherwise(make_cfg) -> N
     assert make_cfg("trainer.compute_dtype=bfloat16").worker_spec().rollout.matmul_dtype == "bfloat16"
     spec = make_cfg("trainer.compute_dtype=bfloat16", "rollout.matmul_dtype=float32").worker_spec()
     assert spec.rollout.matmul_dtype == "float32"
+
+
+@torch.inference_mode()
+def test_a_model_on_its_own_forward_runs_mixed_precision_under_autocast() -> None:
+    """`matmul_dtype=bfloat16` for a model the slot decoder does not cover: its HF forward runs under bf16
+    autocast, as the learner's does, and greedy tokens are those of `generate` under the same autocast."""
+    model = small("gpt2")
+    engine = Engine(model, pad_token_id=0, stop_token_id=-1, matmul_dtype=torch.bfloat16)
+    prompts = ragged_prompts(3)
+    outs = engine.generate(prompts, [8] * 3, temperature=1.0, greedy=True)
+    engine_fp32 = Engine(model, pad_token_id=0, stop_token_id=-1)
+    assert engine_fp32.matmul_dtype is None
+    fp32_logprobs = [o.logprobs for o in engine_fp32.generate(prompts, [8] * 3, temperature=1.0, greedy=True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for p, out in zip(prompts, outs, strict=True):
+            ref = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+            assert out.token_ids == ref[0, len(p) :].tolist()
+    assert any(o.logprobs != f for o, f in zip(outs, fp32_logprobs, strict=True))  # it did run in bf16
