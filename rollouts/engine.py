@@ -71,11 +71,11 @@ class Engine:
         self.prefix_reuse = prefix_reuse
         self.continuous = model.config.model_type in SUPPORTED_MODEL_TYPES
         self.record_routing = record_routing
+        """Record each position's routed experts (routing replay); needs the slot decoder and a DeepSeek-V3 MoE."""
         self.matmul_dtype = None if matmul_dtype in (None, next(model.parameters()).dtype) else matmul_dtype
         """Mixed precision (`rollout.matmul_dtype`): the dtype a float32 model's matmuls run in, as the learner's under
         autocast (the slot decoder's projections, `rollouts/projections.py`; the HF forward under `torch.autocast`);
         None = the model's own."""
-        """Record each position's routed experts (routing replay); needs the slot decoder and a DeepSeek-V3 MoE."""
         if record_routing and not self.continuous:
             raise ValueError(
                 f"routing replay: the rollout engine runs {model.config.model_type!r} models through their HF forward, "
