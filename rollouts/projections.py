@@ -13,8 +13,8 @@ bf16, as the learner's matmuls do under `trainer.compute_dtype: bfloat16` (autoc
 kept (the bf16 rounding of the fp32 weight, or of an INT4 weight's fp32 dequantized values: what autocast casts
 the learner's fake-quant to), the input is cast per call and the product comes back in float32; norms, attention,
 sampling and logprobs stay float32. On a CPU with AMX or AVX-512-BF16 this is 2-4x the fp32 GEMM rate at decode
-sizes (batch 32: 576 x 3072 0.78 against 1.38 ms, SmolLM2's 576 x 49152 head 7.5 against 28.4 ms), and the real-model job
-(SmolLM2, every linear layer INT4, 32 samples of 64 tokens) generates a step in 5.6 against 13-16 s.
+sizes (batch 32: 576 x 3072 0.78 against 1.38 ms, SmolLM2's 576 x 49152 head 7.5 against 28.4 ms), and the
+real-model job (SmolLM2, every linear layer INT4, 32 samples of 64 tokens) generates a step in 5.6 against 13-16 s.
 """
 
 from __future__ import annotations
