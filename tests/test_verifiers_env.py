@@ -17,6 +17,7 @@ vf = pytest.importorskip(
 from envs.base import PromptRow  # noqa: E402
 from envs.registry import ENVS  # noqa: E402
 from envs.verifiers_env import VerifiersAgent, rollout_input, verifiers_rows  # noqa: E402
+from rollouts.openai_api import visible_content  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "verifiers_calculator.py"
@@ -83,8 +84,9 @@ def test_a_verifiers_tool_env_runs_through_the_endpoint(worker):
         assert out["error"] is None
         # the reward is verifiers' rubric's, by function name (weight 1)
         assert traj.env_reward == out["reward"] and traj.sample.env_reward_parts == {"correct_answer": out["reward"]}
-        text = decode(traj.token_ids.tolist())
-        # every message verifiers got back or sent (replies, its tool results) is in the recorded sequence, in order
+        # every message verifiers got back or sent (replies, its tool results) is in the recorded sequence, in order;
+        # a reply's content is its text without the tool-call markup, which a sampled reply may carry mid-text
+        text = visible_content(decode(traj.token_ids.tolist()), worker.cfg.rollout.tool_call_format)
         at = 0
         for message in out["completion"]:
             content = message["content"]  # a dict, or verifiers' message model (which reads like one)
