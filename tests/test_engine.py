@@ -13,6 +13,7 @@ from rollouts.decoder import Decoder
 from rollouts.engine import Engine, Request, SamplingParams
 from rollouts.int4 import Int4Linear, convert_to_int4
 from rollouts.model import load_policy
+from rollouts.projections import _Int4Projection
 from rollouts.quant import QuantSpec, targeted_parameters
 from rollouts.sampling import _sample, uniform
 from rollouts.worker import int4_kernel_settings
@@ -258,6 +259,12 @@ def test_mixed_precision_decoder_multiplies_in_bf16_as_the_learners_autocast(kin
     step = decoder.decode(tokens, torch.tensor([len(p) for p in prompts]), max(map(len, prompts)) + 1)
     grown = [p + [int(t)] for p, t in zip(prompts, tokens, strict=True)]
     assert (step - hf_last_logits(model, grown)).abs().max() / scale < 3e-2
+    if kind.endswith("int4"):  # under dense_min_rows too (one decode row): the bf16 product, not the INT4 kernel's
+        qkv = _Int4Projection((attn.q_proj, attn.k_proj, attn.v_proj), torch.bfloat16)
+        assert qkv.dense_min_rows > 1 and attn.q_proj.matmul.kernel_weight is not None
+        x = torch.randn(1, model.config.hidden_size)
+        exact = torch.cat([m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=-1)
+        assert torch.equal(qkv(x), stacked(x)) and (qkv(x) - exact).abs().max() > 1e-4 * exact.abs().max()
 
 
 def test_the_engine_computes_as_the_learner_unless_told_otherwise(make_cfg) -> None:
