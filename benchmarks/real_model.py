@@ -163,10 +163,12 @@ def draw(out: Path, names: list[str], path: Path) -> None:
 
     fig, (reward, held_out, mismatch) = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"fp": "tab:blue", "qat": "tab:green", "qat_norec": "tab:olive", "ptq": "tab:red", "lora": "tab:purple"}
+    if len({name.split("-")[0] for name in names}) == 1:  # one mode: a color per run, so the seeds tell apart
+        colors = {name: f"C{i}" for i, name in enumerate(names)}
     for name in names:
         rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in rows]
-        color = colors.get(name.split("-")[0], "gray")
+        color = colors.get(name, colors.get(name.split("-")[0], "gray"))
         rewards = [r.get("reward_mean", float("nan")) for r in rows]
         smooth = [statistics.mean(rewards[max(0, i - 4) : i + 1]) for i in range(len(rewards))]
         reward.plot(steps, smooth, label=name, color=color, alpha=0.8)
