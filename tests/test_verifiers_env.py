@@ -84,12 +84,16 @@ def test_a_verifiers_tool_env_runs_through_the_endpoint(worker):
         assert out["error"] is None
         # the reward is verifiers' rubric's, by function name (weight 1)
         assert traj.env_reward == out["reward"] and traj.sample.env_reward_parts == {"correct_answer": out["reward"]}
-        # every message verifiers got back or sent (replies, its tool results) is in the recorded sequence, in order;
-        # a reply's content is its text without the tool-call markup, which a sampled reply may carry mid-text
-        text = visible_content(decode(traj.token_ids.tolist()), worker.cfg.rollout.tool_call_format)
+        # every message verifiers got back or sent (replies, its tool results) is in the recorded sequence, in order.
+        # A reply's content is its text without well-formed tool-call markup (which a sampled reply may carry
+        # mid-text), or its raw text when a call is malformed: both sides are compared with the markup removed, turn
+        # by turn (an unclosed call in one turn must not swallow the next)
+        eot = worker.renderer.tokenizer.eos_token
+        fmt = worker.cfg.rollout.tool_call_format
+        text = eot.join(visible_content(turn, fmt) for turn in decode(traj.token_ids.tolist()).split(eot))
         at = 0
         for message in out["completion"]:
-            content = message["content"]  # a dict, or verifiers' message model (which reads like one)
+            content = visible_content(message["content"] or "", fmt)  # a dict, or verifiers' message model
             if content:
                 found = text.find(content, at)
                 assert found >= 0, (message, text)
