@@ -20,12 +20,12 @@ as its own `tiderl train` process, one after another so that every run has the m
 Printed: per run, held-out greedy and sampled accuracy before -> after (200 prompts, the rollout engine's policy,
 so INT4 for qat and ptq), the mean training reward of the first and last five steps, the learner-vs-rollout
 mismatch and its quantization part, seconds per step and the whole job's wall clock and peak resident memory;
-then the mean per mode. `--plot` (default `docs/real_model.png`) draws, one line per run, the training reward by
-step (5-step moving average), the held-out greedy accuracy at each evaluation (before, every `eval.every` steps:
-`--set eval.every=10`, after) and the mismatch by step. `--probe OVERRIDES...` only measures the starting policy
-as each override set (one string of space-separated `key=value`s per set; "" = the config as written) has the
-rollout engine run it: greedy and sampled accuracy on `--prompts` held-out problems, in this process, and the
-greedy pass's tokens/s.
+then the mean per mode. `--plot` (default `real_model.png` in the runs' directory) draws, one line per run, the
+training reward by step (5-step moving average), the held-out greedy accuracy at each evaluation (before, every
+`eval.every` steps: `--set eval.every=10`, after) and the mismatch by step. `--probe OVERRIDES...` only measures
+the starting policy as each override set (one string of space-separated `key=value`s per set; "" = the config as
+written) has the rollout engine run it: greedy and sampled accuracy on `--prompts` held-out problems, in this
+process, and the greedy pass's tokens/s.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
     parser.add_argument("--report", type=Path, help="only print the table (and plot) of the runs in this directory")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "real_model.png")
+    parser.add_argument("--plot", type=Path, help="where to draw the plot (default: real_model.png beside the runs)")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument("--probe", nargs="+", help="only measure the starting policy under these override sets")
     parser.add_argument("--prompts", type=int, default=100, help="--probe: held-out problems")
@@ -212,7 +212,8 @@ def main() -> None:
         for seed in args.seeds:
             for mode in args.modes:
                 run(mode, seed, args.out, args.set)
-    report(args.report or args.out, args.plot)
+    runs = args.report or args.out
+    report(runs, args.plot or runs / "real_model.png")
 
 
 if __name__ == "__main__":
