@@ -71,6 +71,12 @@ def worker(tool_policy_dir, make_cfg):
     w.agents.endpoint.stop()
 
 
+def visible(text: str, worker) -> str:
+    """`text` without tool-call markup, removed turn by turn, and without whitespace."""
+    eot, fmt = worker.renderer.tokenizer.eos_token, worker.cfg.rollout.tool_call_format
+    return "".join(eot.join(visible_content(turn, fmt) for turn in text.split(eot)).split())
+
+
 def test_a_verifiers_tool_env_runs_through_the_endpoint(worker):
     """verifiers' loop drives the episode (its tool calls executed by verifiers, its rubric scoring): everything it
     saw is in the tokens the endpoint recorded, and the reward is its rubric's verdict on the sampled reply."""
@@ -86,14 +92,13 @@ def test_a_verifiers_tool_env_runs_through_the_endpoint(worker):
         assert traj.env_reward == out["reward"] and traj.sample.env_reward_parts == {"correct_answer": out["reward"]}
         # every message verifiers got back or sent (replies, its tool results) is in the recorded sequence, in order.
         # A reply's content is its text without well-formed tool-call markup (which a sampled reply may carry
-        # mid-text), or its raw text when a call is malformed: both sides are compared with the markup removed, turn
-        # by turn (an unclosed call in one turn must not swallow the next)
-        eot = worker.renderer.tokenizer.eos_token
-        fmt = worker.cfg.rollout.tool_call_format
-        text = eot.join(visible_content(turn, fmt) for turn in decode(traj.token_ids.tolist()).split(eot))
+        # mid-text), or its raw text when a call is malformed (markup and end-of-turn text included): both sides are
+        # compared with the markup removed turn by turn (an unclosed call in one turn must not swallow the next) and
+        # without whitespace (the endpoint strips a reply's ends)
+        text = visible(decode(traj.token_ids.tolist()), worker)
         at = 0
         for message in out["completion"]:
-            content = visible_content(message["content"] or "", fmt)  # a dict, or verifiers' message model
+            content = visible(message["content"] or "", worker)  # a dict, or verifiers' message model
             if content:
                 found = text.find(content, at)
                 assert found >= 0, (message, text)
